@@ -1,0 +1,132 @@
+"""From a named data set to device batches: load, split by patient, stream with Grain.
+
+Tiles stay uint8 all the way to the device; augmentation and normalisation run
+inside the compiled step (see `allflax.data.augment`).
+"""
+import collections
+import dataclasses
+import json
+import os
+from collections.abc import Iterator
+
+import grain
+import jax
+import ml_collections
+import numpy as np
+
+from allflax import sharding
+from allflax.data import splits
+from allflax.data.sources import synthetic
+
+SPLIT_NAMES = ('train', 'val', 'test')
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+    images: np.ndarray  # uint8, N×H×W×3
+    labels: np.ndarray  # int32, N
+    patients: np.ndarray  # str, N
+
+    def __len__(self):
+        return len(self.labels)
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+    splits: dict[str, Split]
+    class_names: tuple[str, ...]
+
+
+def default_cache_dir(config: ml_collections.ConfigDict) -> str:
+    return config.data.cache_dir or os.path.join(os.path.expanduser('~'), '.cache', 'allflax')
+
+
+def load(config: ml_collections.ConfigDict, workdir: str | None = None) -> Dataset:
+    """Loads `config.data.name`, splits it patient-wise and records the split in `workdir/splits.json`."""
+    data = config.data
+    if data.name not in synthetic.CLASS_NAMES:
+        raise ValueError(f'unknown data.name={data.name!r}; available: {", ".join(synthetic.CLASS_NAMES)}')
+    generated = synthetic.load(data.name, num_images=data.num_images, image_size=data.image_size,
+                               num_patients=data.num_patients, seed=config.seed,
+                               cache_dir=default_cache_dir(config))
+    indices = splits.patient_split(generated.labels, generated.patients,
+                                   dict(data.split_fractions), seed=config.seed)
+    dataset = Dataset(
+        splits={name: Split(generated.images[idx], generated.labels[idx], generated.patients[idx])
+                for name, idx in indices.items()},
+        class_names=tuple(generated.class_names))
+    if workdir is not None and jax.process_index() == 0:
+        summary = splits.describe(indices, generated.labels, generated.patients, generated.class_names)
+        summary['skipped'] = []
+        os.makedirs(workdir, exist_ok=True)
+        with open(os.path.join(workdir, 'splits.json'), 'w') as f:
+            json.dump(summary, f, indent=1)
+    return dataset
+
+
+class _ArraySource:
+    """Random access to one split's examples, as Grain reads them."""
+
+    def __init__(self, split: Split):
+        self._split = split
+
+    def __len__(self):
+        return len(self._split)
+
+    def __getitem__(self, index):
+        return {'image': self._split.images[index], 'label': self._split.labels[index]}
+
+
+def train_dataset(split: Split, *, local_batch_size: int, seed: int, num_workers: int) -> grain.IterDataset:
+    """Endless shuffled batches of this process's shard; reshuffled every epoch by seed."""
+    if len(split) < local_batch_size * jax.process_count():
+        raise ValueError(f'the train split has {len(split)} images, fewer than one batch '
+                         f'({local_batch_size * jax.process_count()}): lower batch_size or add data')
+    dataset = grain.MapDataset.source(_ArraySource(split))
+    dataset = dataset[jax.process_index()::jax.process_count()]
+    dataset = dataset.shuffle(seed=seed).repeat(None).batch(local_batch_size, drop_remainder=True)
+    dataset = dataset.to_iter_dataset()
+    if num_workers:
+        dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+    return dataset
+
+
+class DevicePrefetcher:
+    """Keeps the next batches on their way to the devices while the current step runs.
+
+    Each batch travels with the iterator state *after* it, so a checkpoint records
+    exactly the batches the model has consumed, not the ones prefetched.
+    """
+
+    def __init__(self, iterator: grain.DatasetIterator, batch_sharding, depth: int = 2):
+        self._iterator = iterator
+        self._sharding = batch_sharding
+        self._depth = depth
+        self._queue = collections.deque()
+        self.consumed_state = iterator.get_state()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, jax.Array]:
+        while len(self._queue) < self._depth:
+            batch = next(self._iterator)
+            self._queue.append((sharding.put_batch(batch, self._sharding), self._iterator.get_state()))
+        batch, self.consumed_state = self._queue.popleft()
+        return batch
+
+
+def eval_batches(split: Split, global_batch_size: int) -> Iterator[tuple[dict[str, np.ndarray], int]]:
+    """This process's rows of each global batch, in order; the last batch is padded.
+
+    Yields (local batch, number of real examples in the global batch).
+    """
+    local = global_batch_size // jax.process_count()
+    start = jax.process_index() * local
+    for offset in range(0, len(split), global_batch_size):
+        images = split.images[offset:offset + global_batch_size]
+        valid = len(images)
+        if valid < global_batch_size:
+            padding = np.zeros((global_batch_size - valid, *images.shape[1:]), images.dtype)
+            images = np.concatenate([images, padding])
+        yield {'image': images[start:start + local]}, valid

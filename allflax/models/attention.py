@@ -1,0 +1,35 @@
+"""Attention blocks added on top of convolutional backbones."""
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+class MultiHeadSelfAttention(nnx.Module):
+    """Pre-LayerNorm self-attention over the positions of a feature map, added residually.
+
+    Tokens are the H×W spatial positions (paper 1 inserts this after VGG19's
+    convolutions so distant cells and regions can inform each other); a learned
+    position embedding tells the attention where each token sits.
+    """
+
+    def __init__(self, channels: int, num_tokens: int, *, num_heads: int, dropout_rate: float,
+                 dtype, param_dtype, rngs: nnx.Rngs):
+        if channels % num_heads:
+            raise ValueError(f'attention width {channels} is not divisible by num_heads={num_heads}')
+        self.num_tokens = num_tokens
+        self.position_embedding = nnx.Param(
+            jax.random.normal(rngs.params(), (num_tokens, channels), param_dtype) * 0.02)
+        self.norm = nnx.LayerNorm(channels, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.attention = nnx.MultiHeadAttention(
+            num_heads, channels, dropout_rate=dropout_rate, decode=False,
+            dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, features: jax.Array) -> jax.Array:
+        batch, height, width, channels = features.shape
+        if height * width != self.num_tokens:
+            raise ValueError(f'attention was built for {self.num_tokens} positions, got a '
+                             f'{height}×{width} feature map: build the model with the image size it is fed')
+        tokens = features.reshape(batch, height * width, channels) + self.position_embedding[...].astype(features.dtype)
+        tokens = tokens + self.attention(self.norm(tokens))
+        return tokens.reshape(batch, height, width, channels)
+

@@ -1,0 +1,71 @@
+"""Defaults every recipe shares, and the arg strings (`:demo`) that adjust them."""
+import ml_collections
+
+# Run-size settings for `:demo`: sized so the VGG19 demo trains on a 2-core CPU in minutes.
+DEMO = dict(image_size=64, batch_size=16, total_steps=600, num_images=2400, num_patients=48,
+            eval_every_steps=200, checkpoint_every_steps=200, log_every_steps=20)
+
+
+def base_config(*, model: str, data: str, image_size: int, batch_size: int, num_epochs: int,
+                learning_rate: float) -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+
+    config.model = ml_collections.ConfigDict()
+    config.model.name = model
+    config.model.options = ml_collections.ConfigDict()  # Passed to models.create as keywords.
+    config.model.init_from = ''  # Directory written by `python -m allflax.weights`.
+    config.model.freeze_backbone_steps = 0
+
+    config.data = ml_collections.ConfigDict()
+    config.data.name = data
+    config.data.dir = ''  # Real data sets: the downloaded folder.
+    config.data.image_size = image_size
+    config.data.cache_dir = ''  # Defaults to ~/.cache/allflax.
+    config.data.num_images = 4000  # Synthetic sets only.
+    config.data.num_patients = 80  # Synthetic sets only.
+    config.data.split_fractions = ml_collections.ConfigDict({'train': 0.7, 'val': 0.15, 'test': 0.15})
+    config.data.num_workers = 0  # Grain worker processes; 0 reads in the main process.
+    config.data.augment = ('flip', 'rot90')
+    # ImageNet statistics, as the Keras/torchvision backbones expect.
+    config.data.mean = (0.485, 0.456, 0.406)
+    config.data.std = (0.229, 0.224, 0.225)
+
+    config.batch_size = batch_size  # Global, over all devices and hosts.
+    config.num_epochs = num_epochs
+    config.total_steps = 0  # > 0 overrides num_epochs.
+    config.dtype = 'float32'  # Compute dtype; parameters stay float32.
+
+    config.optimizer = ml_collections.ConfigDict()
+    config.optimizer.learning_rate = learning_rate
+    config.optimizer.weight_decay = 1e-4
+    config.optimizer.warmup_fraction = 0.05
+    config.optimizer.b1 = 0.9
+    config.optimizer.b2 = 0.999
+    config.optimizer.grad_clip_norm = 1.0
+
+    config.loss = ml_collections.ConfigDict()
+    config.loss.alpha = 0.25  # A float, or one weight per class as a tuple.
+    config.loss.gamma = 2.0
+
+    config.log_every_steps = 50
+    config.eval_every_steps = 500
+    config.checkpoint_every_steps = 500
+    config.keep_checkpoints = 2  # The latest N; the best by validation accuracy is kept too.
+    return config
+
+
+def apply_args(config: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
+    """Applies comma-separated arg strings, e.g. `demo`."""
+    for name in filter(None, (arg or '').split(',')):
+        if name != 'demo':
+            raise ValueError(f'unknown config arg {name!r}; known: demo')
+        config.data.image_size = DEMO['image_size']
+        config.data.num_images = DEMO['num_images']
+        config.data.num_patients = DEMO['num_patients']
+        config.batch_size = DEMO['batch_size']
+        config.total_steps = DEMO['total_steps']
+        for key in ('eval_every_steps', 'checkpoint_every_steps', 'log_every_steps'):
+            config[key] = DEMO[key]
+    config.lock()
+    return config
