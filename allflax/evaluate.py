@@ -9,9 +9,10 @@ from jax.experimental import multihost_utils
 
 from allflax import checkpoints, metrics, sharding, steps
 from allflax.data import pipeline
+from allflax.data.dataset import Dataset, Split
 
 
-def predict_probabilities(eval_step, state, split: pipeline.Split, batch_size: int, mesh) -> np.ndarray:
+def predict_probabilities(eval_step, state, split: Split, batch_size: int, mesh) -> np.ndarray:
     """Class probabilities for every image of `split`, in order."""
     batch_sharding = sharding.batch_sharding(mesh)
     outputs = []
@@ -21,7 +22,7 @@ def predict_probabilities(eval_step, state, split: pipeline.Split, batch_size: i
     return np.asarray(steps.probabilities(np.concatenate(outputs)))
 
 
-def evaluate_split(eval_step, state, dataset: pipeline.Dataset, split_name: str, batch_size: int,
+def evaluate_split(eval_step, state, dataset: Dataset, split_name: str, batch_size: int,
                    mesh) -> dict:
     split = dataset.splits[split_name]
     probabilities = predict_probabilities(eval_step, state, split, batch_size, mesh)

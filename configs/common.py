@@ -20,6 +20,13 @@ def base_config(*, model: str, data: str, image_size: int, batch_size: int, num_
     config.data = ml_collections.ConfigDict()
     config.data.name = data
     config.data.dir = ''  # Real data sets: the downloaded folder.
+    config.data.variant = 'original'  # all_aria: original | segmented.
+    # Applied once, in order, when the cache of uint8 tiles is prepared (real data sets).
+    config.data.preprocess = ('resize_pad',)
+    config.data.skip_corrupt = False  # True: skip unreadable images (listed in splits.json).
+    config.data.split = 'patient'  # patient | official (C-NMC's labelled test set) | random.
+    config.data.fold = -1  # >= 0: k-fold by patient, this fold is the test split.
+    config.data.num_folds = 5
     config.data.image_size = image_size
     config.data.cache_dir = ''  # Defaults to ~/.cache/allflax.
     config.data.num_images = 4000  # Synthetic sets only.
@@ -45,7 +52,8 @@ def base_config(*, model: str, data: str, image_size: int, batch_size: int, num_
     config.optimizer.grad_clip_norm = 1.0
 
     config.loss = ml_collections.ConfigDict()
-    config.loss.alpha = 0.25  # A float, or one weight per class as a tuple.
+    # A float, or one weight per class as a tuple: --config.loss.alpha='(0.3,0.2,0.2,0.3)'.
+    config.loss.alpha = ml_collections.FieldReference(0.25, field_type=object)
     config.loss.gamma = 2.0
 
     config.log_every_steps = 50

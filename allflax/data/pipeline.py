@@ -4,8 +4,6 @@ Tiles stay uint8 all the way to the device; augmentation and normalisation run
 inside the compiled step (see `allflax.data.augment`).
 """
 import collections
-import dataclasses
-import json
 import os
 from collections.abc import Iterator
 
@@ -16,26 +14,8 @@ import numpy as np
 
 from allflax import sharding
 from allflax.data import splits
+from allflax.data.dataset import Dataset, Split, write_splits_json
 from allflax.data.sources import synthetic
-
-SPLIT_NAMES = ('train', 'val', 'test')
-
-
-@dataclasses.dataclass(frozen=True)
-class Split:
-    images: np.ndarray  # uint8, N×H×W×3
-    labels: np.ndarray  # int32, N
-    patients: np.ndarray  # str, N
-
-    def __len__(self):
-        return len(self.labels)
-
-
-@dataclasses.dataclass(frozen=True)
-class Dataset:
-    splits: dict[str, Split]
-    class_names: tuple[str, ...]
-
 
 def default_cache_dir(config: ml_collections.ConfigDict) -> str:
     return config.data.cache_dir or os.path.join(os.path.expanduser('~'), '.cache', 'allflax')
@@ -56,11 +36,8 @@ def load(config: ml_collections.ConfigDict, workdir: str | None = None) -> Datas
                 for name, idx in indices.items()},
         class_names=tuple(generated.class_names))
     if workdir is not None and jax.process_index() == 0:
-        summary = splits.describe(indices, generated.labels, generated.patients, generated.class_names)
-        summary['skipped'] = []
-        os.makedirs(workdir, exist_ok=True)
-        with open(os.path.join(workdir, 'splits.json'), 'w') as f:
-            json.dump(summary, f, indent=1)
+        write_splits_json(workdir, splits.describe(indices, generated.labels, generated.patients,
+                                                   generated.class_names))
     return dataset
 
 
@@ -124,7 +101,7 @@ def eval_batches(split: Split, global_batch_size: int) -> Iterator[tuple[dict[st
     local = global_batch_size // jax.process_count()
     start = jax.process_index() * local
     for offset in range(0, len(split), global_batch_size):
-        images = split.images[offset:offset + global_batch_size]
+        images = np.stack([split.images[i] for i in range(offset, min(offset + global_batch_size, len(split)))])
         valid = len(images)
         if valid < global_batch_size:
             padding = np.zeros((global_batch_size - valid, *images.shape[1:]), images.dtype)

@@ -1,0 +1,40 @@
+"""What every data source hands the input pipeline: patient-wise splits of uint8 tiles."""
+import dataclasses
+import json
+import os
+from collections.abc import Sequence
+
+import numpy as np
+
+SPLIT_NAMES = ('train', 'val', 'test')
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+    """One split. `images[i]` is a uint8 H×W×3 RGB tile: an in-memory array for the synthetic
+    sets, a random-access reader over the prepared cache for real ones (picklable, so
+    Grain worker processes can read it)."""
+    images: Sequence
+    labels: np.ndarray  # int32
+    patients: np.ndarray  # str; '' where the source has no patient ids
+    paths: tuple[str, ...] = ()  # Original file of each image, where there is one.
+
+    def __len__(self):
+        return len(self.labels)
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+    splits: dict[str, Split]
+    class_names: tuple[str, ...]
+
+
+def write_splits_json(workdir: str, summary: dict, skipped: Sequence[str] = ()) -> str:
+    """Writes `workdir/splits.json`: per split its size, patients and class counts, and the
+    files skipped as unreadable."""
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, 'splits.json')
+    with open(path + '.tmp', 'w') as f:
+        json.dump({**summary, 'skipped': list(skipped)}, f, indent=1)
+    os.replace(path + '.tmp', path)
+    return path

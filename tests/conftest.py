@@ -1,0 +1,40 @@
+import os
+
+import jax
+import pytest
+
+from configs import vgg19_mhsa
+
+
+@pytest.fixture(scope='session', autouse=True)
+def compilation_cache(tmp_path_factory):
+    """Tests that build the same recipe several times compile it once."""
+    jax.config.update('jax_compilation_cache_dir', str(tmp_path_factory.mktemp('xla_cache')))
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
+
+
+@pytest.fixture(scope='session')
+def synthetic_cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp('synthetic_cache'))
+
+
+@pytest.fixture
+def tiny_config(synthetic_cache):
+    """The VGG19+MHSA recipe shrunk to seconds: 32-px images, a few steps."""
+    config = vgg19_mhsa.get_config('demo')
+    with config.unlocked():
+        config.data.image_size = 32
+        config.data.num_images = 192
+        config.data.num_patients = 16
+        config.data.cache_dir = synthetic_cache
+        config.batch_size = 8
+        config.total_steps = 6
+        config.log_every_steps = 2
+        config.eval_every_steps = 3
+        config.checkpoint_every_steps = 2
+    return config
+
+
+def pytest_configure(config):
+    # Quiet TensorFlow's C++ start-up chatter in tests that import Keras.
+    os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')

@@ -1,0 +1,41 @@
+"""Runs the first train steps of a tiny recipe on however many devices JAX sees; prints JSON.
+
+Used by test_sharding.py in subprocesses with XLA_FLAGS=--xla_force_host_platform_device_count=N.
+"""
+import json
+import sys
+
+import jax
+import numpy as np
+
+from allflax import sharding, steps
+from allflax.data.sources import synthetic
+from configs import vgg19_mhsa
+
+
+def main(cache_dir: str):
+    config = vgg19_mhsa.get_config('demo')
+    with config.unlocked():
+        config.data.image_size = 32
+        config.batch_size = 8
+        config.total_steps = 3
+    data = synthetic.load('synthetic_all4', num_images=24, image_size=32, num_patients=8, seed=0,
+                          cache_dir=cache_dir)
+    mesh = sharding.make_mesh()
+    built = steps.setup(config, 4, config.total_steps, mesh)
+    train_step = steps.make_train_step(built.parts, built.tx, built.schedule, config, mesh,
+                                       built.state_sharding)
+    state, losses = built.state, []
+    for step in range(3):
+        rows = slice(8 * step, 8 * step + 8)
+        batch = sharding.put_batch({'image': data.images[rows], 'label': data.labels[rows]},
+                                   sharding.batch_sharding(mesh))
+        state, metrics = train_step(state, batch)
+        losses.append(float(metrics['loss']))
+    kernel = np.asarray(state.params['block1_conv1']['kernel'][...])
+    print(json.dumps({'devices': jax.device_count(), 'losses': losses,
+                      'kernel_checksum': float(np.abs(kernel).sum())}))
+
+
+if __name__ == '__main__':
+    main(sys.argv[1])

@@ -1,0 +1,27 @@
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run_steps(num_devices: int, cache_dir: str) -> dict:
+    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu',
+               XLA_FLAGS=f'--xla_force_host_platform_device_count={num_devices}')
+    result = subprocess.run([sys.executable, os.path.join(ROOT, 'tests', 'device_steps.py'), cache_dir],
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_one_and_eight_devices_take_the_same_steps(synthetic_cache):
+    one = _run_steps(1, synthetic_cache)
+    eight = _run_steps(8, synthetic_cache)
+    assert (one['devices'], eight['devices']) == (1, 8)
+    # Same global batches, same keys: only the order of float reductions differs.
+    np.testing.assert_allclose(eight['losses'], one['losses'], rtol=2e-5)
+    np.testing.assert_allclose(eight['kernel_checksum'], one['kernel_checksum'], rtol=1e-5)
+    assert one['losses'][2] != one['losses'][0]
