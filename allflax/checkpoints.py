@@ -3,6 +3,8 @@
 A checkpoint is written asynchronously into a temporary directory and renamed
 when complete, so an interrupted save is never restored.
 """
+import os
+
 import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy
@@ -19,8 +21,8 @@ class Checkpointer:
                                       keep_checkpoints_without_metrics=False)])
         options = ocp.CheckpointManagerOptions(preservation_policy=policy, read_only=read_only,
                                                create=not read_only)
-        self._manager = ocp.CheckpointManager(directory, options=options, item_names=('state', 'data'))
-        self.directory = directory
+        self.directory = os.path.abspath(directory)  # Orbax accepts absolute paths only.
+        self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=('state', 'data'))
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()

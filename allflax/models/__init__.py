@@ -13,16 +13,21 @@ import numpy as np
 from flax import nnx
 
 # Modules whose import registers model families.
-_FAMILIES = ('allflax.models.vgg',)
+_FAMILIES = ('allflax.models.vgg', 'allflax.models.resnet', 'allflax.models.efficientnet_v2')
 _REGISTRY: dict[str, Callable[..., nnx.Module]] = {}
+# Models whose layers are sized by the input (a flatten head, position embeddings).
+_SIZED_BY_INPUT: set[str] = set()
 
 
-def register(name: str):
-    """Registers `builder(num_classes, *, include_top, dtype, param_dtype, rngs, **options)`."""
+def register(name: str, *, sized_by_input: bool = False):
+    """Registers `builder(num_classes, *, include_top, dtype, param_dtype, rngs, **options)`;
+    `sized_by_input` builders also receive `image_size`."""
     def decorator(builder):
         if name in _REGISTRY:
             raise ValueError(f'model {name!r} is registered twice')
         _REGISTRY[name] = builder
+        if sized_by_input:
+            _SIZED_BY_INPUT.add(name)
         return builder
     return decorator
 
@@ -32,15 +37,18 @@ def names() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def create(name: str, num_classes: int, *, include_top: bool = True,
+def create(name: str, num_classes: int, *, include_top: bool = True, image_size: int = 224,
            dtype=jnp.float32, param_dtype=jnp.float32, seed: int = 0,
            **options) -> nnx.Module:
-    """Builds the model registered as `name` with freshly initialised weights."""
+    """Builds the model registered as `name` with freshly initialised weights for
+    `image_size`-pixel square inputs (fully convolutional models take any size)."""
     _import_families()
     if name not in _REGISTRY:
         raise ValueError(f'unknown model name {name!r}; registered: {", ".join(sorted(_REGISTRY))}')
     if include_top and num_classes < 1:
         raise ValueError(f'num_classes must be >= 1, got {num_classes}')
+    if name in _SIZED_BY_INPUT:
+        options['image_size'] = image_size
     return _REGISTRY[name](num_classes, include_top=include_top, dtype=jnp.dtype(dtype),
                            param_dtype=jnp.dtype(param_dtype), rngs=nnx.Rngs(seed), **options)
 

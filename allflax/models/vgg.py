@@ -114,7 +114,7 @@ class VGG(nnx.Module):
 
 def _builder(depths, *, head, head_hidden=0, dropout_rate=0.0, attention_after=None,
              attention_heads=8, attention_dropout=0.0):
-    def build(num_classes, *, include_top, dtype, param_dtype, rngs, image_size=224,
+    def build(num_classes, *, include_top, dtype, param_dtype, rngs, image_size,
               head=head, head_hidden=head_hidden, dropout_rate=dropout_rate,
               attention_after=attention_after, attention_heads=attention_heads,
               attention_dropout=attention_dropout):
@@ -125,8 +125,9 @@ def _builder(depths, *, head, head_hidden=0, dropout_rate=0.0, attention_after=N
     return build
 
 
-register('vgg16')(_builder(DEPTHS['vgg16'], head='flatten'))
-register('vgg19')(_builder(DEPTHS['vgg19'], head='flatten'))
+register('vgg16', sized_by_input=True)(_builder(DEPTHS['vgg16'], head='flatten'))
+register('vgg19', sized_by_input=True)(_builder(DEPTHS['vgg19'], head='flatten'))
 # Paper 1: MHSA over VGG19's last feature map, then a pooled head with dropout.
-register('vgg19_mhsa')(_builder(DEPTHS['vgg19'], head='gap', head_hidden=256, dropout_rate=0.5,
-                                attention_after='block5_pool', attention_heads=8))
+register('vgg19_mhsa', sized_by_input=True)(_builder(
+    DEPTHS['vgg19'], head='gap', head_hidden=256, dropout_rate=0.5,
+    attention_after='block5_pool', attention_heads=8))
