@@ -33,3 +33,22 @@ class MultiHeadSelfAttention(nnx.Module):
         tokens = tokens + self.attention(self.norm(tokens))
         return tokens.reshape(batch, height, width, channels)
 
+
+class SqueezeExcitation(nnx.Module):
+    """Channel attention (Hu et al., 2018): global context rescales each channel.
+
+    `reduce` and `expand` are 1×1 convolutions with bias, as Keras builds the
+    EfficientNet SE layers, so their weights load one to one.
+    """
+
+    def __init__(self, channels: int, squeeze_channels: int, *, kernel_init, dtype, param_dtype,
+                 rngs: nnx.Rngs):
+        self.reduce = nnx.Conv(channels, squeeze_channels, (1, 1), kernel_init=kernel_init,
+                               dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.expand = nnx.Conv(squeeze_channels, channels, (1, 1), kernel_init=kernel_init,
+                               dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, features: jax.Array) -> jax.Array:
+        context = features.mean(axis=(1, 2), keepdims=True)
+        weights = nnx.sigmoid(self.expand(nnx.swish(self.reduce(context))))
+        return features * weights

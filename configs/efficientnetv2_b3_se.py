@@ -1,0 +1,13 @@
+"""Paper 2: EfficientNetV2-B3 + squeeze-and-excitation attention, focal loss, ALL vs hem, 300 px.
+
+Uses `synthetic_cnmc` until real data is configured:
+  --config.data.name=cnmc2019 --config.data.dir=/path/to/C-NMC_Leukemia
+"""
+from configs import common
+
+
+def get_config(arg: str | None = None):
+    config = common.base_config(
+        model='efficientnetv2_b3_se', data='synthetic_cnmc', image_size=300, batch_size=32,
+        num_epochs=30, learning_rate=1e-3)
+    return common.apply_args(config, arg)

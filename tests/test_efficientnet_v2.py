@@ -1,0 +1,147 @@
+"""EfficientNetV2: Keras parameter counts, logit parity with Keras, train/eval behaviour."""
+import os
+
+os.environ.setdefault('KERAS_BACKEND', 'tensorflow')
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from allflax import models  # noqa: E402
+
+NUM_CLASSES = 5
+KERAS_MODELS = {'efficientnetv2_b0': keras.applications.EfficientNetV2B0,
+                'efficientnetv2_b3': keras.applications.EfficientNetV2B3}
+
+
+@pytest.mark.parametrize('name, num_classes, include_top, expected', [
+    ('efficientnetv2_b0', 1000, True, 7_200_312),
+    ('efficientnetv2_b1', 1000, True, 8_212_124),
+    ('efficientnetv2_b2', 1000, True, 10_178_374),
+    ('efficientnetv2_b3', 1000, True, 14_467_622),
+    ('efficientnetv2_s', 1000, True, 21_612_360),
+    ('efficientnetv2_b3', 1000, False, 12_930_622),
+    ('efficientnetv2_b3_se', 2, True, 15_197_088),
+])
+def test_parameter_count_matches_keras(name, num_classes, include_top, expected):
+    model = nnx.eval_shape(lambda: models.create(name, num_classes, include_top=include_top))
+    assert models.count_params(model) == expected
+
+
+def _randomize(keras_model, rng):
+    """Random weights everywhere, batch-norm statistics included, so no layer can hide."""
+    for layer in keras_model.layers:
+        for variable in layer.weights:
+            shape = tuple(variable.shape)
+            if variable.name in ('gamma', 'moving_variance'):
+                value = rng.uniform(0.5, 1.5, shape)
+            elif variable.name in ('beta', 'moving_mean', 'bias'):
+                value = rng.normal(0.0, 0.2, shape)
+            else:  # Unit gain: a depthwise (k, k, C, 1) kernel's fan-in is k·k.
+                depthwise = isinstance(layer, keras.layers.DepthwiseConv2D)
+                fan_in = np.prod(shape[:2]) if depthwise else np.prod(shape[:-1])
+                value = rng.normal(0.0, 1.0, shape) / np.sqrt(fan_in)
+            variable.assign(value.astype(np.float32))
+
+
+def _copy_keras_weights(model, keras_model):
+    """Copies weights by Keras layer name, following the `keras_layers()` contract."""
+    for name, module in model.keras_layers():
+        weights = {variable.name: np.asarray(variable.numpy()) for variable in keras_model.get_layer(name).weights}
+        if isinstance(module, nnx.BatchNorm):
+            targets = {'gamma': module.scale, 'beta': module.bias,
+                       'moving_mean': module.mean, 'moving_variance': module.var}
+        else:
+            targets = {'kernel': module.kernel, 'bias': module.bias}
+            if isinstance(module, nnx.Conv) and module.feature_group_count == module.in_features > 1:
+                weights = {'kernel': weights['kernel'].transpose(0, 1, 3, 2)}  # (k, k, C, 1) → (k, k, 1, C)
+        assert set(weights) <= set(targets), name
+        for weight_name, value in weights.items():
+            assert targets[weight_name].shape == value.shape, f'{name}/{weight_name}'
+            targets[weight_name].set_value(jnp.asarray(value))
+
+
+def _weighted_keras_layers(keras_model):
+    return [layer.name for layer in keras_model.layers if layer.weights]
+
+
+def _relative_error(actual, expected):
+    return np.abs(np.asarray(actual) - expected).max() / np.abs(expected).max()
+
+
+# Jitted passes: one compile beats eager op-by-op dispatch on a 2-core machine.
+forward = nnx.jit(lambda model, images: model(images))
+features = nnx.jit(lambda model, images: model.features(images))
+
+
+def _check_logits_match_keras(model, keras_model, size):
+    """Copies randomised Keras weights into `model`; inference logits must agree."""
+    rng = np.random.default_rng(0)
+    _randomize(keras_model, rng)
+    assert [layer for layer, _ in model.keras_layers()] == _weighted_keras_layers(keras_model)
+    _copy_keras_weights(model, keras_model)
+    model.eval()
+    images = rng.normal(0.0, 1.0, (2, size, size, 3)).astype(np.float32)
+    logits = forward(model, jnp.asarray(images))
+    assert logits.shape == (2, NUM_CLASSES) and logits.dtype == jnp.float32
+    assert _relative_error(logits, np.asarray(keras_model(images, training=False))) <= 1e-4
+
+
+def _keras_model(name, size, **options):
+    return KERAS_MODELS[name](weights=None, include_preprocessing=False, input_shape=(size, size, 3), **options)
+
+
+@pytest.fixture(scope='module')
+def b0():
+    return models.create('efficientnetv2_b0', NUM_CLASSES)
+
+
+def test_b0_logits_match_keras(b0):
+    keras_model = _keras_model('efficientnetv2_b0', 96, classes=NUM_CLASSES, classifier_activation=None)
+    _check_logits_match_keras(b0, keras_model, 96)
+
+
+def test_b3_logits_match_keras_at_odd_size():
+    """75 → 38 → 19 → 10 → 5: TF 'SAME' pads odd and even sizes differently under stride 2."""
+    keras_model = _keras_model('efficientnetv2_b3', 75, classes=NUM_CLASSES, classifier_activation=None)
+    _check_logits_match_keras(models.create('efficientnetv2_b3', NUM_CLASSES), keras_model, 75)
+
+
+def test_b3_se_has_the_keras_b3_backbone_and_a_two_class_head():
+    """Built abstractly: B3's numerics are covered above, and SE's by the blocks' SE layers."""
+    keras_model = _keras_model('efficientnetv2_b3', 64, include_top=False)
+    model = nnx.eval_shape(lambda: models.create('efficientnetv2_b3_se', 2))
+    assert [layer for layer, _ in model.keras_layers()] == _weighted_keras_layers(keras_model)
+    logits = nnx.eval_shape(lambda model, images: model(images), model, jnp.zeros((2, 64, 64, 3)))
+    assert logits.shape == (2, 2) and logits.dtype == jnp.float32
+
+
+def test_drop_connect_follows_keras_schedule():
+    """Keras's rate is 0.2·b/blocks with b over B3's 32 scaled blocks but blocks = 21 unscaled."""
+    model = nnx.eval_shape(lambda: models.create('efficientnetv2_b3', NUM_CLASSES))
+    assert len(model.block_names) == 32
+    assert not hasattr(model.block1a, 'drop')  # 40 → 16 filters: no residual
+    assert model.block1b.drop.rate == pytest.approx(0.2 * 1 / 21)
+    assert model.block6l.drop.rate == pytest.approx(0.2 * 31 / 21)
+    assert model.block6l.drop.broadcast_dims == (1, 2, 3)  # one draw per sample
+
+
+def test_eval_is_deterministic_and_train_is_stochastic(b0):
+    images = jax.random.normal(jax.random.key(0), (2, 64, 64, 3))
+    b0.train()
+    first, second = forward(b0, images), forward(b0, images)
+    assert first.shape == (2, NUM_CLASSES) and first.dtype == jnp.float32
+    assert not np.allclose(first, second)  # drop-connect and head dropout draw fresh masks
+    b0.eval()
+    np.testing.assert_array_equal(forward(b0, images), forward(b0, images))
+
+
+def test_head_of_features_is_the_forward_pass(b0):
+    b0.eval()
+    images = jax.random.normal(jax.random.key(1), (2, 64, 64, 3))
+    feature_map = features(b0, images)
+    assert feature_map.shape == (2, 2, 2, 1280)
+    np.testing.assert_allclose(b0.head(feature_map), forward(b0, images), rtol=1e-5, atol=1e-6)
