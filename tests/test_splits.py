@@ -104,3 +104,79 @@ def test_describe_summarises_each_split():
         assert entry["class_counts"] == {"hem": int((labels[indices] == 0).sum()),
                                          "all": int((labels[indices] == 1).sum())}
         assert all(type(n) is int for n in entry["class_counts"].values())
+
+
+def _assert_partition(result, labels, patients=None):
+    """Every image in exactly one split and, given patients, no patient in two."""
+    assert list(result) == ["train", "val", "test"]
+    np.testing.assert_array_equal(np.sort(np.concatenate(list(result.values()))), np.arange(len(labels)))
+    if patients is not None:
+        patient_sets = [set(patients[indices]) for indices in result.values()]
+        assert sum(len(s) for s in patient_sets) == len(set().union(*patient_sets))
+
+
+def test_k_fold_tests_each_patient_exactly_once():
+    labels, patients = _dataset(num_patients=25, num_classes=2)
+    tested = []
+    for fold in range(5):
+        result = splits.make_splits(labels, patients, method="patient", fractions=FRACTIONS, seed=0, fold=fold,
+                                    num_folds=5)
+        _assert_partition(result, labels, patients)
+        tested.append(set(patients[result["test"]]))
+        assert len(tested[-1]) == 5
+        # The rest: train and val in the ratio 0.7 : 0.15.
+        assert len(set(patients[result["train"]])) > 3 * len(set(patients[result["val"]]))
+    assert set().union(*tested) == set(patients) and sum(map(len, tested)) == 25
+
+
+def test_official_split_tests_on_the_official_set():
+    labels, patients = _dataset(num_patients=20, num_classes=2)
+    official = np.isin(patients, ["P000", "P001", "P002", "P003"])
+    result = splits.make_splits(labels, patients, method="official", fractions=FRACTIONS, seed=0,
+                                official_test=official)
+    _assert_partition(result, labels, patients)
+    np.testing.assert_array_equal(result["test"], np.flatnonzero(official))
+    with pytest.raises(ValueError, match="needs the source's labelled test set"):
+        splits.make_splits(labels, patients, method="official", fractions=FRACTIONS, seed=0,
+                           official_test=np.zeros(len(labels), bool))
+    with pytest.raises(ValueError, match="set data.fold=-1"):
+        splits.make_splits(labels, patients, method="official", fractions=FRACTIONS, seed=0, fold=1,
+                           official_test=official)
+
+
+def test_random_split_is_by_image_and_warns(caplog):
+    labels, patients = _dataset(num_patients=4, num_classes=2)
+    result = splits.make_splits(labels, patients, method="random", fractions=FRACTIONS, seed=0)
+    _assert_partition(result, labels)
+    assert len(set(patients[result["train"]]) & set(patients[result["test"]])) > 0
+    assert "splits images, not patients" in caplog.text
+
+
+def test_images_without_patient_ids_are_split_one_by_one_with_a_loud_warning(caplog):
+    labels = np.arange(40) % 4
+    result = splits.make_splits(labels, np.full(40, ""), method="patient", fractions=FRACTIONS, seed=0)
+    _assert_partition(result, labels)
+    assert [len(result[name]) for name in result] == [28, 6, 6]
+    assert "40 of 40 images have no patient id" in caplog.text
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(method="by_cell"), "unknown data.split='by_cell'; known: patient, official, random"),
+    (dict(method="patient", fold=5, num_folds=5), r"data.fold=5 must be in \[0, data.num_folds=5\)"),
+])
+def test_bad_split_settings_are_refused(kwargs, message):
+    labels, patients = _dataset()
+    with pytest.raises(ValueError, match=message):
+        splits.make_splits(labels, patients, fractions=FRACTIONS, seed=0, **kwargs)
+
+
+def test_near_duplicate_pairs_are_across_splits_only():
+    hashes = np.array([0b0, 0b111, 0b1111_0000_0000, 0b1, 2**63 - 1], np.uint64)
+    indices = {"train": np.array([0, 2]), "val": np.array([1, 4]), "test": np.array([3])}
+    assert splits.near_duplicate_pairs(hashes, indices, max_distance=3) == [(0, 1, 3), (0, 3, 1), (1, 3, 2)]
+    assert splits.near_duplicate_pairs(hashes, indices, max_distance=0) == []
+
+
+def test_describe_leaves_out_missing_patient_ids():
+    summary = splits.describe({"train": np.array([0, 1])}, np.array([0, 1]), np.array(["", ""]), ("a", "b"))
+    assert summary["train"]["patients"] == []

@@ -29,6 +29,11 @@ class Dataset:
     class_names: tuple[str, ...]
 
 
+def default_cache_dir(config) -> str:
+    """Where prepared tiles and generated sets are kept: data.cache_dir, else ~/.cache/allflax."""
+    return config.data.cache_dir or os.path.join(os.path.expanduser('~'), '.cache', 'allflax')
+
+
 def write_splits_json(workdir: str, summary: dict, skipped: Sequence[str] = ()) -> str:
     """Writes `workdir/splits.json`: per split its size, patients and class counts, and the
     files skipped as unreadable."""

@@ -4,7 +4,6 @@ Tiles stay uint8 all the way to the device; augmentation and normalisation run
 inside the compiled step (see `allflax.data.augment`).
 """
 import collections
-import os
 from collections.abc import Iterator
 
 import grain
@@ -13,24 +12,21 @@ import ml_collections
 import numpy as np
 
 from allflax import sharding
-from allflax.data import splits
-from allflax.data.dataset import Dataset, Split, write_splits_json
+from allflax.data import prepared, splits
+from allflax.data.dataset import Dataset, Split, default_cache_dir, write_splits_json
 from allflax.data.sources import synthetic
-
-def default_cache_dir(config: ml_collections.ConfigDict) -> str:
-    return config.data.cache_dir or os.path.join(os.path.expanduser('~'), '.cache', 'allflax')
-
 
 def load(config: ml_collections.ConfigDict, workdir: str | None = None) -> Dataset:
     """Loads `config.data.name`, splits it patient-wise and records the split in `workdir/splits.json`."""
     data = config.data
     if data.name not in synthetic.CLASS_NAMES:
-        raise ValueError(f'unknown data.name={data.name!r}; available: {", ".join(synthetic.CLASS_NAMES)}')
+        return prepared.load_real(config, workdir)  # Raises for unknown names, listing every one.
     generated = synthetic.load(data.name, num_images=data.num_images, image_size=data.image_size,
                                num_patients=data.num_patients, seed=config.seed,
                                cache_dir=default_cache_dir(config))
-    indices = splits.patient_split(generated.labels, generated.patients,
-                                   dict(data.split_fractions), seed=config.seed)
+    indices = splits.make_splits(generated.labels, generated.patients, method=data.split,
+                                 fractions=dict(data.split_fractions), seed=config.seed,
+                                 fold=data.fold, num_folds=data.num_folds)
     dataset = Dataset(
         splits={name: Split(generated.images[idx], generated.labels[idx], generated.patients[idx])
                 for name, idx in indices.items()},

@@ -6,6 +6,12 @@ Every patient therefore goes wholly to one split.
 """
 
 import numpy as np
+from absl import logging
+
+SPLIT_METHODS = ("patient", "official", "random")
+# Hamming distance between 64-bit perceptual hashes at or below which two images count as near-duplicates:
+# re-encoded or rescaled copies differ by 0-2 bits; distinct synthetic cells by 8+ (smears), 4+ (on black).
+NEAR_DUPLICATE_MAX_DISTANCE = 4
 
 
 def _check_fractions(fractions: dict[str, float]) -> None:
@@ -75,7 +81,89 @@ def describe(split_indices: dict[str, np.ndarray], labels: np.ndarray, patients:
         counts = np.bincount(labels[indices], minlength=len(class_names))
         summary[name] = {
             "num_examples": int(len(indices)),
-            "patients": sorted(str(p) for p in np.unique(patients[indices])),
+            "patients": sorted(str(p) for p in np.unique(patients[indices]) if p),
             "class_counts": {class_name: int(n) for class_name, n in zip(class_names, counts)},
         }
     return summary
+
+
+def _train_val_fractions(fractions: dict[str, float]) -> dict[str, float]:
+    """The train:val ratio of data.split_fractions, for splits whose test part is fixed otherwise."""
+    if not {"train", "val"} <= set(fractions):
+        raise ValueError(f"data.split_fractions needs train and val entries, got {fractions}.")
+    total = fractions["train"] + fractions["val"]
+    return {"train": fractions["train"] / total, "val": fractions["val"] / total}
+
+
+def _splitting_units(patients: np.ndarray, method: str) -> np.ndarray:
+    """What is kept whole: the patient, or the image where there is no patient id or when asked."""
+    per_image = np.array([f"image {i}" for i in range(len(patients))])
+    if method == "random":
+        logging.warning("data.split='random' splits images, not patients: images of one patient can land "
+                        "in several splits and make scores optimistic. Use it only to compare with work "
+                        "that did the same.")
+        return per_image
+    missing = patients == ""
+    if missing.any():
+        logging.warning(
+            "\n%s\n%d of %d images have no patient id: each is split on its own, so images of one patient "
+            "may leak across train, val and test, and scores may be optimistic. Check the near-duplicate "
+            "audit in splits.json; prefer a data set with patient ids for claims.\n%s",
+            "!" * 80, missing.sum(), len(patients), "!" * 80)
+    return np.where(missing, per_image, patients)
+
+
+def make_splits(labels: np.ndarray, patients: np.ndarray, *, method: str, fractions: dict[str, float],
+                seed: int, fold: int = -1, num_folds: int = 5,
+                official_test: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Train, val and test image indices as data.split, data.fold and data.num_folds ask.
+
+    - fold >= 0: k-fold by patient (by image for `random`); that fold is the test split, the other
+      patients go to train and val in the ratio of their fractions.
+    - method `official`: test is the source's own labelled test set (`official_test` mask); the
+      other patients go to train and val likewise.
+    - otherwise `patient_split` by fractions.
+    Images without a patient id are split one by one, with a loud warning.
+    """
+    if method not in SPLIT_METHODS:
+        raise ValueError(f"unknown data.split={method!r}; known: {', '.join(SPLIT_METHODS)}")
+    labels = np.asarray(labels)
+    units = _splitting_units(np.asarray(patients), method)
+    if method == "official":
+        if fold >= 0:
+            raise ValueError(f"data.split='official' has a fixed test set; set data.fold=-1 (got {fold})")
+        if official_test is None or not np.any(official_test):
+            raise ValueError("data.split='official' needs the source's labelled test set (cnmc2019: "
+                             "the preliminary-phase set with its labels CSV), and this data has none")
+        test = np.flatnonzero(official_test)
+        shared = sorted(set(units[test]) & set(units[~np.asarray(official_test)]))
+        if shared:
+            logging.warning("patients in both the official test set and the training folds: %s", shared)
+    elif fold >= 0:
+        if not 0 <= fold < num_folds or num_folds < 2:
+            raise ValueError(f"data.fold={fold} must be in [0, data.num_folds={num_folds}), with num_folds >= 2")
+        folds = patient_split(labels, units, {str(k): 1 / num_folds for k in range(num_folds)}, seed=seed)
+        test = folds[str(fold)]
+    else:
+        return patient_split(labels, units, fractions, seed=seed)
+    rest = np.setdiff1d(np.arange(len(labels)), test)
+    train_val = patient_split(labels[rest], units[rest], _train_val_fractions(fractions), seed=seed)
+    return {"train": rest[train_val["train"]], "val": rest[train_val["val"]], "test": test}
+
+
+def near_duplicate_pairs(hashes: np.ndarray, indices: dict[str, np.ndarray],
+                         max_distance: int = NEAR_DUPLICATE_MAX_DISTANCE) -> list[tuple[int, int, int]]:
+    """(image, image, Hamming distance) for images in different splits whose 64-bit perceptual
+    hashes differ in at most max_distance bits: likely the same cell or field seen twice."""
+    hashes = np.asarray(hashes, np.uint64)
+    names = list(indices)
+    pairs = []
+    for position, first in enumerate(names):
+        for second in names[position + 1:]:
+            others = indices[second]
+            for start in range(0, len(indices[first]), 1024):  # Bounded memory for big splits.
+                block = indices[first][start:start + 1024]
+                distances = np.bitwise_count(hashes[block, None] ^ hashes[None, others])
+                rows, columns = np.nonzero(distances <= max_distance)
+                pairs.extend(zip(block[rows].tolist(), others[columns].tolist(), distances[rows, columns].tolist()))
+    return pairs

@@ -1,0 +1,63 @@
+"""A real data set, from its folder to a Dataset over cached tiles: list, prepare the cache once,
+refuse or skip unreadable images, split, record the split."""
+import os
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+from allflax.data import cache, sources, splits
+from allflax.data.dataset import Dataset, Split, default_cache_dir, write_splits_json
+
+
+class UnreadableImagesError(ValueError):
+    """Images that cannot be decoded, all listed at once so they can be fixed in one go."""
+
+
+def _near_duplicates(hashes: np.ndarray, indices: dict[str, np.ndarray], paths: np.ndarray) -> list[dict]:
+    """The audit for splits that cannot be patient-wise: near-identical images in different splits."""
+    split_of = {int(i): name for name, split_indices in indices.items() for i in split_indices}
+    pairs = splits.near_duplicate_pairs(hashes, indices)
+    if pairs:
+        logging.warning('%d near-duplicate image pairs across splits (perceptual hash within %d bits); '
+                        'see near_duplicates in splits.json', len(pairs), splits.NEAR_DUPLICATE_MAX_DISTANCE)
+    return [{'distance': distance,
+             'images': [{'split': split_of[i], 'path': str(paths[i])} for i in (first, second)]}
+            for first, second, distance in pairs]
+
+
+def load_real(config: ml_collections.ConfigDict, workdir: str | None = None) -> Dataset:
+    """Lists `config.data.name` in data.dir, prepares (or reuses) its tile cache, splits it and
+    writes `workdir/splits.json`. Split.images read the cache."""
+    data = config.data
+    listing = sources.list_records(data.name, data.dir, data.variant)
+    prepared = cache.prepare(listing, image_size=data.image_size, steps=data.preprocess,
+                             cache_root=default_cache_dir(config))
+    if prepared.skipped and not data.skip_corrupt:
+        raise UnreadableImagesError(
+            f'{len(prepared.skipped)} unreadable image(s) in data.dir:\n  '
+            + '\n  '.join(f'{os.path.join(listing.root, path)}: {reason}' for path, reason in prepared.skipped)
+            + '\nReplace or remove them, or set data.skip_corrupt=True to leave them out '
+              '(they are then listed under "skipped" in splits.json).')
+    if prepared.skipped:
+        logging.warning('Leaving out %d unreadable images (data.skip_corrupt=True)', len(prepared.skipped))
+    skipped = {path for path, _ in prepared.skipped}
+    # The cache holds the readable records in listing order: record i is at cache position i.
+    records = [record for record in listing.records if record.path not in skipped]
+    labels = np.array([record.label for record in records], np.int32)
+    patients = np.array([record.patient for record in records], str)
+    paths = np.array([os.path.join(listing.root, record.path) for record in records], str)
+    indices = splits.make_splits(labels, patients, method=data.split, fractions=dict(data.split_fractions),
+                                 seed=config.seed, fold=data.fold, num_folds=data.num_folds,
+                                 official_test=np.array([record.official_test for record in records]))
+    summary = splits.describe(indices, labels, patients, listing.class_names)
+    if not listing.has_patients or data.split == 'random':
+        summary['near_duplicates'] = _near_duplicates(prepared.hashes, indices, paths)
+    if workdir is not None and jax.process_index() == 0:
+        write_splits_json(workdir, summary, sorted(os.path.join(listing.root, path) for path in skipped))
+    return Dataset(
+        splits={name: Split(cache.TileReader(prepared.directory, split_indices), labels[split_indices],
+                            patients[split_indices], tuple(paths[split_indices].tolist()))
+                for name, split_indices in indices.items()},
+        class_names=listing.class_names)
