@@ -40,7 +40,7 @@ class VGG(nnx.Module):
                                   param_dtype=param_dtype, rngs=rngs)
         self.dtype = dtype
         self.include_top = include_top
-        self.head = head
+        self.head_type = head
         layer_names = []
         channels, size = 3, image_size
         for block, (depth, width) in enumerate(zip(depths, WIDTHS), start=1):
@@ -82,7 +82,8 @@ class VGG(nnx.Module):
         return MultiHeadSelfAttention(channels, size * size, num_heads=heads, dropout_rate=dropout,
                                       dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, images: jax.Array) -> jax.Array:
+    def features(self, images: jax.Array) -> jax.Array:
+        """The last feature map (after the attention block, where there is one): Grad-CAM's target."""
         x = images.astype(self.dtype)
         for name in self.layer_names:
             if name.endswith('_pool'):
@@ -91,9 +92,11 @@ class VGG(nnx.Module):
                 x = nnx.relu(getattr(self, name)(x))
             if name == self.attention_after:
                 x = self.attention(x)
-        if not self.include_top:
-            return x
-        if self.head == 'flatten':
+        return x
+
+    def head(self, features: jax.Array) -> jax.Array:
+        x = features
+        if self.head_type == 'flatten':
             x = x.reshape(x.shape[0], -1)  # H, W, C order, as Keras flattens.
             x = self.dropout(nnx.relu(self.fc1(x)))
             x = self.dropout(nnx.relu(self.fc2(x)))
@@ -104,10 +107,14 @@ class VGG(nnx.Module):
             x = self.dropout(x)
         return self.predictions(x).astype(jnp.float32)
 
+    def __call__(self, images: jax.Array) -> jax.Array:
+        features = self.features(images)
+        return self.head(features) if self.include_top else features
+
     def keras_layers(self) -> list[tuple[str, nnx.Module]]:
         """(Keras layer name, module) for every layer a Keras VGG weight file holds."""
         names = [n for n in self.layer_names if not n.endswith('_pool')]
-        if self.include_top and self.head == 'flatten':
+        if self.include_top and self.head_type == 'flatten':
             names += ['fc1', 'fc2', 'predictions']
         return [(name, getattr(self, name)) for name in names]
 
