@@ -1,11 +1,8 @@
 """EfficientNetV2: Keras parameter counts, logit parity with Keras, train/eval behaviour."""
-import os
-
-os.environ.setdefault('KERAS_BACKEND', 'tensorflow')
+from keras_reference import assert_matches_keras, forward, keras, weighted_keras_layers  # noqa: I001
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from flax import nnx  # noqa: E402
@@ -31,63 +28,7 @@ def test_parameter_count_matches_keras(name, num_classes, include_top, expected)
     assert models.count_params(model) == expected
 
 
-def _randomize(keras_model, rng):
-    """Random weights everywhere, batch-norm statistics included, so no layer can hide."""
-    for layer in keras_model.layers:
-        for variable in layer.weights:
-            shape = tuple(variable.shape)
-            if variable.name in ('gamma', 'moving_variance'):
-                value = rng.uniform(0.5, 1.5, shape)
-            elif variable.name in ('beta', 'moving_mean', 'bias'):
-                value = rng.normal(0.0, 0.2, shape)
-            else:  # Unit gain: a depthwise (k, k, C, 1) kernel's fan-in is k·k.
-                depthwise = isinstance(layer, keras.layers.DepthwiseConv2D)
-                fan_in = np.prod(shape[:2]) if depthwise else np.prod(shape[:-1])
-                value = rng.normal(0.0, 1.0, shape) / np.sqrt(fan_in)
-            variable.assign(value.astype(np.float32))
-
-
-def _copy_keras_weights(model, keras_model):
-    """Copies weights by Keras layer name, following the `keras_layers()` contract."""
-    for name, module in model.keras_layers():
-        weights = {variable.name: np.asarray(variable.numpy()) for variable in keras_model.get_layer(name).weights}
-        if isinstance(module, nnx.BatchNorm):
-            targets = {'gamma': module.scale, 'beta': module.bias,
-                       'moving_mean': module.mean, 'moving_variance': module.var}
-        else:
-            targets = {'kernel': module.kernel, 'bias': module.bias}
-            if isinstance(module, nnx.Conv) and module.feature_group_count == module.in_features > 1:
-                weights = {'kernel': weights['kernel'].transpose(0, 1, 3, 2)}  # (k, k, C, 1) → (k, k, 1, C)
-        assert set(weights) <= set(targets), name
-        for weight_name, value in weights.items():
-            assert targets[weight_name].shape == value.shape, f'{name}/{weight_name}'
-            targets[weight_name].set_value(jnp.asarray(value))
-
-
-def _weighted_keras_layers(keras_model):
-    return [layer.name for layer in keras_model.layers if layer.weights]
-
-
-def _relative_error(actual, expected):
-    return np.abs(np.asarray(actual) - expected).max() / np.abs(expected).max()
-
-
-# Jitted passes: one compile beats eager op-by-op dispatch on a 2-core machine.
-forward = nnx.jit(lambda model, images: model(images))
 features = nnx.jit(lambda model, images: model.features(images))
-
-
-def _check_logits_match_keras(model, keras_model, size):
-    """Copies randomised Keras weights into `model`; inference logits must agree."""
-    rng = np.random.default_rng(0)
-    _randomize(keras_model, rng)
-    assert [layer for layer, _ in model.keras_layers()] == _weighted_keras_layers(keras_model)
-    _copy_keras_weights(model, keras_model)
-    model.eval()
-    images = rng.normal(0.0, 1.0, (2, size, size, 3)).astype(np.float32)
-    logits = forward(model, jnp.asarray(images))
-    assert logits.shape == (2, NUM_CLASSES) and logits.dtype == jnp.float32
-    assert _relative_error(logits, np.asarray(keras_model(images, training=False))) <= 1e-4
 
 
 def _keras_model(name, size, **options):
@@ -99,22 +40,22 @@ def b0():
     return models.create('efficientnetv2_b0', NUM_CLASSES)
 
 
-def test_b0_logits_match_keras(b0):
+def test_b0_logits_match_keras(b0, tmp_path):
     keras_model = _keras_model('efficientnetv2_b0', 96, classes=NUM_CLASSES, classifier_activation=None)
-    _check_logits_match_keras(b0, keras_model, 96)
+    assert_matches_keras(b0, keras_model, 96, 96, tmp_path)
 
 
-def test_b3_logits_match_keras_at_odd_size():
+def test_b3_logits_match_keras_at_odd_size(tmp_path):
     """75 → 38 → 19 → 10 → 5: TF 'SAME' pads odd and even sizes differently under stride 2."""
     keras_model = _keras_model('efficientnetv2_b3', 75, classes=NUM_CLASSES, classifier_activation=None)
-    _check_logits_match_keras(models.create('efficientnetv2_b3', NUM_CLASSES), keras_model, 75)
+    assert_matches_keras(models.create('efficientnetv2_b3', NUM_CLASSES), keras_model, 75, 75, tmp_path)
 
 
 def test_b3_se_has_the_keras_b3_backbone_and_a_two_class_head():
     """Built abstractly: B3's numerics are covered above, and SE's by the blocks' SE layers."""
     keras_model = _keras_model('efficientnetv2_b3', 64, include_top=False)
     model = nnx.eval_shape(lambda: models.create('efficientnetv2_b3_se', 2))
-    assert [layer for layer, _ in model.keras_layers()] == _weighted_keras_layers(keras_model)
+    assert [layer for layer, _ in model.keras_layers()] == weighted_keras_layers(keras_model)
     logits = nnx.eval_shape(lambda model, images: model(images), model, jnp.zeros((2, 64, 64, 3)))
     assert logits.shape == (2, 2) and logits.dtype == jnp.float32
 

@@ -1,16 +1,13 @@
 """ResNet: Keras parameter counts, and logit parity with Keras (ResNet101, VGG19) through load_keras."""
-import os
-
-os.environ.setdefault('KERAS_BACKEND', 'tensorflow')
+from keras_reference import assert_matches_keras, keras  # noqa: I001  (sets KERAS_BACKEND first)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from allflax import models, weights  # noqa: E402
+from allflax import models  # noqa: E402
 
 
 @pytest.mark.parametrize('name, include_top, expected', [
@@ -23,50 +20,17 @@ def test_parameter_count_matches_keras(name, include_top, expected):
     assert models.count_params(model) == expected
 
 
-def randomize_keras_weights(keras_model, seed: int = 0):
-    """Random weights everywhere, batch-norm statistics included, so no layer can hide."""
-    rng = np.random.default_rng(seed)
-    for layer in keras_model.layers:
-        for variable in layer.weights:
-            shape = tuple(variable.shape)
-            if variable.name in ('gamma', 'moving_variance'):
-                value = rng.uniform(0.5, 1.5, shape)
-            elif variable.name in ('beta', 'moving_mean', 'bias'):
-                value = rng.normal(0.0, 0.2, shape)
-            else:  # Unit gain: a depthwise (k, k, C, 1) kernel's fan-in is k·k.
-                depthwise = isinstance(layer, keras.layers.DepthwiseConv2D)
-                value = rng.normal(0.0, 1.0, shape) / np.sqrt(np.prod(shape[:2 if depthwise else -1]))
-            variable.assign(value.astype(np.float32))
-
-
-def relative_error(actual, expected) -> float:
-    return float(np.linalg.norm(np.asarray(actual) - expected) / np.linalg.norm(expected))
-
-
-def _assert_logits_match(model, keras_model, height, width, tmp_path):
-    randomize_keras_weights(keras_model)
-    assert [name for name, _ in model.keras_layers()] == [layer.name for layer in keras_model.layers if layer.weights]
-    path = str(tmp_path / 'reference.weights.h5')
-    keras_model.save_weights(path)
-    report = weights.load_keras(model, path)
-    assert (report.missing, report.unexpected) == ([], [])
-    images = np.random.default_rng(1).normal(size=(2, height, width, 3)).astype(np.float32)
-    expected = keras_model(images, training=False).numpy()
-    model.eval()
-    assert relative_error(model(images), expected) <= 1e-4
-
-
 def test_resnet101_logits_match_keras(tmp_path):
     # 72 wide: odd maps (9 → 5 → 3) check Keras's padding of strided convolutions and pooling.
     keras_model = keras.applications.ResNet101(weights=None, input_shape=(64, 72, 3), classes=5,
                                                classifier_activation=None)
-    _assert_logits_match(models.create('resnet101', 5), keras_model, 64, 72, tmp_path)
+    assert_matches_keras(models.create('resnet101', 5), keras_model, 64, 72, tmp_path)
 
 
 def test_vgg19_logits_match_keras(tmp_path):
     keras_model = keras.applications.VGG19(weights=None, include_top=True, input_shape=(64, 64, 3),
                                            classes=5, classifier_activation=None)
-    _assert_logits_match(models.create('vgg19', 5, image_size=64), keras_model, 64, 64, tmp_path)
+    assert_matches_keras(models.create('vgg19', 5, image_size=64), keras_model, 64, 64, tmp_path)
 
 
 def test_features_feed_head():

@@ -13,7 +13,7 @@ import pytest  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from allflax import models, weights  # noqa: E402
-from test_resnet import randomize_keras_weights, relative_error  # noqa: E402
+from keras_reference import randomize_keras_weights, relative_error  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = 64

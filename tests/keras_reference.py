@@ -1,0 +1,52 @@
+"""Shared by the parity tests: real Keras models with every weight randomised, loaded through
+`allflax.weights.load_keras`, must give the same outputs as ours."""
+import os
+
+os.environ.setdefault('KERAS_BACKEND', 'tensorflow')
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from allflax import weights  # noqa: E402
+
+# Jitted: one compile beats eager op-by-op dispatch on a 2-core machine.
+forward = nnx.jit(lambda model, images: model(images))
+
+
+def randomize_keras_weights(keras_model, seed: int = 0):
+    """Random weights everywhere, batch-norm statistics included, so no layer can hide."""
+    rng = np.random.default_rng(seed)
+    for layer in keras_model.layers:
+        for variable in layer.weights:
+            shape = tuple(variable.shape)
+            if variable.name in ('gamma', 'moving_variance'):
+                value = rng.uniform(0.5, 1.5, shape)
+            elif variable.name in ('beta', 'moving_mean', 'bias'):
+                value = rng.normal(0.0, 0.2, shape)
+            else:  # Unit gain: a depthwise (k, k, C, 1) kernel's fan-in is k·k.
+                depthwise = isinstance(layer, keras.layers.DepthwiseConv2D)
+                value = rng.normal(0.0, 1.0, shape) / np.sqrt(np.prod(shape[:2 if depthwise else -1]))
+            variable.assign(value.astype(np.float32))
+
+
+def relative_error(actual, expected) -> float:
+    return float(np.linalg.norm(np.asarray(actual) - expected) / np.linalg.norm(expected))
+
+
+def weighted_keras_layers(keras_model) -> list[str]:
+    return [layer.name for layer in keras_model.layers if layer.weights]
+
+
+def assert_matches_keras(model, keras_model, height: int, width: int, tmp_path):
+    """Randomises `keras_model`, loads it into `model` from a saved file; inference outputs agree."""
+    randomize_keras_weights(keras_model)
+    assert [name for name, _ in model.keras_layers()] == weighted_keras_layers(keras_model)
+    path = str(tmp_path / 'reference.weights.h5')
+    keras_model.save_weights(path)
+    report = weights.load_keras(model, path)
+    assert (report.missing, report.unexpected) == ([], [])
+    images = np.random.default_rng(1).normal(size=(2, height, width, 3)).astype(np.float32)
+    expected = keras_model(images, training=False).numpy()
+    model.eval()
+    assert relative_error(forward(model, images), expected) <= 1e-4
