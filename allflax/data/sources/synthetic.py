@@ -45,7 +45,7 @@ import cv2
 import numpy as np
 
 # Bump whenever rendering changes, so cached files from older code are not reused.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 
 CLASS_NAMES = {
     "synthetic_all4": ("Benign", "Early Pre-B", "Pre-B", "Pro-B"),
@@ -78,16 +78,19 @@ class _Morphology:
     nucleoli_mean: float  # Poisson mean of the nucleoli count.
 
 
+# Spreads such that a classifier given the drawn parameters themselves reaches about 99.8 %
+# (all4) and 98.7 % (cnmc): the ceiling sits above the demo's 90 % target, so what limits a
+# model is how well it reads morphology from pixels.
 _MORPHOLOGY = {
     "synthetic_all4": (
-        _Morphology((0.21, 0.02), (0.84, 0.04), (0.03, 0.02), 0.05, (0.85, 0.12), 0.05),
-        _Morphology((0.26, 0.025), (0.86, 0.04), (0.06, 0.03), 0.15, (0.30, 0.15), 0.7),
-        _Morphology((0.28, 0.025), (0.72, 0.05), (0.06, 0.03), 0.65, (0.55, 0.15), 0.4),
-        _Morphology((0.31, 0.03), (0.80, 0.05), (0.13, 0.04), 0.20, (0.15, 0.12), 1.8),
+        _Morphology((0.21, 0.01), (0.84, 0.02), (0.03, 0.01), 0.05, (0.85, 0.06), 0.05),
+        _Morphology((0.26, 0.0125), (0.86, 0.02), (0.06, 0.015), 0.15, (0.30, 0.075), 0.7),
+        _Morphology((0.28, 0.0125), (0.72, 0.025), (0.06, 0.015), 0.65, (0.55, 0.075), 0.4),
+        _Morphology((0.31, 0.015), (0.80, 0.025), (0.13, 0.02), 0.20, (0.15, 0.06), 1.8),
     ),
     "synthetic_cnmc": (
-        _Morphology((0.34, 0.03), (0.78, 0.06), (0.04, 0.03), 0.10, (0.65, 0.2), 0.2),
-        _Morphology((0.34, 0.03), (0.84, 0.06), (0.09, 0.04), 0.30, (0.35, 0.2), 0.8),
+        _Morphology((0.34, 0.015), (0.78, 0.03), (0.04, 0.015), 0.10, (0.65, 0.1), 0.2),
+        _Morphology((0.34, 0.015), (0.84, 0.03), (0.09, 0.02), 0.30, (0.35, 0.1), 0.8),
     ),
 }
 
