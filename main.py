@@ -1,7 +1,10 @@
 """allflax: train and evaluate the ALL classification recipes.
 
   python main.py --config=configs/vgg19_mhsa.py:demo --workdir=runs/vgg19_mhsa_demo
-  python main.py --mode=eval --workdir=runs/vgg19_mhsa_demo
+  python main.py --mode=eval --workdir=runs/vgg19_mhsa_demo [--split=test]
+  python main.py --mode=predict --workdir=runs/vgg19_mhsa_demo --input=cells/ --output=preds.csv [--gradcam]
+  python main.py --mode=compare --workdirs=runs/a,runs/b [--split=test] [--output_dir=.]
+  python main.py --mode=montecarlo --config=configs/efficientnetv2_b3_se.py --workdir=runs/mc
 """
 import json
 import os
@@ -9,40 +12,71 @@ import os
 from absl import app, flags, logging
 from ml_collections import ConfigDict, config_flags
 
-from allflax import evaluate, platform, train
+from allflax import compare, montecarlo, platform, predict, report, train
+from configs import common
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Recipe file, e.g. configs/vgg19_mhsa.py[:demo].',
                                 lock_config=True)
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and reports.')
-flags.DEFINE_enum('mode', 'train', ['train', 'eval'], 'train (resumes if possible) or eval.')
-flags.DEFINE_integer('checkpoint_step', None, 'eval: the step to restore (default: the latest).')
-flags.mark_flag_as_required('workdir')
+flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'predict', 'compare', 'montecarlo'],
+                  'train (resumes if possible), eval (metrics, report), predict (new images), '
+                  'compare (two evaluated runs), montecarlo (repeated re-split and training).')
+flags.DEFINE_integer('checkpoint_step', None, 'eval, predict: the step to restore (default: the latest).')
+flags.DEFINE_string('split', 'test', 'eval, compare: the split to evaluate or compare.')
+flags.DEFINE_list('workdirs', None, 'compare: the two run directories, A,B (differences are A − B).')
+flags.DEFINE_string('output_dir', '.', 'compare: where compare.json and compare.html go.')
+flags.DEFINE_string('input', None, 'predict: an image file, a folder of images or a glob pattern.')
+flags.DEFINE_string('output', 'predictions.csv', 'predict: the CSV to write.')
+flags.DEFINE_bool('gradcam', False, 'predict: also write Grad-CAM panels to <output stem>_gradcam/.')
 
 
-def _config_for_eval(workdir: str) -> ConfigDict:
+def _config_of_run(workdir: str) -> ConfigDict:
+    """--config if given, else the run's config.json, with sections added since it was written."""
     if FLAGS.config is not None:
         return FLAGS.config
     path = os.path.join(workdir, 'config.json')
     if not os.path.exists(path):
         raise app.UsageError(f'{path} not found: pass --config, or train into {workdir} first')
     with open(path) as f:
-        return ConfigDict(json.load(f))
+        config = ConfigDict(json.load(f))
+    if 'eval' not in config:
+        config.eval = common.eval_config()
+    return config
+
+
+def _require(name: str):
+    if getattr(FLAGS, name) is None:
+        raise app.UsageError(f'--{name} is required for --mode={FLAGS.mode}')
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
     platform.initialize()
-    if FLAGS.mode == 'train':
-        if FLAGS.config is None:
-            raise app.UsageError('--config is required to train')
-        train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-    else:
-        values = evaluate.evaluate(_config_for_eval(FLAGS.workdir), FLAGS.workdir,
-                                   checkpoint_step=FLAGS.checkpoint_step)
+    if FLAGS.mode == 'compare':
+        _require('workdirs')
+        result = compare.compare(FLAGS.workdirs, FLAGS.split, FLAGS.output_dir)
+        print(json.dumps({'mcnemar': result['mcnemar'], 'difference_a_minus_b': result['difference_a_minus_b']}))
+        return
+    _require('workdir')
+    if FLAGS.mode in ('train', 'montecarlo'):
+        _require('config')
+        if FLAGS.mode == 'train':
+            train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+        else:
+            summary = montecarlo.run(FLAGS.config, FLAGS.workdir)
+            print(json.dumps({name: summary['metrics'][name] for name in ('accuracy', 'f1_macro')}))
+    elif FLAGS.mode == 'eval':
+        values = report.evaluate_with_report(_config_of_run(FLAGS.workdir), FLAGS.workdir,
+                                             split_name=FLAGS.split, checkpoint_step=FLAGS.checkpoint_step)
         logging.info('accuracy %.4f at step %d', values['accuracy'], values['checkpoint_step'])
         print(json.dumps({k: values[k] for k in ('accuracy', 'f1_macro', 'roc_auc', 'checkpoint_step')}))
+    else:
+        _require('input')
+        summary = predict.predict(_config_of_run(FLAGS.workdir), FLAGS.workdir, FLAGS.input, FLAGS.output,
+                                  gradcam=FLAGS.gradcam, checkpoint_step=FLAGS.checkpoint_step)
+        print(json.dumps(summary))
 
 
 if __name__ == '__main__':

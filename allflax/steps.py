@@ -11,10 +11,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
+from absl import logging
 from flax import nnx
 from jax.sharding import Mesh
 
-from allflax import losses, models, optim, sharding
+from allflax import losses, models, optim, sharding, weights
 from allflax.data import augment
 
 
@@ -62,13 +63,14 @@ def make_train_step(parts: ModelParts, tx: optax.GradientTransformation, schedul
 
     def train_step(state: TrainState, batch):
         augment_key, dropout_key = jax.random.split(jax.random.fold_in(base_key, state.step))
-        images = augment.augment(batch['image'], augment_key, tuple(config.data.augment))
+        images = augment.augment(batch['image'], augment_key, tuple(config.data.augment), config.data.augment_params)
         images = augment.normalize(images, config.data.mean, config.data.std, dtype)
 
         def loss_fn(params):
-            # Fresh RNG variables in this trace: reseeding mutates them.
-            rng_state = jax.tree.map(jnp.asarray, parts.rng_state)
-            model = nnx.merge(parts.train_graph, params, state.batch_stats, rng_state)
+            # Fresh variables in this trace: the forward pass updates batch statistics and
+            # reseeding sets keys, and NNX refuses to mutate variables of an outer trace.
+            batch_stats, rng_state = jax.tree.map(jnp.asarray, (state.batch_stats, parts.rng_state))
+            model = nnx.merge(parts.train_graph, params, batch_stats, rng_state)
             nnx.reseed(model, default=dropout_key)
             logits = model(images)
             loss = losses.focal_loss(logits, batch['label'], alpha=alpha, gamma=config.loss.gamma)
@@ -128,13 +130,23 @@ def total_train_steps(config: ml_collections.ConfigDict, num_train_examples: int
     return config.num_epochs * steps_per_epoch
 
 
-def setup(config: ml_collections.ConfigDict, num_classes: int, total_steps: int, mesh: Mesh) -> Setup:
-    """Builds the model, optimiser and initial state, placed on the mesh."""
+def setup(config: ml_collections.ConfigDict, num_classes: int, total_steps: int, mesh: Mesh, *,
+          load_pretrained: bool = True) -> Setup:
+    """Builds the model (from `model.init_from` where set and `load_pretrained`), the optimiser
+    and the initial state, placed on the mesh."""
     model = models.create(config.model.name, num_classes, dtype=config.dtype, seed=config.seed,
                           image_size=config.data.image_size, **config.model.options)
+    pretrained_paths = frozenset()
+    if config.model.init_from and load_pretrained:
+        report = weights.init_from(model, config.model.init_from)
+        if not report.loaded:
+            raise ValueError(f'model.init_from={config.model.init_from!r} shares no weights with '
+                             f'{config.model.name}: was it written for another model?')
+        logging.info('Initialised from %s: %s', config.model.init_from, report)
+        pretrained_paths = frozenset(report.loaded)
     parts, params, batch_stats = split_model(model)
     schedule = optim.learning_rate_schedule(config, total_steps)
-    tx = optim.make_optimizer(config, schedule)
+    tx = optim.make_optimizer(config, schedule, pretrained_paths)
     abstract = jax.eval_shape(lambda: init_state(params, batch_stats, tx))
     state_sharding = jax.tree.map(lambda _: sharding.replicated(mesh), abstract)
     state = jax.jit(lambda p, b: init_state(p, b, tx), out_shardings=state_sharding)(params, batch_stats)

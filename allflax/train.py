@@ -9,7 +9,7 @@ import numpy as np
 import tqdm
 from absl import logging
 
-from allflax import checkpoints, evaluate, sharding, steps
+from allflax import checkpoints, evaluate, sharding, steps, summary_writer
 from allflax.data import pipeline
 
 
@@ -49,6 +49,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     batches = pipeline.DevicePrefetcher(train_iterator, sharding.batch_sharding(mesh))
 
     metrics_path = os.path.join(workdir, 'metrics.jsonl')
+    tensorboard = summary_writer.SummaryWriter(os.path.join(workdir, 'tensorboard'))
     progress = tqdm.tqdm(total=total_steps, initial=start_step, unit='step', dynamic_ncols=True,
                          disable=jax.process_index() != 0)
     pending = []  # Device-side metrics since the last log: fetched only when logging.
@@ -66,6 +67,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                           'learning_rate': float(host[-1]['learning_rate']),
                           'images_per_sec': (step - last_log_step) * config.batch_size / (now - last_log_time)}
                 _append_jsonl(metrics_path, record)
+                tensorboard.write(record)
                 progress.update(step - progress.n)
                 progress.set_postfix(loss=f"{record['train_loss']:.4f}",
                                      img_s=f"{record['images_per_sec']:.1f}")
@@ -74,8 +76,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             if step % config.eval_every_steps == 0 or step == total_steps:
                 validation = evaluate.evaluate_split(eval_step, state, dataset, 'val',
                                                      config.batch_size, mesh)
-                _append_jsonl(metrics_path, {'step': step, 'val_accuracy': validation['accuracy'],
-                                             'val_f1_macro': validation['f1_macro']})
+                val_record = {'step': step, 'val_accuracy': validation['accuracy'],
+                              'val_f1_macro': validation['f1_macro'], 'val_nll': validation['nll']}
+                _append_jsonl(metrics_path, val_record)
+                tensorboard.write(val_record)
                 logging.info('step %d: validation accuracy %.4f', step, validation['accuracy'])
             if validation or step % config.checkpoint_every_steps == 0:
                 checkpointer.save(step, state, batches.consumed_state,
@@ -87,9 +91,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         progress.close()
         checkpointer.wait_until_finished()
         checkpointer.close()
+        tensorboard.close()
 
-    test = evaluate.evaluate_split(eval_step, state, dataset, 'test', config.batch_size, mesh)
-    test['checkpoint_step'] = int(total_steps)
-    path = evaluate.write_metrics(workdir, 'test', test)
-    logging.info('Test accuracy %.4f (step %d), written to %s', test['accuracy'], total_steps, path)
+    # The same metrics.json and predictions.csv as --mode=eval, without its report (plots, Grad-CAM).
+    test, _ = evaluate.evaluate_state(eval_step, state, dataset, 'test', config, mesh, workdir, total_steps)
+    logging.info('Test accuracy %.4f (step %d), written to %s', test['accuracy'], total_steps,
+                 os.path.join(workdir, 'eval', 'test'))
     return test

@@ -33,7 +33,24 @@ def base_config(*, model: str, data: str, image_size: int, batch_size: int, num_
     config.data.num_patients = 80  # Synthetic sets only.
     config.data.split_fractions = ml_collections.ConfigDict({'train': 0.7, 'val': 0.15, 'test': 0.15})
     config.data.num_workers = 0  # Grain worker processes; 0 reads in the main process.
+    # On-device augmentation (allflax/data/augment.py lists the names): the geometric ops first,
+    # the others in the order named.
     config.data.augment = ('flip', 'rot90')
+    config.data.augment_params = ml_collections.ConfigDict({
+        'rotation_degrees': 15.0,  # rotate: uniform in ± degrees.
+        'crop_scale': (0.8, 1.0),  # crop: the fraction of the tile's area kept...
+        'crop_ratio': (3 / 4, 4 / 3),  # ...at an aspect ratio (width/height) log-uniform in this range.
+        # color: factors uniform in 1 ± value; hue: ± this fraction of a full turn.
+        'brightness': 0.2,
+        'contrast': 0.2,
+        'saturation': 0.2,
+        'hue': 0.04,
+        'blur_sigma': (0.1, 1.0),  # blur: Gaussian sigma in pixels, uniform.
+        # hed: stain densities scaled by 1 ± hed_scale and shifted by ± hed_shift, in skimage's
+        # units (optical density / ln 1e6), where 0.01 of haematoxylin dims red and green by ~9 %.
+        'hed_scale': 0.05,
+        'hed_shift': 0.01,
+    })
     # ImageNet statistics, as the Keras/torchvision backbones expect.
     config.data.mean = (0.485, 0.456, 0.406)
     config.data.std = (0.229, 0.224, 0.225)
@@ -60,6 +77,20 @@ def base_config(*, model: str, data: str, image_size: int, batch_size: int, num_
     config.eval_every_steps = 500
     config.checkpoint_every_steps = 500
     config.keep_checkpoints = 2  # The latest N; the best by validation accuracy is kept too.
+
+    config.eval = eval_config()
+    config.montecarlo = ml_collections.ConfigDict()
+    config.montecarlo.iterations = 100  # Paper 2's count of patient-wise re-splits (--mode=montecarlo).
+    return config
+
+
+def eval_config() -> ml_collections.ConfigDict:
+    """Evaluation settings; also filled into the config.json of runs trained before they existed."""
+    config = ml_collections.ConfigDict()
+    config.tta = False  # Average the probabilities of the 8 flips/transposes of each image.
+    config.temperature_scaling = False  # Fit a temperature on val logits (NLL), apply it to the split.
+    config.bootstrap_samples = 1000  # Resamples (of patients where known) behind the 95 % intervals.
+    config.gradcam_examples = 16  # Grad-CAM overlays in the report, half of them errors where there are enough.
     return config
 
 

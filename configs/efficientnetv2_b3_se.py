@@ -10,4 +10,6 @@ def get_config(arg: str | None = None):
     config = common.base_config(
         model='efficientnetv2_b3_se', data='synthetic_cnmc', image_size=300, batch_size=32,
         num_epochs=30, learning_rate=1e-3)
+    # Paper 2's "comprehensive" augmentation: geometry, colour, blur and stain jitter.
+    config.data.augment = ('flip', 'rot90', 'rotate', 'crop', 'color', 'blur', 'hed')
     return common.apply_args(config, arg)

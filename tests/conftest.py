@@ -18,21 +18,29 @@ def synthetic_cache(tmp_path_factory):
     return str(tmp_path_factory.mktemp('synthetic_cache'))
 
 
+@pytest.fixture(scope='session')
+def make_tiny_config(synthetic_cache):
+    """Builds a fresh tiny config each call, for fixtures shared by several tests."""
+    def make():
+        config = vgg19_mhsa.get_config('demo')
+        with config.unlocked():
+            config.data.image_size = 32
+            config.data.num_images = 192
+            config.data.num_patients = 16
+            config.data.cache_dir = synthetic_cache
+            config.batch_size = 8
+            config.total_steps = 6
+            config.log_every_steps = 2
+            config.eval_every_steps = 3
+            config.checkpoint_every_steps = 2
+        return config
+    return make
+
+
 @pytest.fixture
-def tiny_config(synthetic_cache):
+def tiny_config(make_tiny_config):
     """The VGG19+MHSA recipe shrunk to seconds: 32-px images, a few steps."""
-    config = vgg19_mhsa.get_config('demo')
-    with config.unlocked():
-        config.data.image_size = 32
-        config.data.num_images = 192
-        config.data.num_patients = 16
-        config.data.cache_dir = synthetic_cache
-        config.batch_size = 8
-        config.total_steps = 6
-        config.log_every_steps = 2
-        config.eval_every_steps = 3
-        config.checkpoint_every_steps = 2
-    return config
+    return make_tiny_config()
 
 
 def pytest_configure(config):

@@ -4,6 +4,7 @@ import os
 
 os.environ.setdefault('KERAS_BACKEND', 'tensorflow')
 
+import h5py  # noqa: E402
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
@@ -50,3 +51,34 @@ def assert_matches_keras(model, keras_model, height: int, width: int, tmp_path):
     expected = keras_model(images, training=False).numpy()
     model.eval()
     assert relative_error(forward(model, images), expected) <= 1e-4
+
+
+def tf_keras2_weight_name(layer, variable) -> str:
+    """TF-Keras 2 names weights `<layer>/<weight>:0` and calls the depthwise kernel `depthwise_kernel`."""
+    name = variable.name
+    if isinstance(layer, keras.layers.DepthwiseConv2D) and name == 'kernel':
+        name = 'depthwise_kernel'
+    return f'{layer.name}/{name}:0'
+
+
+def write_tf_keras2_h5(path, layers, *, full_model: bool = False):
+    """`layers`: [(layer name, {weight name: array})], written as TF-Keras 2 wrote `.h5` files.
+
+    Weights-only files (the official `*_notop.h5`) hold the layer groups at the root;
+    full-model files hold them under `model_weights`.
+    """
+    with h5py.File(path, 'w') as file:
+        root = file.create_group('model_weights') if full_model else file
+        root.attrs['layer_names'] = [name.encode('utf8') for name, _ in layers]
+        root.attrs['backend'] = b'tensorflow'
+        root.attrs['keras_version'] = b'2.15.0'
+        for layer_name, layer_weights in layers:
+            group = root.create_group(layer_name)
+            group.attrs['weight_names'] = [name.encode('utf8') for name in layer_weights]
+            for weight_name, value in layer_weights.items():
+                group.create_dataset(weight_name, data=value)
+
+
+def keras_layers_of(keras_model):
+    return [(layer.name, {tf_keras2_weight_name(layer, variable): variable.numpy() for variable in layer.weights})
+            for layer in keras_model.layers]

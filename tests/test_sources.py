@@ -16,7 +16,9 @@ def _counts(listing):
 
 @pytest.fixture(scope='module')
 def cnmc_tree(tmp_path_factory):
-    return fake_trees.make_cnmc_tree(str(tmp_path_factory.mktemp('cnmc')), patients_per_class=3,
+    # One level down in a private folder: searching two levels up must not reach other tests' trees.
+    root = tmp_path_factory.mktemp('cnmc') / 'download'
+    return fake_trees.make_cnmc_tree(str(root), patients_per_class=3,
                                      images_per_patient=2, size=32, test_patients_per_class=1)
 
 

@@ -13,41 +13,10 @@ import pytest  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from allflax import models, weights  # noqa: E402
-from keras_reference import randomize_keras_weights, relative_error  # noqa: E402
+from keras_reference import keras_layers_of, randomize_keras_weights, relative_error, write_tf_keras2_h5  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = 64
-
-
-def tf_keras2_weight_name(layer, variable) -> str:
-    """TF-Keras 2 names weights `<layer>/<weight>:0` and calls the depthwise kernel `depthwise_kernel`."""
-    name = variable.name
-    if isinstance(layer, keras.layers.DepthwiseConv2D) and name == 'kernel':
-        name = 'depthwise_kernel'
-    return f'{layer.name}/{name}:0'
-
-
-def write_tf_keras2_h5(path, layers, *, full_model: bool = False):
-    """`layers`: [(layer name, {weight name: array})], written as TF-Keras 2 wrote `.h5` files.
-
-    Weights-only files (the official `*_notop.h5`) hold the layer groups at the root;
-    full-model files hold them under `model_weights`.
-    """
-    with h5py.File(path, 'w') as file:
-        root = file.create_group('model_weights') if full_model else file
-        root.attrs['layer_names'] = [name.encode('utf8') for name, _ in layers]
-        root.attrs['backend'] = b'tensorflow'
-        root.attrs['keras_version'] = b'2.15.0'
-        for layer_name, layer_weights in layers:
-            group = root.create_group(layer_name)
-            group.attrs['weight_names'] = [name.encode('utf8') for name in layer_weights]
-            for weight_name, value in layer_weights.items():
-                group.create_dataset(weight_name, data=value)
-
-
-def keras_layers_of(keras_model):
-    return [(layer.name, {tf_keras2_weight_name(layer, variable): variable.numpy() for variable in layer.weights})
-            for layer in keras_model.layers]
 
 
 @pytest.fixture(scope='module')

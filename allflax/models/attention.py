@@ -48,7 +48,10 @@ class SqueezeExcitation(nnx.Module):
         self.expand = nnx.Conv(squeeze_channels, channels, (1, 1), kernel_init=kernel_init,
                                dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, features: jax.Array) -> jax.Array:
+    def gates(self, features: jax.Array) -> jax.Array:
+        """The per-channel weights in (0, 1), shape (N, 1, 1, C): what interpretation reports."""
         context = features.mean(axis=(1, 2), keepdims=True)
-        weights = nnx.sigmoid(self.expand(nnx.swish(self.reduce(context))))
-        return features * weights
+        return nnx.sigmoid(self.expand(nnx.swish(self.reduce(context))))
+
+    def __call__(self, features: jax.Array) -> jax.Array:
+        return features * self.gates(features)

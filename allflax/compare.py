@@ -1,0 +1,110 @@
+"""Two runs on the same images: is one better, or is the difference chance?
+
+Reads each run's `eval/<split>/predictions.csv` (written by evaluation), pairs the images,
+and writes compare.json and compare.html: McNemar's exact test on the images one run gets
+right and the other wrong, and paired bootstrap intervals of the differences.
+"""
+import csv
+import dataclasses
+import json
+import os
+
+import numpy as np
+
+from allflax import metrics, report, stats
+
+SCORES = ('accuracy', 'balanced_accuracy', 'f1_macro', 'f1_weighted', 'roc_auc', 'cohen_kappa')
+
+
+@dataclasses.dataclass(frozen=True)
+class RunPredictions:
+    workdir: str
+    class_names: tuple[str, ...]
+    image_ids: list[str]
+    patients: np.ndarray
+    labels: np.ndarray
+    probabilities: np.ndarray
+
+
+def read_predictions(workdir: str, split_name: str) -> RunPredictions:
+    path = os.path.join(workdir, 'eval', split_name, 'predictions.csv')
+    if not os.path.exists(path):
+        raise FileNotFoundError(f'{path} not found: evaluate the run first '
+                                f'(python main.py --mode=eval --workdir={workdir} --split={split_name})')
+    with open(path, newline='') as f:
+        reader = csv.reader(f)
+        header = next(reader)
+        rows = list(reader)
+    class_names = tuple(header[header.index('predicted_class') + 1:])
+    column = {name: header.index(name) for name in ('image_id', 'patient', 'label')}
+    index_of = {name: k for k, name in enumerate(class_names)}
+    return RunPredictions(
+        workdir=workdir, class_names=class_names,
+        image_ids=[row[column['image_id']] for row in rows],
+        patients=np.array([row[column['patient']] for row in rows], str),
+        labels=np.array([index_of[row[column['label']]] for row in rows], np.int64),
+        probabilities=np.array([row[len(header) - len(class_names):] for row in rows], np.float64))
+
+
+def check_same_images(a: RunPredictions, b: RunPredictions):
+    """Refuses runs scored on different images (or classes): their scores are not comparable."""
+    if a.class_names != b.class_names:
+        raise ValueError(f'the runs have different classes: {a.class_names} in {a.workdir}, '
+                         f'{b.class_names} in {b.workdir}')
+    if a.image_ids != b.image_ids or not np.array_equal(a.labels, b.labels):
+        only_a = len(set(a.image_ids) - set(b.image_ids))
+        only_b = len(set(b.image_ids) - set(a.image_ids))
+        raise ValueError(
+            f'the runs were evaluated on different images ({len(a.image_ids)} in {a.workdir}, '
+            f'{len(b.image_ids)} in {b.workdir}; {only_a} only in the first, {only_b} only in the '
+            f'second, or the same images in another order or with other labels): a paired comparison '
+            f'needs both runs evaluated on the same split of the same data (same data config and seed)')
+
+
+def compare(workdirs: list[str], split_name: str = 'test', output_dir: str = '.', *,
+            samples: int = 1000, seed: int = 0) -> dict:
+    """Compares run A = workdirs[0] with run B = workdirs[1]; differences are A − B."""
+    if len(workdirs) != 2:
+        raise ValueError(f'compare needs exactly two runs, got {len(workdirs)}: {workdirs}')
+    a, b = (read_predictions(workdir, split_name) for workdir in workdirs)
+    check_same_images(a, b)
+    patients = stats.known_patients(a.patients)
+    scores = {run.workdir: {name: metrics.classification_metrics(run.labels, run.probabilities,
+                                                                 run.class_names)[name] for name in SCORES}
+              for run in (a, b)}
+    correct_a, correct_b = (run.probabilities.argmax(axis=1) == run.labels for run in (a, b))
+    result = {
+        'a': a.workdir, 'b': b.workdir, 'split': split_name, 'num_examples': len(a.labels),
+        'scores': scores,
+        'mcnemar': stats.mcnemar_exact(correct_a, correct_b),
+        'difference_a_minus_b': stats.paired_bootstrap_difference(
+            a.labels, a.probabilities, b.probabilities, patients, samples=samples, seed=seed),
+        'bootstrap': {'samples': samples, 'seed': seed,
+                      'resampled': 'images' if patients is None else 'patients'},
+    }
+    os.makedirs(output_dir, exist_ok=True)
+    with open(os.path.join(output_dir, 'compare.json'), 'w') as f:
+        json.dump(result, f, indent=1)
+    _write_html(result, os.path.join(output_dir, 'compare.html'))
+    return result
+
+
+def _write_html(result: dict, path: str):
+    a, b = result['a'], result['b']
+    mcnemar = result['mcnemar']
+    rows = [[name, report.number(result['scores'][a][name]), report.number(result['scores'][b][name])]
+            for name in SCORES]
+    differences = [[name, report.number(d['difference']), report.interval(d['ci95'])]
+                   for name, d in result['difference_a_minus_b'].items()]
+    body = ''.join([
+        report.table(None, [['A', a], ['B', b], ['Split', f'{result["split"]}: {result["num_examples"]} images']]),
+        '<h2>Scores</h2>', report.table(['Metric', 'A', 'B'], rows),
+        '<h2>McNemar exact test</h2>',
+        report.table(['Only A right', 'Only B right', 'p (two-sided)'],
+                     [[mcnemar['only_a_correct'], mcnemar['only_b_correct'], f'{mcnemar["p_value"]:.4g}']]),
+        '<p class="note">Under "equally accurate", the images exactly one run gets right split '
+        '50:50 between them; p is the exact binomial probability of a split at least this uneven.</p>',
+        '<h2>Difference A − B</h2>', report.table(['Metric', 'A − B', '95 % interval'], differences),
+        f'<p class="note">Paired percentile bootstrap, {result["bootstrap"]["samples"]} resamples of '
+        f'{result["bootstrap"]["resampled"]}, both runs scored on each resample.</p>'])
+    report.write_page(path, 'Comparison of two runs', body)

@@ -1,0 +1,147 @@
+"""Where a model looks: Grad-CAM for every model (on its last feature map, `model.features`),
+the self-attention of vgg19_mhsa and the squeeze-and-excitation gates of efficientnetv2_b3_se.
+
+`explain` is one batched forward and backward pass; heat maps are upsampled and overlaid on
+the host with OpenCV.
+"""
+import os
+import re
+
+import cv2
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from allflax import evaluate, sharding
+from allflax.data import augment
+from allflax.models.attention import MultiHeadSelfAttention, SqueezeExcitation
+
+OVERLAY_OPACITY = 0.45  # Of the heat map over the image.
+PANEL_SIZE = 160  # Pixels per image in a gallery panel, so 32-px tiles stay legible.
+
+
+def gradcam(model: nnx.Module, features: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(logits, class-activation maps (N, h, w)) for each image's predicted class: the feature
+    channels weighted by the spatial mean of that logit's gradient, summed, ReLU (Selvaraju et al.)."""
+    logits = model.head(features)
+    predicted = jnp.argmax(logits, axis=-1)
+
+    def predicted_logits(features):  # Summed: each image's logit depends on its own features only.
+        return jnp.take_along_axis(model.head(features), predicted[:, None], axis=1).sum()
+
+    gradients = jax.grad(predicted_logits)(features)
+    channel_weights = gradients.mean(axis=(1, 2), keepdims=True)
+    return logits, nnx.relu((features * channel_weights).sum(axis=-1)).astype(jnp.float32)
+
+
+def received_attention(block: MultiHeadSelfAttention, tokens: jax.Array, height: int,
+                       width: int) -> jax.Array:
+    """How much attention each position of the feature map receives, averaged over heads and
+    query positions: (N, h, w). `tokens` are the block's normalised inputs."""
+    _, sown = nnx.capture(lambda attention, x: attention(x, sow_weights=True), nnx.Intermediate)(
+        block.attention, tokens)
+    weights = sown['attention_weights'][0]  # (N, heads, queries, keys)
+    return weights.mean(axis=(1, 2)).reshape(-1, height, width).astype(jnp.float32)
+
+
+def explain(model: nnx.Module, images: jax.Array) -> dict[str, jax.Array]:
+    """logits and gradcam for any model with `features`/`head`; plus `attention` (N, h, w) for a
+    self-attention block, `se_gates` (N, C) for a squeeze-and-excitation block on the features."""
+    block = getattr(model, 'attention', None)
+    out = {}
+    if isinstance(block, MultiHeadSelfAttention):
+        features, captured = nnx.capture(model.features, nnx.Intermediate,
+                                         method_outputs=nnx.Intermediate)(images)
+        tokens = captured['attention']['norm']['__call__'][0]
+        out['attention'] = received_attention(block, tokens, *features.shape[1:3])
+    else:
+        features = model.features(images)
+    if isinstance(block, SqueezeExcitation):
+        out['se_gates'] = block.gates(features)[:, 0, 0, :].astype(jnp.float32)
+    out['logits'], out['gradcam'] = gradcam(model, features)
+    return out
+
+
+def make_explain_step(parts, config: ml_collections.ConfigDict, mesh, state_sharding):
+    """Jitted `explain_step(state, uint8 images) -> explain(...)`, normalising as the eval step does."""
+    dtype = jnp.dtype(config.dtype)
+
+    def explain_step(state, images):
+        model = nnx.merge(parts.eval_graph, state.params, state.batch_stats, parts.rng_state)
+        return explain(model, augment.normalize(images, config.data.mean, config.data.std, dtype))
+
+    batch = sharding.batch_sharding(mesh)
+    return jax.jit(explain_step, in_shardings=(state_sharding, batch), out_shardings=batch)
+
+
+def explain_split(restored: 'evaluate.Restored', config: ml_collections.ConfigDict, split) -> dict[str, np.ndarray]:
+    """`explain` of every image of `split`, batched over the mesh, on the host."""
+    explain_step = make_explain_step(restored.built.parts, config, restored.mesh, restored.built.state_sharding)
+    return evaluate.map_batches(lambda images, put: explain_step(restored.state, put(images)),
+                                split, config.batch_size, restored.mesh)
+
+
+def select_examples(labels: np.ndarray, probabilities: np.ndarray, count: int) -> np.ndarray:
+    """Up to `count` indices: half of them errors where there are enough, the rest correct; in
+    each group the most confident first, taking the true classes in turn."""
+    predicted, confidence = probabilities.argmax(axis=1), probabilities.max(axis=1)
+
+    def ranked(candidates):
+        by_confidence = candidates[np.argsort(-confidence[candidates], kind='stable')]
+        turn = np.zeros(len(by_confidence), np.int64)  # Rank within its class.
+        for label in np.unique(labels[by_confidence]):
+            same = labels[by_confidence] == label
+            turn[same] = np.arange(same.sum())
+        return by_confidence[np.argsort(turn, kind='stable')]
+
+    wrong, correct = ranked(np.flatnonzero(predicted != labels)), ranked(np.flatnonzero(predicted == labels))
+    num_wrong = max(count // 2, count - len(correct))
+    return np.concatenate([wrong[:num_wrong], correct[:count - len(wrong[:num_wrong])]])
+
+
+def display_rgb(tile: np.ndarray, preprocess_steps) -> np.ndarray:
+    """The tile as a person should see it: tiles preprocessed to CIELAB are converted back."""
+    return cv2.cvtColor(tile, cv2.COLOR_LAB2RGB) if 'lab' in tuple(preprocess_steps) else tile
+
+
+def overlay(image: np.ndarray, heatmap: np.ndarray) -> np.ndarray:
+    """The heat map upsampled to the image, scaled to its maximum and blended in as a jet colormap."""
+    height, width = image.shape[:2]
+    heat = cv2.resize(np.asarray(heatmap, np.float32), (width, height), interpolation=cv2.INTER_LINEAR)
+    heat = heat / heat.max() if heat.max() > 0 else heat
+    colored = cv2.cvtColor(cv2.applyColorMap(np.uint8(255 * heat), cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)
+    return cv2.addWeighted(image, 1 - OVERLAY_OPACITY, colored, OVERLAY_OPACITY, 0)
+
+
+def panel(image: np.ndarray, heatmaps: list[np.ndarray]) -> np.ndarray:
+    """The image and its overlays side by side, each PANEL_SIZE pixels (or the tile size if larger)."""
+    size = max(PANEL_SIZE, image.shape[0])
+    tiles = [image] + [overlay(image, heat) for heat in heatmaps]
+    return np.concatenate([cv2.resize(t, (size, size), interpolation=cv2.INTER_CUBIC) for t in tiles], axis=1)
+
+
+def slug(text: str) -> str:
+    """`text` safe in a file name."""
+    return re.sub(r'[^A-Za-z0-9]+', '-', text).strip('-')
+
+
+def write_panels(directory: str, images: list[np.ndarray], explanation: dict[str, np.ndarray],
+                 names: list[str]) -> list[str]:
+    """Writes `directory/<name>.png` per image (image | Grad-CAM | attention where there is one)."""
+    os.makedirs(directory, exist_ok=True)
+    paths = []
+    for i, (image, name) in enumerate(zip(images, names)):
+        heatmaps = [explanation['gradcam'][i]] + ([explanation['attention'][i]] if 'attention' in explanation else [])
+        path = os.path.join(directory, f'{name}.png')
+        if jax.process_index() == 0:
+            cv2.imwrite(path, cv2.cvtColor(panel(image, heatmaps), cv2.COLOR_RGB2BGR))
+        paths.append(path)
+    return paths
+
+
+def example_name(rank: int, true_class: str, predicted_class: str) -> str:
+    """File name of a gallery panel: its rank, outcome and classes."""
+    outcome = 'correct' if true_class == predicted_class else 'wrong'
+    return f'{rank:02d}_{outcome}_true-{slug(true_class)}_pred-{slug(predicted_class)}'

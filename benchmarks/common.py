@@ -1,0 +1,85 @@
+"""What the benchmarks share: a data set to read, the machine's state, timing of the compiled
+augmentation and of the bare train step."""
+import os
+import time
+from collections.abc import Callable
+
+import jax
+import ml_collections
+import numpy as np
+
+from allflax import sharding, steps
+from allflax.data import augment
+from tests import fake_trees
+
+# The fake C-NMC tree the benchmarks read when no data.dir is given: 600 cells of 450 px,
+# the real set's image size, of 12 patients.
+FAKE_CNMC = dict(patients_per_class=5, images_per_patient=50, size=450, test_patients_per_class=1,
+                 num_unlabeled=0)
+
+
+def with_data(config: ml_collections.ConfigDict, fake_tree_dir: str) -> ml_collections.ConfigDict:
+    """The config, reading a fake C-NMC tree (built once into fake_tree_dir) where it names
+    cnmc2019 without a data.dir. Synthetic sets need nothing; other real sets need data.dir."""
+    if config.data.name != 'cnmc2019' or config.data.dir:
+        return config
+    top = os.path.join(fake_tree_dir, 'C-NMC_Leukemia')
+    if not os.path.isdir(top):
+        top = fake_trees.make_cnmc_tree(fake_tree_dir, **FAKE_CNMC)
+    with config.unlocked():
+        config.data.dir = top
+        config.data.cache_dir = config.data.cache_dir or os.path.join(fake_tree_dir, 'cache')
+    return config
+
+
+def machine() -> dict:
+    """What the numbers depend on: the device, and how busy the shared CPU was."""
+    return {'device': jax.devices()[0].device_kind, 'cpus': os.cpu_count(),
+            'load_average_1min': round(os.getloadavg()[0], 1)}
+
+
+def seconds(run: Callable[[int], object], repeats: int) -> list[float]:
+    """Wall seconds of `run(i)` for i in 0..repeats-1, each after `run` has finished (blocked)."""
+    times = []
+    for index in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(run(index))
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def summary(values: list[float], digits: int = 4) -> dict:
+    """Median and spread of repeated measurements."""
+    return {'median': round(float(np.median(values)), digits), 'min': round(min(values), digits),
+            'max': round(max(values), digits), 'repeats': len(values)}
+
+
+def device_augment_seconds(images: np.ndarray, config: ml_collections.ConfigDict, repeats: int) -> list[float]:
+    """Seconds per batch of the compiled augmentation and normalisation of the train step."""
+    names, params = tuple(config.data.augment), config.data.augment_params
+
+    @jax.jit
+    def augment_batch(batch, key):
+        return augment.normalize(augment.augment(batch, key, names, params), config.data.mean,
+                                 config.data.std, config.dtype)
+
+    images = jax.device_put(images)
+    augment_batch(images, jax.random.key(0)).block_until_ready()  # Compiles.
+    return seconds(lambda index: augment_batch(images, jax.random.key(index + 1)), repeats)
+
+
+def bare_train_step(config: ml_collections.ConfigDict, batch: dict[str, np.ndarray], num_classes: int):
+    """`run(i)`: one train step on the same in-memory batch (already on the device), compiled."""
+    mesh = sharding.make_mesh()
+    built = steps.setup(config, num_classes, config.total_steps, mesh)
+    train_step = steps.make_train_step(built.parts, built.tx, built.schedule, config, mesh, built.state_sharding)
+    on_device = sharding.put_batch(batch, sharding.batch_sharding(mesh))
+    state = built.state
+
+    def run(_):
+        nonlocal state
+        state, metrics = train_step(state, on_device)
+        return metrics
+
+    run(0)  # Compiles.
+    return run

@@ -1,0 +1,162 @@
+"""The new metrics against scikit-learn and hand-computed cases; bootstrap, McNemar, intervals."""
+import numpy as np
+import pytest
+import scipy.stats
+from sklearn import metrics as skm
+
+from allflax import calibration, metrics, stats
+
+NAMES = ('Benign', 'Early Pre-B', 'Pre-B', 'Pro-B')
+
+
+def _random_predictions(seed, n=300, k=4, skill=1.5):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, k, n)
+    scores = rng.normal(size=(n, k)) + skill * np.eye(k)[labels]
+    return labels, np.exp(scores) / np.exp(scores).sum(1, keepdims=True)
+
+
+def _from_confusion(matrix):
+    """Labels and one-hot probabilities that give `matrix`."""
+    labels, predicted = zip(*[(i, j) for (i, j), n in np.ndenumerate(np.asarray(matrix)) for _ in range(n)])
+    return np.array(labels), np.eye(len(matrix))[list(predicted)]
+
+
+@pytest.mark.parametrize('seed', [0, 1])
+def test_balanced_accuracy_kappa_nll_against_scikit_learn(seed):
+    labels, probabilities = _random_predictions(seed)
+    predicted = probabilities.argmax(1)
+    values = metrics.classification_metrics(labels, probabilities, NAMES)
+    assert values['balanced_accuracy'] == pytest.approx(skm.balanced_accuracy_score(labels, predicted))
+    assert values['cohen_kappa'] == pytest.approx(skm.cohen_kappa_score(labels, predicted))
+    assert values['nll'] == pytest.approx(skm.log_loss(labels, probabilities))
+
+
+def test_kappa_and_balanced_accuracy_by_hand():
+    # 50 cases, 35 agreements (p_o = 0.7); marginals 25/25 and 30/20 give p_e = 0.5: kappa 0.4.
+    labels, probabilities = _from_confusion([[20, 5], [10, 15]])
+    values = metrics.classification_metrics(labels, probabilities, ('hem', 'all'))
+    assert values['cohen_kappa'] == pytest.approx(0.4)
+    assert values['balanced_accuracy'] == pytest.approx((20 / 25 + 15 / 25) / 2)
+    # A class absent from the labels is left out of balanced accuracy, as scikit-learn does.
+    labels, probabilities = _from_confusion([[3, 1, 0], [0, 0, 0], [1, 0, 5]])
+    values = metrics.classification_metrics(labels, probabilities, ('a', 'b', 'c'))
+    assert values['balanced_accuracy'] == pytest.approx((3 / 4 + 5 / 6) / 2)
+
+
+def test_expected_calibration_error_by_hand():
+    # Confidences 0.9 (right), 0.9 (wrong): bin (13/15, 14/15], accuracy 0.5, gap 0.4;
+    # 0.62 (right): gap 0.38; 0.75 (wrong): gap 0.75. ECE = (2·0.4 + 0.38 + 0.75) / 4.
+    probabilities = np.array([[0.9, 0.1], [0.9, 0.1], [0.38, 0.62], [0.75, 0.25]])
+    labels = np.array([0, 1, 1, 1])
+    assert calibration.expected_calibration_error(labels, probabilities) == pytest.approx(0.4825)
+    bins = calibration.reliability(labels, probabilities)
+    assert bins['count'].sum() == 4 and bins['count'][13] == 2 and bins['accuracy'][13] == 0.5
+    assert metrics.classification_metrics(labels, probabilities, ('a', 'b'))['ece'] == pytest.approx(0.4825)
+
+
+def test_weighted_scores_equal_scores_of_repeated_examples():
+    labels, probabilities = _random_predictions(3, n=60)
+    counts = np.random.default_rng(0).integers(0, 4, size=(3, 60)).astype(float)
+    matrices = metrics.confusion_matrix(labels, probabilities.argmax(1), 4, counts)
+    aucs = metrics.roc_auc_one_vs_rest(labels, probabilities, counts)
+    for row, matrix, auc in zip(counts.astype(int), matrices, aucs):
+        repeated = np.repeat(np.arange(60), row)
+        np.testing.assert_array_equal(matrix, skm.confusion_matrix(labels[repeated], probabilities[repeated].argmax(1)))
+        expected = [skm.roc_auc_score(labels[repeated] == k, probabilities[repeated, k]) for k in range(4)]
+        np.testing.assert_allclose(auc, expected)
+
+
+def test_patient_level_averages_cell_probabilities():
+    probabilities = np.array([[0.9, 0.1], [0.3, 0.7], [0.2, 0.8], [0.4, 0.6], [0.6, 0.4]])
+    labels, patient_probabilities, ids = metrics.patient_level(
+        np.array([0, 0, 1, 1, 1]), probabilities, np.array(['A', 'A', 'B', 'B', 'B']))
+    assert ids.tolist() == ['A', 'B'] and labels.tolist() == [0, 1]
+    np.testing.assert_allclose(patient_probabilities, [[0.6, 0.4], [0.4, 0.6]])
+    assert stats.known_patients(np.array(['A', ''])) is None
+    assert stats.known_patients(np.array(['A', 'B'])).tolist() == ['A', 'B']
+
+
+def test_bootstrap_interval_holds_the_estimate_and_narrows_with_more_data():
+    widths = []
+    for n in (100, 1600):
+        labels, probabilities = _random_predictions(4, n=n)
+        values = metrics.classification_metrics(labels, probabilities, NAMES)
+        intervals = stats.bootstrap_intervals(labels, probabilities, None, samples=500, seed=0)
+        for name, (low, high) in intervals.items():
+            assert low <= values[name] <= high, name
+        widths.append(intervals['accuracy'][1] - intervals['accuracy'][0])
+    assert widths[1] < widths[0] / 2.5  # Width falls as 1/sqrt(n): 4× here.
+    # Seeded: the same intervals again.
+    assert stats.bootstrap_intervals(labels, probabilities, None, samples=500, seed=0) == intervals
+
+
+def test_patient_bootstrap_is_wider_when_patients_differ():
+    """Cells of one patient succeed or fail together: resampling cells would understate the spread."""
+    rng = np.random.default_rng(0)
+    patients = np.repeat([f'P{i}' for i in range(20)], 30)
+    labels = rng.integers(0, 2, len(patients))
+    patient_is_easy = np.repeat(rng.random(20) < 0.7, 30)
+    predicted = np.where(patient_is_easy, labels, 1 - labels)
+    probabilities = np.eye(2)[predicted] * 0.8 + 0.1
+    by_image = stats.bootstrap_intervals(labels, probabilities, None, samples=500, seed=0)['accuracy']
+    by_patient = stats.bootstrap_intervals(labels, probabilities, patients, samples=500, seed=0)['accuracy']
+    assert by_patient[1] - by_patient[0] > 2 * (by_image[1] - by_image[0])
+    weights = stats.bootstrap_weights(len(patients), patients, samples=10, seed=1)
+    assert np.all(weights.sum(axis=1) == len(patients))  # 20 patients drawn × 30 cells each.
+    assert np.all(weights.reshape(10, 20, 30).std(axis=2) == 0)  # Whole patients.
+
+
+def test_mcnemar_exact_matches_the_binomial_test():
+    # b = 1 (only A right), c = 6 (only B right): 2 · P(X ≤ 1 | 7, ½) = 2 · 8/128 = 0.125.
+    correct_a = np.array([True] * 10 + [True] + [False] * 6 + [False] * 3)
+    correct_b = np.array([True] * 10 + [False] + [True] * 6 + [False] * 3)
+    result = stats.mcnemar_exact(correct_a, correct_b)
+    assert (result['only_a_correct'], result['only_b_correct']) == (1, 6)
+    assert result['p_value'] == pytest.approx(0.125)
+    assert result['p_value'] == pytest.approx(scipy.stats.binomtest(1, 7, 0.5).pvalue)
+    assert stats.mcnemar_exact(correct_b, correct_a)['p_value'] == pytest.approx(0.125)
+    assert stats.mcnemar_exact(correct_a, correct_a)['p_value'] == 1.0
+
+
+def test_paired_bootstrap_difference():
+    labels, probabilities = _random_predictions(5, n=400)
+    same = stats.paired_bootstrap_difference(labels, probabilities, probabilities, None, samples=200, seed=0)
+    assert same['accuracy'] == {'difference': 0.0, 'ci95': [0.0, 0.0]}
+    _, worse = _random_predictions(5, n=400, skill=0.5)
+    better_minus_worse = stats.paired_bootstrap_difference(labels, probabilities, worse, None, samples=200, seed=0)
+    for name in ('accuracy', 'f1_macro'):
+        low, high = better_minus_worse[name]['ci95']
+        assert 0 < low <= better_minus_worse[name]['difference'] <= high
+
+
+def test_summarize_repeated_runs():
+    values = [0.91, 0.93, 0.95, 0.92, 0.94]
+    summary = stats.summarize(values)
+    assert summary['mean'] == pytest.approx(0.93) and summary['std'] == pytest.approx(np.std(values, ddof=1))
+    expected = scipy.stats.t.interval(0.95, 4, loc=0.93, scale=scipy.stats.sem(values))
+    np.testing.assert_allclose(summary['t_interval_95'], expected)
+    assert summary['percentile_95'][0] >= 0.91 and summary['percentile_95'][1] <= 0.95
+    assert stats.summarize([None, None])['mean'] is None
+
+
+def test_temperature_scaling_cools_an_overconfident_model():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 4, 500)
+    right = rng.random(500) < 0.7
+    predicted = np.where(right, labels, (labels + 1) % 4)
+    logits = (12 * np.eye(4)[predicted] - 6)[:, None, :]  # One view; ~99 % confident, 70 % right.
+    before = calibration.probabilities(logits)
+    temperature = calibration.fit_temperature(logits, labels)
+    after = calibration.probabilities(logits, temperature)
+    assert temperature > 1
+    assert calibration.negative_log_likelihood(labels, after) < calibration.negative_log_likelihood(labels, before) - 0.5
+    assert calibration.expected_calibration_error(labels, after) < calibration.expected_calibration_error(labels, before)
+    np.testing.assert_array_equal(after.argmax(1), before.argmax(1))  # Predictions unchanged.
+
+
+def test_probabilities_average_the_views():
+    logits = np.random.default_rng(0).normal(size=(5, 8, 3))
+    sigmoid = 1 / (1 + np.exp(-logits))
+    expected = (sigmoid / sigmoid.sum(-1, keepdims=True)).mean(1)
+    np.testing.assert_allclose(calibration.probabilities(logits), expected, rtol=1e-6)
