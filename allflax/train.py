@@ -13,10 +13,21 @@ from allflax import checkpoints, evaluate, sharding, steps, summary_writer
 from allflax.data import pipeline
 
 
-def _append_jsonl(path: str, record: dict):
-    if jax.process_index() == 0:
-        with open(path, 'a') as f:
-            f.write(json.dumps(record) + '\n')
+class _MetricsLog:
+    """Appends each record to metrics.jsonl and to TensorBoard, from the first process only."""
+
+    def __init__(self, workdir: str):
+        self._path = os.path.join(workdir, 'metrics.jsonl')
+        self._tensorboard = summary_writer.SummaryWriter(os.path.join(workdir, 'tensorboard'))
+
+    def write(self, record: dict):
+        if jax.process_index() == 0:
+            with open(self._path, 'a') as f:
+                f.write(json.dumps(record) + '\n')
+        self._tensorboard.write(record)
+
+    def close(self):
+        self._tensorboard.close()
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -44,12 +55,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if start_step:
         abstract = checkpoints.abstract_with_sharding(state, built.state_sharding)
         state, data_state = checkpointer.restore(start_step, abstract)
-        train_iterator.set_state(data_state)
+        try:
+            train_iterator.set_state(data_state)
+        except (KeyError, ValueError) as error:
+            raise ValueError(f'the input position saved at step {start_step} does not fit this input '
+                             f'pipeline ({error!r}): resume with the data settings the run started with '
+                             f'(data.num_workers included)') from error
         logging.info('Resumed from step %d in %s', start_step, checkpointer.directory)
     batches = pipeline.DevicePrefetcher(train_iterator, sharding.batch_sharding(mesh))
 
-    metrics_path = os.path.join(workdir, 'metrics.jsonl')
-    tensorboard = summary_writer.SummaryWriter(os.path.join(workdir, 'tensorboard'))
+    metrics_log = _MetricsLog(workdir)
     progress = tqdm.tqdm(total=total_steps, initial=start_step, unit='step', dynamic_ncols=True,
                          disable=jax.process_index() != 0)
     pending = []  # Device-side metrics since the last log: fetched only when logging.
@@ -66,8 +81,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                           'train_accuracy': float(np.mean([m['accuracy'] for m in host])),
                           'learning_rate': float(host[-1]['learning_rate']),
                           'images_per_sec': (step - last_log_step) * config.batch_size / (now - last_log_time)}
-                _append_jsonl(metrics_path, record)
-                tensorboard.write(record)
+                metrics_log.write(record)
                 progress.update(step - progress.n)
                 progress.set_postfix(loss=f"{record['train_loss']:.4f}",
                                      img_s=f"{record['images_per_sec']:.1f}")
@@ -78,8 +92,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                                      config.batch_size, mesh)
                 val_record = {'step': step, 'val_accuracy': validation['accuracy'],
                               'val_f1_macro': validation['f1_macro'], 'val_nll': validation['nll']}
-                _append_jsonl(metrics_path, val_record)
-                tensorboard.write(val_record)
+                metrics_log.write(val_record)
                 logging.info('step %d: validation accuracy %.4f', step, validation['accuracy'])
             if validation or step % config.checkpoint_every_steps == 0:
                 checkpointer.save(step, state, batches.consumed_state,
@@ -91,7 +104,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         progress.close()
         checkpointer.wait_until_finished()
         checkpointer.close()
-        tensorboard.close()
+        metrics_log.close()
+        train_iterator.close()  # Stops Grain's worker processes and frees their shared memory.
 
     # The same metrics.json and predictions.csv as --mode=eval, without its report (plots, Grad-CAM).
     test, _ = evaluate.evaluate_state(eval_step, state, dataset, 'test', config, mesh, workdir, total_steps)

@@ -2,7 +2,7 @@
 import ml_collections
 
 # Run-size settings for `:demo`: sized so the VGG19 demo trains on a 2-core CPU in minutes.
-DEMO = dict(image_size=64, batch_size=16, total_steps=600, num_images=2400, num_patients=48,
+DEMO = dict(image_size=64, batch_size=16, total_steps=800, num_images=2400, num_patients=48,
             eval_every_steps=200, checkpoint_every_steps=200, log_every_steps=20)
 
 
