@@ -96,7 +96,7 @@ def main(argv):
         config.batch_size = FLAGS.step_batch_size
     step_batch = {'image': tiles[:FLAGS.step_batch_size], 'label': np.zeros(FLAGS.step_batch_size, np.int32)}
     # The class count barely changes the step: two, as C-NMC.
-    step = common.seconds(common.bare_train_step(config, step_batch, num_classes=2), FLAGS.repeats)
+    step = common.seconds(common.BareSteps(config, step_batch, num_classes=2).train, FLAGS.repeats)
     step = [time * batch_size / FLAGS.step_batch_size for time in step]
     print(json.dumps({
         'model': config.model.name, 'image_size': size, 'batch_size': batch_size,

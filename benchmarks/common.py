@@ -1,5 +1,5 @@
 """What the benchmarks share: a data set to read, the machine's state, timing of the compiled
-augmentation and of the bare train step."""
+augmentation and of the bare train and eval steps."""
 import os
 import time
 from collections.abc import Callable
@@ -68,18 +68,27 @@ def device_augment_seconds(images: np.ndarray, config: ml_collections.ConfigDict
     return seconds(lambda index: augment_batch(images, jax.random.key(index + 1)), repeats)
 
 
-def bare_train_step(config: ml_collections.ConfigDict, batch: dict[str, np.ndarray], num_classes: int):
-    """`run(i)`: one train step on the same in-memory batch (already on the device), compiled."""
-    mesh = sharding.make_mesh()
-    built = steps.setup(config, num_classes, config.total_steps, mesh)
-    train_step = steps.make_train_step(built.parts, built.tx, built.schedule, config, mesh, built.state_sharding)
-    on_device = sharding.put_batch(batch, sharding.batch_sharding(mesh))
-    state = built.state
+class BareSteps:
+    """The compiled train and eval steps of `steps`, fed one in-memory batch already on the
+    device: what the model costs, without the input pipeline."""
 
-    def run(_):
-        nonlocal state
-        state, metrics = train_step(state, on_device)
+    def __init__(self, config: ml_collections.ConfigDict, batch: dict[str, np.ndarray], num_classes: int):
+        mesh = sharding.make_mesh()
+        built = steps.setup(config, num_classes, config.total_steps, mesh)
+        self.state = built.state
+        self.batch = sharding.put_batch(batch, sharding.batch_sharding(mesh))
+        start = time.perf_counter()
+        self._train = steps.make_train_step(built.parts, built.tx, built.schedule, config, mesh,
+                                            built.state_sharding).lower(self.state, self.batch).compile()
+        self.compile_seconds = time.perf_counter() - start
+        self.train_flops = self._train.cost_analysis()['flops']
+        self._eval = steps.make_eval_step(built.parts, config, mesh, built.state_sharding)
+        jax.block_until_ready((self.train(0), self.eval(0)))  # Warm-up; compiles the eval step.
+
+    def train(self, _):
+        """One train step; the next one starts from its state."""
+        self.state, metrics = self._train(self.state, self.batch)
         return metrics
 
-    run(0)  # Compiles.
-    return run
+    def eval(self, _):
+        return self._eval(self.state, self.batch['image'])

@@ -39,7 +39,7 @@ def loop_images_per_second(config) -> list[float]:
 
 
 def bare_images_per_second(config, batch, num_classes: int) -> list[float]:
-    run = common.bare_train_step(config, batch, num_classes)
+    run = common.BareSteps(config, batch, num_classes).train
     intervals = FLAGS.steps // FLAGS.log_every - 1
 
     def interval(_):

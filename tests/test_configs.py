@@ -1,0 +1,34 @@
+"""Recipe arg strings: `:gpu` and `:tpu` give bfloat16 runs at accelerator batch sizes."""
+import jax
+import jax.numpy as jnp
+import pytest
+from flax import nnx
+
+from allflax import models
+from configs import common, efficientnetv2_b3_se, vgg19_mhsa
+
+RECIPES = (vgg19_mhsa, efficientnetv2_b3_se)
+
+
+@pytest.mark.parametrize('recipe', RECIPES)
+@pytest.mark.parametrize('accelerator', sorted(common.ACCELERATORS))
+def test_accelerator_arg_builds_a_bfloat16_model(recipe, accelerator):
+    config = recipe.get_config(accelerator)
+    assert config.dtype == 'bfloat16'
+    assert config.batch_size == common.ACCELERATORS[accelerator]['batch_size']
+    assert config.data.image_size == recipe.get_config().data.image_size  # Only dtype and batch change.
+    model = nnx.eval_shape(lambda: models.create(config.model.name, 2, dtype=config.dtype,
+                                                 image_size=config.data.image_size, **config.model.options))
+    graphdef, state = nnx.split(model)
+    size = config.data.image_size
+    logits = jax.eval_shape(lambda state, images: nnx.merge(graphdef, state)(images), state,
+                            jax.ShapeDtypeStruct((2, size, size, 3), jnp.float32))
+    assert logits.shape == (2, 2) and logits.dtype == jnp.float32
+    assert {leaf.dtype for leaf in jax.tree.leaves(nnx.state(model, nnx.Param))} == {jnp.dtype('float32')}
+
+
+def test_args_apply_in_order_and_unknown_ones_are_refused():
+    assert vgg19_mhsa.get_config('demo,gpu').batch_size == common.ACCELERATORS['gpu']['batch_size']
+    assert vgg19_mhsa.get_config('gpu,demo').batch_size == common.DEMO['batch_size']
+    with pytest.raises(ValueError, match='known: demo, gpu, tpu'):
+        vgg19_mhsa.get_config('h100')
