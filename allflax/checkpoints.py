@@ -30,9 +30,6 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return list(self._manager.all_steps())
 
-    def best_step(self) -> int | None:
-        return self._manager.best_step()
-
     def save(self, step: int, state, data_state: dict, metrics: dict | None = None):
         self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                          data=ocp.args.JsonSave(data_state)),

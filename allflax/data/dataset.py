@@ -6,9 +6,6 @@ from collections.abc import Sequence
 
 import numpy as np
 
-SPLIT_NAMES = ('train', 'val', 'test')
-
-
 @dataclasses.dataclass(frozen=True)
 class Split:
     """One split. `images[i]` is a uint8 H×W×3 RGB tile: an in-memory array for the synthetic
