@@ -8,7 +8,7 @@ import pytest  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from allflax import models  # noqa: E402
-from allflax.models import efficientnet_v2  # noqa: E402
+from allflax.models import cpu_conv  # noqa: E402
 
 NUM_CLASSES = 5
 KERAS_MODELS = {'efficientnetv2_b0': keras.applications.EfficientNetV2B0,
@@ -89,32 +89,12 @@ def test_head_of_features_is_the_forward_pass(b0):
     np.testing.assert_allclose(b0.head(feature_map), forward(b0, images), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize('size, strides', [(9, 1), (8, 1), (9, 2), (8, 2), (7, 1), (7, 2)])
-def test_shifted_depthwise_conv_is_xla_grouped_conv(size, strides):
-    """CPU's depthwise formulation: XLA's values and gradients, SAME padding, odd and even sizes."""
-    images = jax.random.normal(jax.random.key(0), (2, size, size + 1, 6))
-    kernel = jax.random.normal(jax.random.key(1), (3, 3, 1, 6))
-    cotangent = jax.random.normal(jax.random.key(2), (2, -(-size // strides), -(-(size + 1) // strides), 6))
-
-    def grouped(x, k):
-        return jax.lax.conv_general_dilated(x, k, (strides, strides), 'SAME', feature_group_count=6,
-                                            dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-
-    def shifted(x, k):
-        return efficientnet_v2.shifted_depthwise_conv(x, k, (strides, strides))
-
-    for convolve in (grouped, shifted):
-        assert convolve(images, kernel).shape == cotangent.shape
-    expected = jax.vjp(grouped, images, kernel)
-    actual = jax.vjp(shifted, images, kernel)
-    np.testing.assert_allclose(actual[0], expected[0], atol=1e-5)
-    for got, want in zip(actual[1](cotangent), expected[1](cotangent)):
-        np.testing.assert_allclose(got, want, atol=1e-5)
-
-
 def test_depthwise_layers_use_the_shifted_formulation_on_cpu(b0):
-    """The switch happens inside nnx.Conv, so the kernel keeps its (k, k, 1, C) layout."""
-    assert b0.block4a.dwconv2.conv_general_dilated is efficientnet_v2.depthwise_conv_general_dilated
+    """The switch happens inside nnx.Conv (cpu_conv), so the kernel keeps its (k, k, 1, C) layout;
+    1×1 convolutions become dots."""
+    assert b0.block4a.dwconv2.conv_general_dilated is cpu_conv.conv_general_dilated
     assert b0.block4a.dwconv2.kernel.shape == (3, 3, 1, 192)
     primitives = {eqn.primitive.name for eqn in jax.make_jaxpr(b0.block4a.dwconv2)(jnp.ones((1, 8, 8, 192))).eqns}
     assert 'conv_general_dilated' not in primitives
+    primitives = {eqn.primitive.name for eqn in jax.make_jaxpr(b0.block4a.expand_conv)(jnp.ones((1, 8, 8, 48))).eqns}
+    assert 'dot_general' in primitives and 'conv_general_dilated' not in primitives

@@ -14,9 +14,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax import lax
 
-from allflax.models import register
+from allflax.models import cpu_conv, register
 from allflax.models.attention import SqueezeExcitation
 
 
@@ -78,49 +77,17 @@ def round_repeats(repeats: int, depth_coefficient: float) -> int:
 
 
 def _conv_and_norm(dtype, param_dtype, rngs):
-    """Layer factories with Keras's EfficientNet settings: TF 'SAME' padding, no conv bias."""
+    """Layer factories with Keras's EfficientNet settings: TF 'SAME' padding, no conv bias.
+
+    Convolutions go through `cpu_conv.conv_general_dilated`: on CPU, depthwise ones as shifted
+    multiply-adds, 1×1 ones as dots and some 3×3 ones by Winograd (XLA's elsewhere).
+    """
     conv = functools.partial(nnx.Conv, padding='SAME', use_bias=False, kernel_init=CONV_INIT,
-                             dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                             dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+                             conv_general_dilated=cpu_conv.conv_general_dilated)
     norm = functools.partial(nnx.BatchNorm, epsilon=BN_EPSILON, momentum=BN_MOMENTUM,
                              dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     return conv, norm
-
-
-def depthwise_conv_general_dilated(lhs, rhs, window_strides, padding, **kwargs):
-    """`lax.conv_general_dilated` for the depthwise layers (NHWC, (k, k, 1, C) kernel, 'SAME').
-
-    On CPU it runs as k·k shifted multiply-adds: XLA:CPU's grouped convolution is 6–40× slower
-    (benchmarks/RESULTS.md). Chosen at trace time, so the layer and its weights stay nnx.Conv's.
-    """
-    if jax.default_backend() != 'cpu':
-        return lax.conv_general_dilated(lhs, rhs, window_strides, padding, **kwargs)
-    if padding != 'SAME' or rhs.shape[2] != 1 or rhs.shape[3] != lhs.shape[3]:
-        raise ValueError(f'shifted depthwise convolution needs SAME padding and a (k, k, 1, C) kernel, '
-                         f'got padding={padding!r}, kernel {rhs.shape} for {lhs.shape[3]} channels')
-    return shifted_depthwise_conv(lhs, rhs, window_strides)
-
-
-def shifted_depthwise_conv(inputs: jax.Array, kernel: jax.Array, strides) -> jax.Array:
-    """Depthwise convolution with XLA's 'SAME' padding (low = total // 2) as a sum of strided
-    slices times kernel taps, accumulated in float32 at least."""
-    pads, out_sizes = [], []
-    for size, taps, stride in zip(inputs.shape[1:3], kernel.shape[:2], strides):
-        out_size = -(-size // stride)
-        total = max((out_size - 1) * stride + taps - size, 0)
-        pads.append((total // 2, total - total // 2))
-        out_sizes.append(out_size)
-    padded = jnp.pad(inputs, [(0, 0), *pads, (0, 0)])
-    accumulate = jnp.promote_types(inputs.dtype, jnp.float32)
-    batch, channels = inputs.shape[0], inputs.shape[3]
-    total = None
-    for row in range(kernel.shape[0]):
-        for col in range(kernel.shape[1]):
-            end = (batch, row + (out_sizes[0] - 1) * strides[0] + 1, col + (out_sizes[1] - 1) * strides[1] + 1,
-                   channels)
-            tap = lax.slice(padded, (0, row, col, 0), end, (1, *strides, 1)).astype(accumulate)
-            term = tap * kernel[row, col, 0].astype(accumulate)
-            total = term if total is None else total + term
-    return total.astype(inputs.dtype)
 
 
 class MBConv(nnx.Module):
@@ -143,8 +110,7 @@ class MBConv(nnx.Module):
             self.expand_bn = norm(filters)
         if not stage.fused:
             self.dwconv2 = conv(filters, filters, kernel, strides=strides, feature_group_count=filters,
-                                kernel_init=DEPTHWISE_INIT,
-                                conv_general_dilated=depthwise_conv_general_dilated)
+                                kernel_init=DEPTHWISE_INIT)
             self.bn = norm(filters)
         if 0 < stage.se_ratio <= 1:
             self.se = SqueezeExcitation(filters, max(1, int(in_filters * stage.se_ratio)),

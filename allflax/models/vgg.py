@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from allflax.models import register
+from allflax.models import cpu_conv, register
 from allflax.models.attention import MultiHeadSelfAttention
 
 # Convolutions per block; every block ends in a 2×2 max-pool.
@@ -34,8 +34,10 @@ class VGG(nnx.Module):
                  attention_heads: int, attention_dropout: float, dtype, param_dtype, rngs: nnx.Rngs):
         if image_size % 32:
             raise ValueError(f'VGG needs an image size divisible by 32 (five 2×2 pools), got {image_size}')
+        # On CPU, the 3×3 convolutions at mid and low resolution run by Winograd (cpu_conv).
         conv = functools.partial(nnx.Conv, kernel_size=(3, 3), padding='SAME', kernel_init=CONV_INIT,
-                                 dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                                 dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+                                 conv_general_dilated=cpu_conv.conv_general_dilated)
         dense = functools.partial(nnx.Linear, kernel_init=DENSE_INIT, dtype=dtype,
                                   param_dtype=param_dtype, rngs=rngs)
         self.dtype = dtype

@@ -1,0 +1,252 @@
+"""Convolutions that XLA:CPU runs slowly, rewritten for it; a drop-in `conv_general_dilated`.
+
+nnx.Conv takes `conv_general_dilated=conv_general_dilated`, so layers and their weights stay
+nnx.Conv's (Keras import unchanged) while the computation is chosen at trace time:
+
+- on any backend but CPU: `lax.conv_general_dilated`;
+- depthwise k×k ((k, k, 1, C) kernel, C groups, SAME): k·k shifted multiply-adds (XLA:CPU's
+  grouped convolution is 6–40× slower);
+- dense 1×1, stride 1: one dot (1.5× XLA:CPU's 1×1 convolution, forward + backward);
+- dense 3×3, stride 1, SAME, at mid and low resolution with enough channels: Winograd
+  F(4, 3) or F(2, 3) — small constant transforms around batched matmuls, which XLA:CPU runs
+  much faster than its convolutions; `_winograd_tile` says where it is used;
+- everything else: `lax.conv_general_dilated`.
+
+benchmarks/RESULTS.md has the measurements behind each choice.
+"""
+import contextlib
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+# Winograd F(m, 3) (Lavin & Gray 2016): Y = Aᵀ[(G g Gᵀ) ⊙ (Bᵀ d B)]A for an (m + 2)² input tile d.
+_WINOGRAD = {
+    2: dict(BT=np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], np.float64),
+            G=np.array([[1, 0, 0], [.5, .5, .5], [.5, -.5, .5], [0, 0, 1]], np.float64),
+            AT=np.array([[1, 1, 1, 0], [0, 1, -1, -1]], np.float64)),
+    4: dict(BT=np.array([[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0],
+                         [0, -2, -1, 2, 1, 0], [0, 2, -1, -2, 1, 0], [0, 4, 0, -5, 0, 1]], np.float64),
+            G=np.array([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6],
+                        [1 / 24, 1 / 12, 1 / 6], [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]], np.float64),
+            AT=np.array([[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0],
+                         [0, 1, -1, 8, -8, 1]], np.float64)),
+}
+_NHWC = lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1), out_spec=(0, 3, 1, 2))
+_xla_only = False
+
+
+@contextlib.contextmanager
+def xla_only():
+    """Within it, `conv_general_dilated` traces every convolution as `lax.conv_general_dilated`
+    (e.g. to count a model's nominal multiply-adds). It acts when a function is traced: a jitted
+    function traced before keeps its cached trace."""
+    global _xla_only
+    previous, _xla_only = _xla_only, True
+    try:
+        yield
+    finally:
+        _xla_only = previous
+
+
+def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                         dimension_numbers=None, feature_group_count=1, batch_group_count=1,
+                         precision=None, preferred_element_type=None, **kwargs):
+    """`lax.conv_general_dilated`, with XLA:CPU's slow cases (NHWC/HWIO, 2-D) computed another way."""
+    def xla():
+        return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                                        dimension_numbers, feature_group_count, batch_group_count,
+                                        precision=precision, preferred_element_type=preferred_element_type,
+                                        **kwargs)
+
+    if _xla_only or jax.default_backend() != 'cpu' or lhs.ndim != 4 or kwargs.get('out_sharding') is not None:
+        return xla()
+    if lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) != _NHWC:
+        return xla()
+    if any(d != 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ()))) or batch_group_count != 1:
+        return xla()
+    strides = tuple(window_strides)
+    taps = rhs.shape[:2]
+    pads = lax.padtype_to_pads(lhs.shape[1:3], taps, strides, padding) if isinstance(padding, str) else padding
+    if [tuple(pad) for pad in pads] != _same_padding(lhs.shape[1:3], taps, strides):
+        return xla()  # The rewrites below all pad as XLA's 'SAME' does.
+    channels, out_dtype = lhs.shape[3], preferred_element_type or lhs.dtype
+    if feature_group_count == channels and rhs.shape[2] == 1 and rhs.shape[3] == channels:
+        return shifted_depthwise_conv(lhs, rhs, strides).astype(out_dtype)
+    if feature_group_count != 1:
+        return xla()
+    if taps == (1, 1) and strides == (1, 1):
+        return pointwise_conv(lhs, rhs, precision).astype(out_dtype)
+    if taps == (3, 3) and strides == (1, 1):
+        tile = _winograd_tile(*lhs.shape[1:], rhs.shape[3])
+        if tile:
+            return winograd_conv(lhs, rhs, tile, precision).astype(out_dtype)
+    return xla()
+
+
+def _same_padding(sizes, taps, strides):
+    """XLA's 'SAME' padding: total = max((out − 1)·stride + taps − size, 0), low = total // 2."""
+    pads = []
+    for size, tap, stride in zip(sizes, taps, strides):
+        total = max((-(-size // stride) - 1) * stride + tap - size, 0)
+        pads.append((total // 2, total - total // 2))
+    return pads
+
+
+def _winograd_tile(height: int, width: int, in_channels: int, out_channels: int) -> int:
+    """Output tile m of the Winograd F(m, 3) to use for a stride-1 3×3 convolution, or 0 for XLA's.
+
+    Measured on XLA:CPU (benchmarks/RESULTS.md), forward + backward at batch 16: F(4, 3) wins
+    1.3–2.1× at 16×16 and 32×32 with ≥ 128 input channels (and at 16×16 with 56), F(2, 3)
+    1.3–1.5× at 8×8 with 256–512. It loses at 64×64 (the 2.25× larger transformed
+    activations fall out of cache), with few channels (thin matmuls), and at 4×4 (the
+    transformed kernel outweighs the activations).
+    """
+    del out_channels
+    smaller, pixels = min(height, width), height * width
+    if smaller >= 16 and pixels <= 32 * 32 and in_channels >= (128 if pixels > 16 * 16 else 48):
+        return 4
+    if 8 <= smaller < 16 and in_channels >= 256:
+        return 2
+    return 0
+
+
+def pointwise_conv(inputs: jax.Array, kernel: jax.Array, precision=None) -> jax.Array:
+    """1×1 stride-1 convolution (NHWC, (1, 1, C, F) kernel) as one dot, accumulated in float32 at least."""
+    accumulate = jnp.promote_types(inputs.dtype, jnp.float32)
+    kernel = kernel[0, 0].astype(inputs.dtype)
+    return lax.dot_general(inputs, kernel, (((3,), (0,)), ((), ())), precision=precision,
+                           preferred_element_type=accumulate).astype(inputs.dtype)
+
+
+def shifted_depthwise_conv(inputs: jax.Array, kernel: jax.Array, strides) -> jax.Array:
+    """Depthwise convolution with XLA's 'SAME' padding (low = total // 2) as a sum of strided
+    slices times kernel taps, accumulated in float32 at least."""
+    pads = _same_padding(inputs.shape[1:3], kernel.shape[:2], strides)
+    out_sizes = [-(-size // stride) for size, stride in zip(inputs.shape[1:3], strides)]
+    padded = jnp.pad(inputs, [(0, 0), *pads, (0, 0)])
+    accumulate = jnp.promote_types(inputs.dtype, jnp.float32)
+    batch, channels = inputs.shape[0], inputs.shape[3]
+    total = None
+    for row in range(kernel.shape[0]):
+        for col in range(kernel.shape[1]):
+            end = (batch, row + (out_sizes[0] - 1) * strides[0] + 1, col + (out_sizes[1] - 1) * strides[1] + 1,
+                   channels)
+            tap = lax.slice(padded, (0, row, col, 0), end, (1, *strides, 1)).astype(accumulate)
+            term = tap * kernel[row, col, 0].astype(accumulate)
+            total = term if total is None else total + term
+    return total.astype(inputs.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def winograd_conv(inputs: jax.Array, kernel: jax.Array, tile: int = 4, precision=None) -> jax.Array:
+    """Stride-1 'SAME' 3×3 convolution (NHWC, HWIO kernel) by Winograd F(tile, 3), tile 2 or 4.
+
+    Transforms run in float32 (at least); the (tile + 2)² batched matmuls take bfloat16
+    operands (float32 accumulation) for bfloat16 inputs with F(2, 3) only: F(4, 3)'s
+    transforms amplify bfloat16's rounding to ~7 % of the output's scale, so it keeps float32.
+    The gradients are Winograd-shaped too (custom VJP): the input gradient is this
+    convolution of the output gradient with the flipped kernel, the kernel gradient a matmul
+    over tiles in the transformed domain.
+    """
+    return _winograd_forward(inputs, kernel, tile, precision)[0]
+
+
+def _combine(terms, coefficients):
+    """Σ coefficientᵢ · termᵢ for constant coefficients, skipping zeros and multiplications by ±1."""
+    total = None
+    for coefficient, term in zip(coefficients, terms):
+        if coefficient == 0:
+            continue
+        term = term if coefficient == 1 else -term if coefficient == -1 else term * float(coefficient)
+        total = term if total is None else total + term
+    return total
+
+
+def _strided_combinations(array, matrix, stride, count, axis):
+    """Stacks, on a new leading axis, Σₖ matrix[i, k] · array[k + stride·t] (t < count, along `axis`)
+    for every row i of `matrix`: a 1-D transform of the (matrix.shape[1])-long windows `stride` apart."""
+    taps = [lax.slice_in_dim(array, k, k + (count - 1) * stride + 1, stride=stride, axis=axis)
+            for k in range(matrix.shape[1])]
+    return jnp.stack([_combine(taps, row) for row in matrix])
+
+
+def _tile_transform(padded, matrix, stride, tiles_h, tiles_w):
+    """[N, H, W, C] → [out², N·tiles_h·tiles_w, C]: M d Mᵀ for every `matrix.shape[1]`-square tile d
+    starting at multiples of `stride` (M = `matrix`, shape (out, tile size))."""
+    rows = _strided_combinations(padded, matrix, stride, tiles_h, axis=1)  # [out (row), N, th, W, C]
+    tiles = _strided_combinations(rows, matrix, stride, tiles_w, axis=3)  # [out (column), out (row), N, th, tw, C]
+    return tiles.reshape(matrix.shape[0] ** 2, -1, padded.shape[3])
+
+
+def _kernel_transform(kernel, G):
+    """(3, 3, I, O) → [a², I, O]: G g Gᵀ per channel pair."""
+    rows = _strided_combinations(kernel, G, 1, 1, axis=0)  # [a (row), 1, 3, I, O]
+    # [a (column), a (row), 1, 1, I, O]: column-major, as `_tile_transform` stacks tile positions.
+    return _strided_combinations(rows, G, 1, 1, axis=2).reshape(G.shape[0] ** 2, *kernel.shape[2:])
+
+
+def _kernel_transform_transpose(transformed, G):
+    """[a², I, O] → (3, 3, I, O): Gᵀ u G, the transpose of `_kernel_transform`."""
+    a = G.shape[0]
+    transformed = transformed.reshape(a, a, *transformed.shape[1:])  # [a (column), a (row), I, O]
+    columns = _strided_combinations(transformed, G.T, 1, 1, axis=0)  # [3 (column), 1, a (row), I, O]
+    return _strided_combinations(columns, G.T, 1, 1, axis=2).reshape(3, 3, *transformed.shape[2:])
+
+
+def _untile(products, AT, batch, tiles_h, tiles_w, height, width):
+    """[a², N·tiles, O] → [N, H, W, O]: Aᵀ m A per tile, tiles laid side by side, cropped."""
+    m, a = AT.shape
+    products = products.reshape(a, a, batch, tiles_h, tiles_w, products.shape[-1])
+    # Tile positions are stacked column-major (`_tile_transform` adds the column axis last, in front).
+    columns = _strided_combinations(products, AT, 1, 1, axis=0)  # [m, 1, a, N, th, tw, O]
+    out = _strided_combinations(columns, AT, 1, 1, axis=2)  # [m (row), m (column), 1, 1, N, th, tw, O]
+    out = out.reshape(m, m, batch, tiles_h, tiles_w, -1).transpose(2, 3, 0, 4, 1, 5)  # [N, th, m, tw, m, O]
+    return out.reshape(batch, tiles_h * m, tiles_w * m, -1)[:, :height, :width]
+
+
+def _winograd_forward(inputs, kernel, tile, precision, flip=False):
+    """The convolution and the transformed input; `flip` convolves with the kernel that gives the
+    input gradient (taps reversed, input and output channels swapped)."""
+    BT, G, AT = (_WINOGRAD[tile][name] for name in ('BT', 'G', 'AT'))
+    batch, height, width, _ = inputs.shape
+    tiles_h, tiles_w = -(-height // tile), -(-width // tile)
+    accumulate = jnp.promote_types(inputs.dtype, jnp.float32)
+    operands = inputs.dtype if tile == 2 else accumulate
+    padded = jnp.pad(inputs.astype(accumulate),
+                     [(0, 0), (1, tiles_h * tile + 1 - height), (1, tiles_w * tile + 1 - width), (0, 0)])
+    transformed = _tile_transform(padded, BT, tile, tiles_h, tiles_w).astype(operands)
+    kernel = kernel.astype(accumulate)
+    if flip:
+        kernel = jnp.stack([jnp.stack([kernel[2 - k, 2 - l] for l in range(3)]) for k in range(3)])
+    kernel = _kernel_transform(kernel, G).astype(operands)
+    products = lax.dot_general(transformed, kernel, (((2,), (2 if flip else 1,)), ((0,), (0,))),
+                               precision=precision, preferred_element_type=accumulate)
+    out = _untile(products, AT, batch, tiles_h, tiles_w, height, width).astype(inputs.dtype)
+    return out, transformed
+
+
+def _winograd_fwd(inputs, kernel, tile, precision):
+    out, transformed = _winograd_forward(inputs, kernel, tile, precision)
+    return out, (transformed, kernel)
+
+
+def _winograd_bwd(tile, precision, residuals, cotangent):
+    transformed, kernel = residuals
+    G, AT = _WINOGRAD[tile]['G'], _WINOGRAD[tile]['AT']
+    _, height, width, _ = cotangent.shape
+    tiles_h, tiles_w = -(-height // tile), -(-width // tile)
+    accumulate = jnp.promote_types(cotangent.dtype, jnp.float32)
+    # The output, hence its cotangent, has the inputs' shape and dtype but for the channels.
+    d_inputs = _winograd_forward(cotangent, kernel, tile, precision, flip=True)[0]
+    padded = jnp.pad(cotangent.astype(accumulate), [(0, 0), (0, tiles_h * tile - height), (0, tiles_w * tile - width),
+                                                    (0, 0)])
+    d_products = _tile_transform(padded, AT.T, tile, tiles_h, tiles_w).astype(transformed.dtype)
+    d_kernel = lax.dot_general(transformed, d_products, (((1,), (1,)), ((0,), (0,))), precision=precision,
+                               preferred_element_type=accumulate)
+    return d_inputs, _kernel_transform_transpose(d_kernel, G).astype(kernel.dtype)
+
+
+winograd_conv.defvjp(_winograd_fwd, _winograd_bwd)
