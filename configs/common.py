@@ -98,8 +98,13 @@ def eval_config() -> ml_collections.ConfigDict:
     return config
 
 
-def apply_args(config: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
-    """Applies comma-separated arg strings in order, e.g. `demo` or `gpu`."""
+def apply_args(config: ml_collections.ConfigDict, arg: str | None,
+               demo_overrides: dict | None = None) -> ml_collections.ConfigDict:
+    """Applies comma-separated arg strings in order, e.g. `demo` or `gpu`.
+
+    `demo_overrides` maps dotted keys ('data.augment') to the values a recipe's `demo` needs
+    on top of DEMO's run size.
+    """
     for name in filter(None, (arg or '').split(',')):
         if name in ACCELERATORS:
             config.dtype = ACCELERATORS[name]['dtype']
@@ -114,5 +119,11 @@ def apply_args(config: ml_collections.ConfigDict, arg: str | None) -> ml_collect
         config.total_steps = DEMO['total_steps']
         for key in ('eval_every_steps', 'checkpoint_every_steps', 'log_every_steps'):
             config[key] = DEMO[key]
+        for dotted_key, value in (demo_overrides or {}).items():
+            *parents, key = dotted_key.split('.')
+            node = config
+            for parent in parents:
+                node = node[parent]
+            node[key] = value
     config.lock()
     return config

@@ -32,3 +32,10 @@ def test_args_apply_in_order_and_unknown_ones_are_refused():
     assert vgg19_mhsa.get_config('gpu,demo').batch_size == common.DEMO['batch_size']
     with pytest.raises(ValueError, match='known: demo, gpu, tpu'):
         vgg19_mhsa.get_config('h100')
+
+
+def test_demo_overrides_apply_only_to_the_demo():
+    full, demo = efficientnetv2_b3_se.get_config(), efficientnetv2_b3_se.get_config('demo')
+    assert 'hed' in full.data.augment and 'drop_connect_rate' not in full.model.options
+    assert demo.data.augment == ('flip', 'rot90') and demo.model.options.drop_connect_rate == 0.0
+    assert demo.total_steps == common.DEMO['total_steps']
