@@ -3,8 +3,10 @@ PYTHON_BOOT ?= python3.11
 VENV := .venv
 PYTHON := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
+# The peer frameworks of `make peers` only (benchmarks/requirements.txt): PyTorch is large.
+PEERS_INSTALLED := $(VENV)/.installed-peers
 
-.PHONY: demo test clean
+.PHONY: demo test peers clean
 
 $(INSTALLED): requirements.txt
 	command -v $(PYTHON_BOOT) >/dev/null || { echo "need $(PYTHON_BOOT) (or run: make PYTHON_BOOT=python3 ...)"; exit 1; }
@@ -18,6 +20,14 @@ demo: $(INSTALLED)
 
 test: $(INSTALLED)
 	$(PYTHON) -m pytest tests -q
+
+$(PEERS_INSTALLED): benchmarks/requirements.txt $(INSTALLED)
+	$(PYTHON) -m pip install --quiet -r benchmarks/requirements.txt
+	touch $(PEERS_INSTALLED)
+
+# Our train step against Keras 3 (TensorFlow, JAX) and PyTorch: benchmarks/peers.{md,json}.
+peers: $(PEERS_INSTALLED)
+	$(PYTHON) -m benchmarks.peers
 
 clean:
 	rm -rf $(VENV) runs
