@@ -19,7 +19,7 @@ from ml_collections import config_flags
 
 from allflax import platform
 from allflax.data import augment
-from benchmarks import common
+from benchmarks import common, records
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Recipe file, e.g. configs/vgg19_mhsa.py.', lock_config=True)
@@ -101,10 +101,10 @@ def main(argv):
     print(json.dumps({
         'model': config.model.name, 'image_size': size, 'batch_size': batch_size,
         'augment': list(augment.AUGMENTATIONS),
-        'device_augment_s_per_batch': common.summary(device),
-        'train_step_s_per_batch': common.summary(step, 2),
+        'device_augment_s_per_batch': records.summary(device),
+        'train_step_s_per_batch': records.summary(step, 2),
         'device_augment_fraction_of_step': round(float(np.median(device) / np.median(step)), 4),
-        'host_augment_images_per_s_per_worker': common.summary(host, 1),
+        'host_augment_images_per_s_per_worker': records.summary(host, 1),
         'host_augment_core_s_per_batch': round(float(batch_size / np.median(host)), 4),
         **common.machine()}))
 

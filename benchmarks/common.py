@@ -48,12 +48,6 @@ def seconds(run: Callable[[int], object], repeats: int) -> list[float]:
     return times
 
 
-def summary(values: list[float], digits: int = 4) -> dict:
-    """Median and spread of repeated measurements."""
-    return {'median': round(float(np.median(values)), digits), 'min': round(min(values), digits),
-            'max': round(max(values), digits), 'repeats': len(values)}
-
-
 def device_augment_seconds(images: np.ndarray, config: ml_collections.ConfigDict, repeats: int) -> list[float]:
     """Seconds per batch of the compiled augmentation and normalisation of the train step."""
     names, params = tuple(config.data.augment), config.data.augment_params

@@ -15,7 +15,7 @@ from ml_collections import config_flags
 
 from allflax import platform, sharding
 from allflax.data import pipeline
-from benchmarks import common
+from benchmarks import common, records
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Recipe file, e.g. configs/vgg19_mhsa.py.', lock_config=True)
@@ -49,11 +49,11 @@ def main(argv):
               'train_images': len(split)}
     for workers in map(int, FLAGS.workers):
         rates = pipeline_images_per_second(split, local_batch_size, config.seed, workers)
-        result[f'images_per_s_{workers}_workers'] = common.summary(rates, 0)
+        result[f'images_per_s_{workers}_workers'] = records.summary(rates, 0)
     batch = next(iter(pipeline.train_dataset(split, local_batch_size=local_batch_size, seed=config.seed,
                                              num_workers=0)))
     result['augment'] = list(config.data.augment)
-    result['device_augment_s_per_batch'] = common.summary(
+    result['device_augment_s_per_batch'] = records.summary(
         common.device_augment_seconds(batch['image'], config, FLAGS.repeats))
     result.update(common.machine())
     print(json.dumps(result))

@@ -18,7 +18,7 @@ from ml_collections import config_flags
 
 from allflax import platform, sharding, train
 from allflax.data import pipeline
-from benchmarks import common
+from benchmarks import common, records
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Recipe file, e.g. configs/vgg19_mhsa.py:demo.', lock_config=True)
@@ -69,7 +69,7 @@ def main(argv):
     print(json.dumps({
         'model': config.model.name, 'image_size': config.data.image_size, 'batch_size': config.batch_size,
         'data': config.data.name, 'num_workers': config.data.num_workers, 'augment': list(config.data.augment),
-        'loop_images_per_s': common.summary(loop, 2), 'bare_step_images_per_s': common.summary(bare, 2),
+        'loop_images_per_s': records.summary(loop, 2), 'bare_step_images_per_s': records.summary(bare, 2),
         'slowdown': round(float(np.median(bare) / np.median(loop)), 4), **common.machine()}))
 
 

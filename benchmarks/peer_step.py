@@ -25,6 +25,8 @@ import time
 import numpy as np
 from absl import app, flags
 
+from benchmarks import records
+
 FLAGS = flags.FLAGS
 flags.DEFINE_enum('framework', None, ['keras-tensorflow', 'keras-jax', 'torch'], 'Peer framework.', required=True)
 flags.DEFINE_enum('model', None, ['vgg19', 'efficientnetv2_b3'], 'Model, by our registry name.', required=True)
@@ -129,22 +131,9 @@ def batch(channels_last: bool) -> tuple[np.ndarray, np.ndarray]:
 
 
 def versions() -> dict:
-    from importlib import metadata
-    found = {}
-    for package in {'keras-tensorflow': ('keras', 'tensorflow', 'tensorflow-cpu'),
-                    'keras-jax': ('keras', 'jax', 'jaxlib'),
-                    'torch': ('torch', 'torchvision', 'timm')}[FLAGS.framework]:
-        try:
-            found[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            pass
-    return found
-
-
-def summary(values: list[float], digits: int = 4) -> dict:
-    """As benchmarks.common.summary, which imports JAX: a worker loads its own framework only."""
-    return {'median': round(float(np.median(values)), digits), 'min': round(min(values), digits),
-            'max': round(max(values), digits), 'repeats': len(values)}
+    return records.installed_versions({'keras-tensorflow': ('keras', 'tensorflow', 'tensorflow-cpu'),
+                                       'keras-jax': ('keras', 'jax', 'jaxlib'),
+                                       'torch': ('torch', 'torchvision', 'timm')}[FLAGS.framework])
 
 
 def main(argv):
@@ -170,7 +159,7 @@ def main(argv):
     print(json.dumps({
         **header, 'steps': FLAGS.steps, 'warmup': FLAGS.warmup,
         'train_images_per_sec': round(FLAGS.batch_size / float(np.median(train)), 2),
-        'train_step_s': summary(train),
+        'train_step_s': records.summary(train),
         'setup_seconds': round(setup_seconds, 2),
         'first_step_seconds': round(times[0], 2),  # Tracing and compilation, where there is any.
         'peak_rss_mb': round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),

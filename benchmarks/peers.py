@@ -17,9 +17,10 @@ import platform
 import subprocess
 import sys
 import time
-from importlib import metadata
 
 from absl import app, flags
+
+from benchmarks import records
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list('models', ['vgg19@64', 'efficientnetv2_b3@128'], 'model@image_size cases.')
@@ -90,19 +91,13 @@ def environment() -> dict:
         with open('/proc/cpuinfo') as f:
             cpu_model = next((line.split(':', 1)[1].strip() for line in f if line.startswith('model name')),
                              cpu_model)
-    versions = {}
-    for package in PACKAGES:
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            pass
     try:
         commit = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True,
                                 check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         commit = None
     return {'cpu_model': cpu_model, 'cpus': os.cpu_count(), 'python': platform.python_version(),
-            'platform': platform.platform(), 'commit': commit, 'versions': versions,
+            'platform': platform.platform(), 'commit': commit, 'versions': records.installed_versions(PACKAGES),
             'load_average_1min_start': round(os.getloadavg()[0], 1),
             'started': time.strftime('%Y-%m-%d %H:%M:%S %z')}
 

@@ -15,7 +15,7 @@ import numpy as np
 from absl import app, flags
 
 from allflax import platform
-from benchmarks import common
+from benchmarks import common, records
 from configs import common as configs_common
 
 FLAGS = flags.FLAGS
@@ -66,7 +66,7 @@ def main(argv):
         'num_classes': FLAGS.num_classes, 'dtype': FLAGS.dtype, 'steps': FLAGS.steps,
         'train_images_per_sec': round(train_images_per_sec, 2),
         'eval_images_per_sec': round(batch_size / float(np.median(evaluation)), 2),
-        'train_step_s': common.summary(train), 'eval_step_s': common.summary(evaluation),
+        'train_step_s': records.summary(train), 'eval_step_s': records.summary(evaluation),
         'compile_seconds': round(bare.compile_seconds, 2),
         'peak_rss_mb': round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
         'flops_per_image': round(flops_per_image),

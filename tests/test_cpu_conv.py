@@ -128,7 +128,7 @@ def test_vgg_layers_go_through_the_dispatcher():
     vgg = nnx.eval_shape(lambda: models.create('vgg19', 4, include_top=False, image_size=64))
     assert all(getattr(vgg, name).conv_general_dilated is cpu_conv.conv_general_dilated
                for name in vgg.layer_names if not name.endswith('_pool'))
-    tiles = {(size, width): cpu_conv._winograd_tile(size, size, width, width)
+    tiles = {(size, width): cpu_conv._winograd_tile(size, size, width)
              for size, width in [(64, 64), (32, 64), (32, 128), (16, 128), (16, 256), (8, 256), (8, 512), (4, 512)]}
     assert tiles == {(64, 64): 0, (32, 64): 0, (32, 128): 4, (16, 128): 4, (16, 256): 4, (8, 256): 2, (8, 512): 2,
                      (4, 512): 0}

@@ -80,7 +80,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
     if taps == (1, 1) and strides == (1, 1):
         return pointwise_conv(lhs, rhs, precision).astype(out_dtype)
     if taps == (3, 3) and strides == (1, 1):
-        tile = _winograd_tile(*lhs.shape[1:], rhs.shape[3])
+        tile = _winograd_tile(*lhs.shape[1:])
         if tile:
             return winograd_conv(lhs, rhs, tile, precision).astype(out_dtype)
     return xla()
@@ -95,7 +95,7 @@ def _same_padding(sizes, taps, strides):
     return pads
 
 
-def _winograd_tile(height: int, width: int, in_channels: int, out_channels: int) -> int:
+def _winograd_tile(height: int, width: int, in_channels: int) -> int:
     """Output tile m of the Winograd F(m, 3) to use for a stride-1 3×3 convolution, or 0 for XLA's.
 
     Measured on XLA:CPU (benchmarks/RESULTS.md), forward + backward at batch 16: F(4, 3) wins
@@ -104,7 +104,6 @@ def _winograd_tile(height: int, width: int, in_channels: int, out_channels: int)
     activations fall out of cache), with few channels (thin matmuls), and at 4×4 (the
     transformed kernel outweighs the activations).
     """
-    del out_channels
     smaller, pixels = min(height, width), height * width
     if smaller >= 16 and pixels <= 32 * 32 and in_channels >= (128 if pixels > 16 * 16 else 48):
         return 4
