@@ -5,6 +5,8 @@ PYTHON := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 # The peer frameworks of `make peers` only (benchmarks/requirements.txt): PyTorch is large.
 PEERS_INSTALLED := $(VENV)/.installed-peers
+# oneDNN convolutions for XLA:CPU, an XLA FFI library (allflax/models/onednn.py).
+ONEDNN_KERNELS := allflax/models/_onednn_conv.so
 
 .PHONY: demo test peers clean
 
@@ -15,10 +17,19 @@ $(INSTALLED): requirements.txt
 	$(PYTHON) -m pip install --quiet -r requirements.txt
 	touch $(INSTALLED)
 
-demo: $(INSTALLED)
+# Written under another name first: a failed build never leaves a library that looks built.
+$(ONEDNN_KERNELS): allflax/models/onednn_conv.cc $(INSTALLED)
+	@if test -f $(VENV)/include/oneapi/dnnl/dnnl.hpp; then \
+	  echo "building $@"; \
+	  $(CXX) -O2 -std=c++17 -shared -fPIC -I$(VENV)/include \
+	    -isystem "$$($(PYTHON) -c 'import jax; print(jax.ffi.include_dir())')" $< -o $@.partial \
+	    -L$(VENV)/lib -ldnnl -Wl,-rpath,$(abspath $(VENV))/lib && mv $@.partial $@; \
+	else echo "no oneDNN wheel for this platform: convolutions stay XLA's"; fi
+
+demo: $(INSTALLED) $(ONEDNN_KERNELS)
 	$(PYTHON) main.py --config=configs/vgg19_mhsa.py:demo --workdir=runs/vgg19_mhsa_demo
 
-test: $(INSTALLED)
+test: $(INSTALLED) $(ONEDNN_KERNELS)
 	$(PYTHON) -m pytest tests -q
 
 $(PEERS_INSTALLED): benchmarks/requirements.txt $(INSTALLED)
@@ -26,8 +37,8 @@ $(PEERS_INSTALLED): benchmarks/requirements.txt $(INSTALLED)
 	touch $(PEERS_INSTALLED)
 
 # Our train step against Keras 3 (TensorFlow, JAX) and PyTorch: benchmarks/peers.{md,json}.
-peers: $(PEERS_INSTALLED)
+peers: $(PEERS_INSTALLED) $(ONEDNN_KERNELS)
 	$(PYTHON) -m benchmarks.peers
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) runs $(ONEDNN_KERNELS)

@@ -1,5 +1,8 @@
-"""cpu_conv: XLA:CPU's slow convolutions rewritten (shifted depthwise, 1×1 dot, Winograd) give
+"""cpu_conv: XLA:CPU's slow convolutions rewritten (oneDNN, shifted depthwise, 1×1 dot, Winograd) give
 lax.conv_general_dilated's values and gradients, and the models route their layers through it."""
+import platform
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,7 +11,7 @@ from flax import nnx
 from jax import lax
 
 from allflax import models
-from allflax.models import cpu_conv
+from allflax.models import cpu_conv, onednn
 
 # nnx.Conv's dimension numbers for NHWC inputs and HWIO kernels.
 NHWC = lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1), out_spec=(0, 3, 1, 2))
@@ -78,49 +81,88 @@ def test_shifted_depthwise_conv_is_xla_grouped_conv(size, strides):
                  value_and_grads(grouped, images, kernel, cotangent), 1e-6)
 
 
-# (input size, channels, kernel, strides, groups, padding, the primitive the dispatcher should use)
+@pytest.fixture(params=[True, False], ids=['onednn', 'no_onednn'])
+def onednn_built(request, monkeypatch):
+    """Each dispatcher test runs with the oneDNN kernels (built by `make` on Linux x86-64) and as
+    a machine without them sees it."""
+    if request.param:
+        if not onednn.available():
+            if sys.platform == 'linux' and platform.machine() == 'x86_64':
+                pytest.fail(f'{onednn.LIBRARY} is not built: run `make test` (it builds it)')
+            pytest.skip('no oneDNN wheel for this platform')
+    else:
+        monkeypatch.setattr(onednn, 'available', lambda: False)
+    return request.param
+
+
+def route(jaxpr) -> str:
+    """Which formulation a traced convolution took."""
+    names = {eqn.primitive.name for eqn in jaxpr.eqns}
+    if 'allflax_onednn_conv_Forward' in str(jaxpr):
+        return 'onednn'
+    return ('winograd' if 'custom_vjp_call' in names else 'dot' if 'dot_general' in names
+            else 'shifted' if 'slice' in names else 'xla' if 'conv_general_dilated' in names else str(names))
+
+
+# (input size, channels, kernel, strides, groups, padding, the route with oneDNN built, without)
 CASES = [
-    ((16, 16), 48, (3, 3, 48, 8), 1, 1, 'SAME', 'custom_vjp_call'),  # F(4, 3)
-    ((9, 11), 256, (3, 3, 256, 4), 1, 1, 'SAME', 'custom_vjp_call'),  # F(2, 3), odd sizes
-    ((9, 11), 256, (3, 3, 256, 4), 1, 1, [(1, 1), (1, 1)], 'custom_vjp_call'),
-    ((7, 9), 6, (1, 1, 6, 5), 1, 1, 'SAME', 'dot_general'),
-    ((7, 9), 6, (1, 1, 6, 5), 1, 1, 'VALID', 'dot_general'),
-    ((9, 8), 6, (3, 3, 1, 6), 2, 6, 'SAME', 'slice'),  # depthwise, shifted
-    ((9, 8), 6, (3, 3, 1, 6), 2, 6, [(1, 1), (1, 1)], 'conv_general_dilated'),  # not SAME's padding
-    ((9, 8), 6, (3, 3, 6, 4), 2, 1, 'SAME', 'conv_general_dilated'),  # dense, stride 2
-    ((9, 8), 6, (1, 1, 6, 4), 2, 1, 'SAME', 'conv_general_dilated'),  # 1×1, stride 2
-    ((7, 7), 8, (3, 3, 8, 4), 1, 1, 'SAME', 'conv_general_dilated'),  # 3×3, too few channels
-    ((8, 8), 8, (3, 3, 4, 4), 1, 2, 'SAME', 'conv_general_dilated'),  # grouped, not depthwise
+    ((16, 16), 48, (3, 3, 48, 8), 1, 1, 'SAME', 'winograd', 'winograd'),  # F(4, 3)
+    ((9, 11), 256, (3, 3, 256, 4), 1, 1, 'SAME', 'winograd', 'winograd'),  # F(2, 3), odd sizes
+    ((9, 11), 256, (3, 3, 256, 4), 1, 1, [(1, 1), (1, 1)], 'winograd', 'winograd'),
+    ((7, 9), 6, (1, 1, 6, 5), 1, 1, 'SAME', 'dot', 'dot'),
+    ((7, 9), 6, (1, 1, 6, 5), 1, 1, 'VALID', 'dot', 'dot'),
+    ((9, 8), 6, (3, 3, 1, 6), 2, 6, 'SAME', 'onednn', 'shifted'),  # depthwise
+    ((9, 8), 6, (3, 3, 1, 6), 2, 6, [(1, 1), (1, 1)], 'onednn', 'xla'),  # not SAME's padding
+    ((9, 8), 6, (3, 3, 6, 4), 2, 1, 'SAME', 'onednn', 'xla'),  # dense, stride 2
+    ((9, 8), 6, (1, 1, 6, 4), 2, 1, 'SAME', 'onednn', 'xla'),  # 1×1, stride 2
+    ((7, 7), 8, (3, 3, 8, 4), 1, 1, 'SAME', 'onednn', 'xla'),  # 3×3, too few channels for Winograd
+    ((8, 8), 8, (3, 3, 4, 4), 1, 2, 'SAME', 'onednn', 'xla'),  # grouped, not depthwise
+    ((11, 10), 5, (5, 5, 5, 4), 2, 1, [(2, 1), (0, 3)], 'onednn', 'xla'),  # 5×5, uneven padding
 ]
 
 
-@pytest.mark.parametrize('size, channels, kernel_shape, strides, groups, padding, primitive', CASES)
-def test_dispatcher_is_lax_conv(size, channels, kernel_shape, strides, groups, padding, primitive):
-    """Called as nnx.Conv calls it; the case's primitive appears, values and gradients are XLA's."""
-    images, kernel, cotangent = random_case(2, *size, channels, kernel_shape, strides)
+@pytest.mark.parametrize('size, channels, kernel_shape, strides, groups, padding, with_onednn, without', CASES)
+def test_dispatcher_is_lax_conv(size, channels, kernel_shape, strides, groups, padding, with_onednn, without,
+                                onednn_built):
+    """Called as nnx.Conv calls it; the case's route is taken, values and gradients are XLA's."""
+    images, kernel, _ = random_case(2, *size, channels, kernel_shape, strides)
 
     def convolve(function):
         return lambda x, k: function(x, k, (strides, strides), padding, lhs_dilation=(1, 1), rhs_dilation=(1, 1),
                                      dimension_numbers=NHWC, feature_group_count=groups, precision=None,
                                      out_sharding=None)
 
-    jaxpr = jax.make_jaxpr(convolve(cpu_conv.conv_general_dilated))(images, kernel)
-    assert primitive in {eqn.primitive.name for eqn in jaxpr.eqns}
+    assert route(jax.make_jaxpr(convolve(cpu_conv.conv_general_dilated))(images, kernel)) == (
+        with_onednn if onednn_built else without)
+    expected = jax.eval_shape(convolve(lax.conv_general_dilated), images, kernel)
+    cotangent = jnp.asarray(np.random.default_rng(1).standard_normal(expected.shape), jnp.float32)
     assert_close(value_and_grads(convolve(cpu_conv.conv_general_dilated), images, kernel, cotangent),
                  value_and_grads(convolve(lax.conv_general_dilated), images, kernel, cotangent), TOLERANCE[4])
 
 
-@pytest.mark.parametrize('size, channels', [((9, 11), 256), ((16, 16), 48), ((7, 9), 6)])
-def test_bfloat16_inputs_stay_bfloat16_and_close(size, channels):
-    """bfloat16 in, bfloat16 out; F(2, 3) multiplies in bfloat16, F(4, 3) in float32."""
+# bfloat16: oneDNN's convolution where it is built (twice its float32 speed), else F(2, 3) with
+# bfloat16 multiplications, F(4, 3) in float32, the 1×1 dot either way.
+@pytest.mark.parametrize('size, channels, with_onednn, without', [((9, 11), 256, 'onednn', 'winograd'),
+                                                                   ((16, 16), 48, 'onednn', 'winograd'),
+                                                                   ((7, 9), 6, 'dot', 'dot')])
+def test_bfloat16_inputs_stay_bfloat16_and_close(size, channels, with_onednn, without, onednn_built):
+    """bfloat16 in, bfloat16 out, near the float32 convolution; values and gradients."""
     kernel_shape = (1, 1, channels, 4) if channels == 6 else (3, 3, channels, 4)
-    images, kernel, _ = random_case(2, *size, channels, kernel_shape, 1)
-    out = jax.jit(lambda x, k: cpu_conv.conv_general_dilated(x, k, (1, 1), 'SAME', dimension_numbers=NHWC))(
-        images.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16))
-    expected = lax.conv_general_dilated(images, kernel, (1, 1), 'SAME', dimension_numbers=NHWC)
-    assert out.dtype == jnp.bfloat16
+    images, kernel, cotangent = random_case(2, *size, channels, kernel_shape, 1)
+
+    def convolve(x, k):
+        return cpu_conv.conv_general_dilated(x, k, (1, 1), 'SAME', dimension_numbers=NHWC)
+
+    halves = [array.astype(jnp.bfloat16) for array in (images, kernel, cotangent)]
+    assert route(jax.make_jaxpr(convolve)(*halves[:2])) == (with_onednn if onednn_built else without)
+    out = value_and_grads(convolve, *halves)
+    assert all(array.dtype == jnp.bfloat16 for array in out)
+
+    def xla(x, k):
+        return lax.conv_general_dilated(x, k, (1, 1), 'SAME', dimension_numbers=NHWC)
+
     # bfloat16 inputs alone (rounded, then convolved in float32) are ~3e-3 of the max away.
-    assert_close([out.astype(jnp.float32)], [expected], 2e-2)
+    assert_close([array.astype(jnp.float32) for array in out], value_and_grads(xla, images, kernel, cotangent), 2e-2)
 
 
 def test_vgg_layers_go_through_the_dispatcher():

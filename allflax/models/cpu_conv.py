@@ -4,13 +4,16 @@ nnx.Conv takes `conv_general_dilated=conv_general_dilated`, so layers and their 
 nnx.Conv's (Keras import unchanged) while the computation is chosen at trace time:
 
 - on any backend but CPU: `lax.conv_general_dilated`;
-- depthwise k×k ((k, k, 1, C) kernel, C groups, SAME): k·k shifted multiply-adds (XLA:CPU's
-  grouped convolution is 6–40× slower);
 - dense 1×1, stride 1: one dot (1.5× XLA:CPU's 1×1 convolution, forward + backward);
-- dense 3×3, stride 1, SAME, at mid and low resolution with enough channels: Winograd
-  F(4, 3) or F(2, 3) — small constant transforms around batched matmuls, which XLA:CPU runs
-  much faster than its convolutions; `_winograd_tile` says where it is used;
-- everything else: `lax.conv_general_dilated`.
+- dense 3×3, stride 1, SAME, float32, at mid and low resolution with enough channels:
+  Winograd F(4, 3) or F(2, 3) — small constant transforms around batched matmuls, fewer
+  multiplications than any direct convolution; `_winograd_tile` says where it is used;
+- everything else in float32 or bfloat16, where the oneDNN kernels are built
+  (allflax/models/onednn.py): oneDNN's convolution, forward and both gradients, about twice
+  XLA:CPU's speed in float32 and four times in bfloat16;
+- without them: depthwise k×k ((k, k, 1, C) kernel, C groups, SAME) as k·k shifted
+  multiply-adds (XLA:CPU's grouped convolution is 6–40× slower), Winograd in bfloat16 too,
+  and `lax.conv_general_dilated` for the rest.
 
 benchmarks/RESULTS.md has the measurements behind each choice.
 """
@@ -21,6 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+
+from allflax.models import onednn
 
 # Winograd F(m, 3) (Lavin & Gray 2016): Y = Aᵀ[(G g Gᵀ) ⊙ (Bᵀ d B)]A for an (m + 2)² input tile d.
 _WINOGRAD = {
@@ -67,22 +72,25 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
         return xla()
     if any(d != 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ()))) or batch_group_count != 1:
         return xla()
-    strides = tuple(window_strides)
-    taps = rhs.shape[:2]
+    strides, taps = tuple(window_strides), rhs.shape[:2]
     pads = lax.padtype_to_pads(lhs.shape[1:3], taps, strides, padding) if isinstance(padding, str) else padding
-    if [tuple(pad) for pad in pads] != _same_padding(lhs.shape[1:3], taps, strides):
-        return xla()  # The rewrites below all pad as XLA's 'SAME' does.
+    pads = [tuple(pad) for pad in pads]
+    same = pads == _same_padding(lhs.shape[1:3], taps, strides)  # The rewrites below pad as XLA's 'SAME'.
     channels, out_dtype = lhs.shape[3], preferred_element_type or lhs.dtype
-    if feature_group_count == channels and rhs.shape[2] == 1 and rhs.shape[3] == channels:
-        return shifted_depthwise_conv(lhs, rhs, strides).astype(out_dtype)
-    if feature_group_count != 1:
-        return xla()
-    if taps == (1, 1) and strides == (1, 1):
+    depthwise = feature_group_count == channels and rhs.shape[2] == 1 and rhs.shape[3] == channels
+    dense = feature_group_count == 1
+    if same and dense and taps == (1, 1) and strides == (1, 1):
         return pointwise_conv(lhs, rhs, precision).astype(out_dtype)
-    if taps == (3, 3) and strides == (1, 1):
+    onednn_fits = onednn.available() and lhs.dtype in (jnp.float32, jnp.bfloat16) and out_dtype == lhs.dtype
+    # In bfloat16 oneDNN's convolutions run twice as fast as in float32; Winograd's transforms don't.
+    if same and dense and taps == (3, 3) and strides == (1, 1) and (lhs.dtype == jnp.float32 or not onednn_fits):
         tile = _winograd_tile(*lhs.shape[1:])
         if tile:
             return winograd_conv(lhs, rhs, tile, precision).astype(out_dtype)
+    if onednn_fits:
+        return onednn.conv(lhs, rhs.astype(lhs.dtype), strides, tuple(pads), feature_group_count)
+    if same and depthwise:
+        return shifted_depthwise_conv(lhs, rhs, strides).astype(out_dtype)
     return xla()
 
 

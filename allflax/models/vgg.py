@@ -89,7 +89,7 @@ class VGG(nnx.Module):
         x = images.astype(self.dtype)
         for name in self.layer_names:
             if name.endswith('_pool'):
-                x = nnx.max_pool(x, (2, 2), strides=(2, 2))
+                x = max_pool_2x2(x)
             else:
                 x = nnx.relu(getattr(self, name)(x))
             if name == self.attention_after:
@@ -136,6 +136,15 @@ def _builder(depths, *, head, head_hidden=0, dropout_rate=0.0, attention_after=N
 
 register('vgg16', sized_by_input=True)(_builder(DEPTHS['vgg16'], head='flatten'))
 register('vgg19', sized_by_input=True)(_builder(DEPTHS['vgg19'], head='flatten'))
+def max_pool_2x2(x: jax.Array) -> jax.Array:
+    """2×2 max-pool, stride 2, of an NHWC map with even sides, as a reshape and a max: the values
+    of nnx.max_pool, and a gradient of fused elementwise ops where reduce_window's
+    select-and-scatter gradient costs XLA:CPU a fifth of VGG19's step (benchmarks/RESULTS.md).
+    Where a window holds equal maxima, the gradient is shared among them instead of given to one."""
+    batch, height, width, channels = x.shape
+    return x.reshape(batch, height // 2, 2, width // 2, 2, channels).max(axis=(2, 4))
+
+
 # Paper 1: MHSA over VGG19's last feature map, then a pooled head with dropout.
 register('vgg19_mhsa', sized_by_input=True)(_builder(
     DEPTHS['vgg19'], head='gap', head_hidden=256, dropout_rate=0.5,

@@ -1,0 +1,236 @@
+// oneDNN convolutions for XLA:CPU as XLA FFI handlers: forward, input gradient, kernel gradient.
+//
+// XLA:CPU's own convolutions run at about half of what oneDNN (the library behind PyTorch's and
+// TensorFlow's CPU convolutions) reaches on the same core, and gain nothing from bfloat16.
+// Layouts are JAX's: NHWC activations and HWIO kernels ((KH, KW, C/G, O) for G groups), float32
+// or bfloat16, all operands of one dtype. allflax/models/onednn.py builds the JAX side.
+//
+// Primitives are built once per shape and kept. Every execution holds one lock: the default
+// oneDNN build shares one scratchpad among primitives, and its OpenMP threads already use all
+// cores, so two convolutions at once would only contend.
+
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "oneapi/dnnl/dnnl.hpp"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+enum class Pass { kForward, kInputGradient, kKernelGradient };
+
+struct Geometry {
+  int64_t batch, height, width, in_channels;  // Input, NHWC.
+  int64_t out_height, out_width, out_channels;
+  int64_t kernel_height, kernel_width, groups;
+  dnnl::memory::dims strides, padding_low, padding_high;
+  dnnl::memory::data_type dtype;
+
+  std::string Key(Pass pass) const {
+    std::string key = std::to_string(static_cast<int>(pass));
+    for (int64_t value : {batch, height, width, in_channels, out_height, out_width, out_channels,
+                          kernel_height, kernel_width, groups, strides[0], strides[1],
+                          padding_low[0], padding_low[1], padding_high[0], padding_high[1],
+                          static_cast<int64_t>(dtype)}) {
+      key += ',' + std::to_string(value);
+    }
+    return key;
+  }
+  dnnl::memory::desc Input() const {
+    return {{batch, in_channels, height, width}, dtype, dnnl::memory::format_tag::nhwc};
+  }
+  dnnl::memory::desc Output() const {
+    return {{batch, out_channels, out_height, out_width}, dtype, dnnl::memory::format_tag::nhwc};
+  }
+  // The kernel as JAX lays it out, or in whatever layout the primitive prefers.
+  dnnl::memory::desc Kernel(bool any_layout, dnnl::memory::data_type kernel_dtype) const {
+    using tag = dnnl::memory::format_tag;
+    if (groups == 1) {
+      return {{out_channels, in_channels, kernel_height, kernel_width}, kernel_dtype,
+              any_layout ? tag::any : tag::hwio};
+    }
+    return {{groups, out_channels / groups, in_channels / groups, kernel_height, kernel_width},
+            kernel_dtype, any_layout ? tag::any : tag::hwigo};
+  }
+  dnnl::memory::desc Kernel(bool any_layout) const { return Kernel(any_layout, dtype); }
+};
+
+const dnnl::engine& Engine() {
+  static const dnnl::engine engine(dnnl::engine::kind::cpu, 0);
+  return engine;
+}
+
+// One pass's primitive, and the reorder between JAX's kernel layout and the primitive's.
+struct Kernel {
+  dnnl::primitive conv;
+  dnnl::memory::desc kernel_desc;   // The primitive's kernel (or kernel gradient) layout.
+  dnnl::reorder kernel_reorder;     // JAX layout ↔ primitive layout; empty when they agree.
+  std::vector<uint8_t> kernel_buffer;  // The reordered kernel; used under the lock only.
+};
+
+dnnl::convolution_forward::primitive_desc ForwardDesc(const Geometry& g) {
+  return dnnl::convolution_forward::primitive_desc(
+      Engine(), dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct, g.Input(),
+      g.Kernel(true), g.Output(), g.strides, g.padding_low, g.padding_high);
+}
+
+std::unique_ptr<Kernel> Build(const Geometry& g, Pass pass) {
+  auto kernel = std::make_unique<Kernel>();
+  auto forward = ForwardDesc(g);
+  switch (pass) {
+    case Pass::kForward:
+      kernel->conv = dnnl::convolution_forward(forward);
+      kernel->kernel_desc = forward.weights_desc();
+      break;
+    case Pass::kInputGradient: {
+      dnnl::convolution_backward_data::primitive_desc desc(
+          Engine(), dnnl::algorithm::convolution_direct, g.Input(), g.Kernel(true), g.Output(),
+          g.strides, g.padding_low, g.padding_high, forward);
+      kernel->conv = dnnl::convolution_backward_data(desc);
+      kernel->kernel_desc = desc.weights_desc();
+      break;
+    }
+    case Pass::kKernelGradient: {
+      dnnl::convolution_backward_weights::primitive_desc desc(
+          Engine(), dnnl::algorithm::convolution_direct, g.Input(),
+          g.Kernel(true, dnnl::memory::data_type::f32), g.Output(), g.strides, g.padding_low,
+          g.padding_high, forward);
+      kernel->conv = dnnl::convolution_backward_weights(desc);
+      kernel->kernel_desc = desc.diff_weights_desc();
+      break;
+    }
+  }
+  const dnnl::memory::desc jax_layout = g.Kernel(false);
+  if (kernel->kernel_desc != jax_layout) {
+    const bool to_jax = pass == Pass::kKernelGradient;
+    kernel->kernel_reorder = dnnl::reorder(dnnl::reorder::primitive_desc(
+        Engine(), to_jax ? kernel->kernel_desc : jax_layout, Engine(),
+        to_jax ? jax_layout : kernel->kernel_desc));
+    kernel->kernel_buffer.resize(kernel->kernel_desc.get_size());
+  }
+  return kernel;
+}
+
+std::mutex mutex;
+
+ffi::Error Run(const Geometry& g, Pass pass, void* input, void* kernel_data, void* output) {
+  try {
+    std::lock_guard<std::mutex> lock(mutex);
+    static std::unordered_map<std::string, std::unique_ptr<Kernel>> cache;
+    std::unique_ptr<Kernel>& kernel = cache[g.Key(pass)];
+    if (!kernel) kernel = Build(g, pass);
+    static dnnl::stream stream(Engine());
+    dnnl::memory jax_kernel(g.Kernel(false), Engine(), kernel_data);
+    dnnl::memory conv_kernel = jax_kernel;
+    if (kernel->kernel_reorder) {
+      conv_kernel = dnnl::memory(kernel->kernel_desc, Engine(), kernel->kernel_buffer.data());
+    }
+    dnnl::memory in(g.Input(), Engine(), input), out(g.Output(), Engine(), output);
+    switch (pass) {
+      case Pass::kForward:
+      case Pass::kInputGradient: {
+        if (kernel->kernel_reorder) kernel->kernel_reorder.execute(stream, jax_kernel, conv_kernel);
+        const bool forward = pass == Pass::kForward;
+        kernel->conv.execute(stream, {{forward ? DNNL_ARG_SRC : DNNL_ARG_DIFF_SRC, in},
+                                      {DNNL_ARG_WEIGHTS, conv_kernel},
+                                      {forward ? DNNL_ARG_DST : DNNL_ARG_DIFF_DST, out}});
+        break;
+      }
+      case Pass::kKernelGradient:
+        kernel->conv.execute(stream, {{DNNL_ARG_SRC, in}, {DNNL_ARG_DIFF_WEIGHTS, conv_kernel},
+                                      {DNNL_ARG_DIFF_DST, out}});
+        if (kernel->kernel_reorder) kernel->kernel_reorder.execute(stream, conv_kernel, jax_kernel);
+        break;
+    }
+    stream.wait();
+  } catch (const dnnl::error& error) {
+    return ffi::Error(ffi::ErrorCode::kInternal, std::string("oneDNN convolution: ") + error.what());
+  }
+  return ffi::Error::Success();
+}
+
+ffi::ErrorOr<Geometry> MakeGeometry(const ffi::AnyBuffer& input, const ffi::AnyBuffer& kernel,
+                                    const ffi::AnyBuffer& output, ffi::Span<const int64_t> strides,
+                                    ffi::Span<const int64_t> padding_low,
+                                    ffi::Span<const int64_t> padding_high, int64_t groups) {
+  const auto in = input.dimensions(), k = kernel.dimensions(), out = output.dimensions();
+  if (in.size() != 4 || k.size() != 4 || out.size() != 4 || strides.size() != 2 ||
+      padding_low.size() != 2 || padding_high.size() != 2) {
+    return ffi::Unexpected(ffi::Error(ffi::ErrorCode::kInvalidArgument,
+                      "oneDNN convolution: expected NHWC input and output, an HWIO kernel and two "
+                      "spatial strides and paddings"));
+  }
+  const ffi::DataType dtype = input.element_type();
+  if (kernel.element_type() != dtype || output.element_type() != dtype ||
+      (dtype != ffi::DataType::F32 && dtype != ffi::DataType::BF16)) {
+    return ffi::Unexpected(ffi::Error(ffi::ErrorCode::kInvalidArgument,
+                      "oneDNN convolution: operands must all be float32 or all bfloat16"));
+  }
+  Geometry g{in[0], in[1], in[2], in[3], out[1], out[2], out[3], k[0], k[1], groups,
+             {strides[0], strides[1]}, {padding_low[0], padding_low[1]},
+             {padding_high[0], padding_high[1]},
+             dtype == ffi::DataType::F32 ? dnnl::memory::data_type::f32
+                                         : dnnl::memory::data_type::bf16};
+  if (groups < 1 || in[3] != k[2] * groups || out[3] != k[3] || out[3] % groups != 0 ||
+      out[0] != in[0]) {
+    return ffi::Unexpected(ffi::Error(ffi::ErrorCode::kInvalidArgument,
+                      "oneDNN convolution: input, kernel and output shapes do not agree"));
+  }
+  return g;
+}
+
+// The three passes take (input or its gradient, kernel or its gradient, output or its gradient)
+// in the same roles; each handler says which two are operands and which is the result.
+ffi::Error Forward(ffi::AnyBuffer input, ffi::AnyBuffer kernel, ffi::Result<ffi::AnyBuffer> output,
+                   ffi::Span<const int64_t> strides, ffi::Span<const int64_t> padding_low,
+                   ffi::Span<const int64_t> padding_high, int64_t groups) {
+  auto g = MakeGeometry(input, kernel, *output, strides, padding_low, padding_high, groups);
+  if (g.has_error()) return g.error();
+  return Run(*g, Pass::kForward, input.untyped_data(), kernel.untyped_data(), output->untyped_data());
+}
+
+ffi::Error InputGradient(ffi::AnyBuffer output_gradient, ffi::AnyBuffer kernel,
+                         ffi::Result<ffi::AnyBuffer> input_gradient, ffi::Span<const int64_t> strides,
+                         ffi::Span<const int64_t> padding_low, ffi::Span<const int64_t> padding_high,
+                         int64_t groups) {
+  auto g = MakeGeometry(*input_gradient, kernel, output_gradient, strides, padding_low, padding_high,
+                        groups);
+  if (g.has_error()) return g.error();
+  return Run(*g, Pass::kInputGradient, input_gradient->untyped_data(), kernel.untyped_data(),
+             output_gradient.untyped_data());
+}
+
+ffi::Error KernelGradient(ffi::AnyBuffer input, ffi::AnyBuffer output_gradient,
+                          ffi::Result<ffi::AnyBuffer> kernel_gradient,
+                          ffi::Span<const int64_t> strides, ffi::Span<const int64_t> padding_low,
+                          ffi::Span<const int64_t> padding_high, int64_t groups) {
+  auto g = MakeGeometry(input, *kernel_gradient, output_gradient, strides, padding_low, padding_high,
+                        groups);
+  if (g.has_error()) return g.error();
+  return Run(*g, Pass::kKernelGradient, input.untyped_data(), kernel_gradient->untyped_data(),
+             output_gradient.untyped_data());
+}
+
+// All three passes: two buffers in, one out, and the convolution's geometry.
+auto Signature() {
+  return ffi::Ffi::Bind()
+      .Arg<ffi::AnyBuffer>()
+      .Arg<ffi::AnyBuffer>()
+      .Ret<ffi::AnyBuffer>()
+      .Attr<ffi::Span<const int64_t>>("strides")
+      .Attr<ffi::Span<const int64_t>>("padding_low")
+      .Attr<ffi::Span<const int64_t>>("padding_high")
+      .Attr<int64_t>("groups");
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AllflaxOnednnConvForward, Forward, Signature());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AllflaxOnednnConvInputGradient, InputGradient, Signature());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AllflaxOnednnConvKernelGradient, KernelGradient, Signature());
