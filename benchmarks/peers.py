@@ -24,28 +24,31 @@ from benchmarks import records
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list('models', ['vgg19@64', 'efficientnetv2_b3@128'], 'model@image_size cases.')
-flags.DEFINE_list('frameworks', ['allflax', 'keras-tensorflow', 'keras-jax', 'torch'], 'Frameworks to run.')
+flags.DEFINE_list('frameworks', ['allflax', 'allflax-bfloat16', 'keras-tensorflow', 'keras-jax', 'torch'],
+                  "Frameworks to run; 'allflax-bfloat16' is ours with --dtype=bfloat16 (parameters float32), "
+                  'set against the fastest peer in --dtype.')
 flags.DEFINE_integer('batch_size', 16, 'Images per step.')
 flags.DEFINE_integer('steps', 10, 'Timed train steps of each.')
 flags.DEFINE_integer('warmup', 2, "Untimed steps of the peers first (ours: throughput's one).")
-flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'Compute dtype of every framework.')
+flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], "Compute dtype of every framework but 'allflax-bfloat16'.")
 flags.DEFINE_enum('keras_jit_compile', 'auto', ['auto', 'true', 'false'], 'Passed to peer_step.')
 flags.DEFINE_boolean('torch_compile', False, 'Passed to peer_step.')
 flags.DEFINE_integer('timeout', 3600, 'Seconds one framework process may run.')
 flags.DEFINE_string('json_path', 'benchmarks/peers.json', 'Where the results go.')
 flags.DEFINE_string('markdown_path', 'benchmarks/peers.md', 'Where the table goes.')
 
-OURS = 'allflax'
-NAMES = {OURS: 'allflax (ours)', 'keras-tensorflow': 'Keras 3 / TensorFlow', 'keras-jax': 'Keras 3 / JAX',
+OURS, OURS_BFLOAT16 = 'allflax', 'allflax-bfloat16'
+NAMES = {OURS: 'allflax (ours)', OURS_BFLOAT16: 'ours, bfloat16', 'keras-tensorflow': 'Keras 3 / TensorFlow', 'keras-jax': 'Keras 3 / JAX',
          'torch': 'PyTorch'}
 PACKAGES = ('jax', 'jaxlib', 'flax', 'optax', 'keras', 'tensorflow', 'tensorflow-cpu', 'torch', 'torchvision',
             'timm', 'numpy')
 
 
 def command(framework: str, model: str, image_size: int) -> list[str]:
+    dtype = 'bfloat16' if framework == OURS_BFLOAT16 else FLAGS.dtype
     shape = [f'--model={model}', f'--image_size={image_size}', f'--batch_size={FLAGS.batch_size}',
-             f'--dtype={FLAGS.dtype}', f'--steps={FLAGS.steps}']
-    if framework == OURS:
+             f'--dtype={dtype}', f'--steps={FLAGS.steps}']
+    if framework in (OURS, OURS_BFLOAT16):
         return [sys.executable, '-m', 'benchmarks.throughput', '--head=gap', *shape]
     return [sys.executable, '-m', 'benchmarks.peer_step', f'--framework={framework}', *shape,
             f'--warmup={FLAGS.warmup}', f'--keras_jit_compile={FLAGS.keras_jit_compile}',
@@ -107,18 +110,22 @@ def images_per_sec(record: dict) -> float | None:
 
 
 def ratios(records: list[dict]) -> list[dict]:
-    """Per model@size: ours / each peer that ran, and ours / the fastest of them."""
+    """Per model@size: ours / each peer that ran, ours / the fastest of them, and ours in
+    bfloat16 / that fastest peer."""
     out = []
     for case in dict.fromkeys((r['model'], r['image_size']) for r in records):
         ran = {r['framework']: images_per_sec(r) for r in records
                if (r['model'], r['image_size']) == case and images_per_sec(r)}
-        ours = ran.pop(OURS, None)
+        ours, ours_bfloat16 = ran.pop(OURS, None), ran.pop(OURS_BFLOAT16, None)
         row = {'model': case[0], 'image_size': case[1], 'ours_images_per_sec': ours,
                'ours_over': {peer: round(ours / value, 3) for peer, value in ran.items()} if ours else {}}
         if ran:
             fastest = max(ran, key=ran.get)
             row.update(fastest_peer=fastest, fastest_peer_images_per_sec=ran[fastest],
                        ours_over_fastest_peer=round(ours / ran[fastest], 3) if ours else None)
+            if ours_bfloat16:
+                row.update(ours_bfloat16_images_per_sec=ours_bfloat16,
+                           ours_bfloat16_over_fastest_peer=round(ours_bfloat16 / ran[fastest], 3))
         out.append(row)
     return out
 
@@ -137,15 +144,18 @@ def markdown(report: dict) -> str:
     """The images/s table, a line on the setting and one on the environment."""
     records, setting, env = report['results'], report['setting'], report['environment']
     frameworks = list(dict.fromkeys(r['framework'] for r in records))
-    lines = ['| model @ px | ' + ' | '.join(NAMES.get(f, f) for f in frameworks) + ' | ours / fastest peer |',
-             '|---' * (len(frameworks) + 2) + '|']
+    bfloat16 = OURS_BFLOAT16 in frameworks
+    lines = ['| model @ px | ' + ' | '.join(NAMES.get(f, f) for f in frameworks) + ' | ours / fastest peer |'
+             + (' ours bfloat16 / fastest peer |' if bfloat16 else ''),
+             '|---' * (len(frameworks) + 2 + bfloat16) + '|']
     for row in report['ratios']:
         case = (row['model'], row['image_size'])
         by_framework = {r['framework']: r for r in records if (r['model'], r['image_size']) == case}
         ratio = row.get('ours_over_fastest_peer')
         ratio = f"{ratio:.2f} ({NAMES.get(row['fastest_peer'], row['fastest_peer'])})" if ratio else '–'
+        bfloat16_ratio = row.get('ours_bfloat16_over_fastest_peer')
         lines.append(f'| {case[0]} @ {case[1]} | ' + ' | '.join(cell(by_framework.get(f)) for f in frameworks)
-                     + f' | {ratio} |')
+                     + f' | {ratio} |' + (f" {f'{bfloat16_ratio:.2f}' if bfloat16_ratio else '–'} |" if bfloat16 else ''))
     versions = ', '.join(f'{name} {version}' for name, version in env['versions'].items())
     lines += ['', f"Train images/s (median step), batch {setting['batch_size']}, {setting['dtype']}, "
                   f"GAP → dense head, {setting['steps']} timed steps; `python -m benchmarks.peers`.",

@@ -6,7 +6,8 @@ already on the device, after warm-up. Prints one JSON line.
 
 --head=gap gives every model the head the peer frameworks' benchmarks get: global average
 pooling → one dense layer (no hidden layer, no dropout, no attention). flops_per_image is XLA's
-cost analysis of the compiled train step (forward, backward, update) over the batch size.
+cost analysis of the train step (forward, backward, update) over the batch size, with every
+convolution counted as a direct one (`cpu_conv.xla_only`): the nominal FLOPs, whichever kernels run.
 """
 import json
 import resource

@@ -174,3 +174,35 @@ def test_vgg_layers_go_through_the_dispatcher():
              for size, width in [(64, 64), (32, 64), (32, 128), (16, 128), (16, 256), (8, 256), (8, 512), (4, 512)]}
     assert tiles == {(64, 64): 0, (32, 64): 0, (32, 128): 4, (16, 128): 4, (16, 256): 4, (8, 256): 2, (8, 512): 2,
                      (4, 512): 0}
+
+
+@pytest.mark.parametrize('dtype, tolerance', [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
+@pytest.mark.parametrize('size, channels, features', [((8, 8), 3, 16), ((5, 7), 16, 8)])
+def test_conv_relu_is_relu_of_the_layer(size, channels, features, dtype, tolerance, onednn_built):
+    """VGG's fused layer: nnx.relu(conv(x))'s values and its gradients wrt input, kernel and bias,
+    with oneDNN (bias and ReLU inside the kernel) and without it."""
+    conv = nnx.Conv(channels, features, (3, 3), padding='SAME', dtype=dtype, rngs=nnx.Rngs(0),
+                    bias_init=nnx.initializers.normal(0.5), conv_general_dilated=cpu_conv.conv_general_dilated)
+    images, _, cotangent = random_case(2, *size, channels, (3, 3, channels, features), 1)
+    graphdef, params = nnx.split(conv)
+
+    def fused(params, x):
+        return cpu_conv.conv_relu(nnx.merge(graphdef, params), x.astype(dtype))
+
+    def linear(params, x):
+        kernel, bias = params['kernel'][...], params['bias'][...]
+        return lax.conv_general_dilated(x, kernel, (1, 1), 'SAME', dimension_numbers=NHWC) + bias
+
+    jaxpr = jax.make_jaxpr(fused)(params, images)
+    assert ('allflax_onednn_conv_ForwardBiasRelu' in str(jaxpr)) == onednn_built
+    got, got_pullback = jax.vjp(fused, params, images)
+    want, want_pullback = jax.vjp(linear, params, images)
+    assert got.dtype == dtype
+    got = got.astype(jnp.float32)
+    assert_close([got], [jax.nn.relu(want)], tolerance)
+    got_params, got_images = got_pullback(cotangent.astype(dtype))
+    # ReLU's gate as the layer computed it: in bfloat16 outputs near 0 may fall either side.
+    want_params, want_images = want_pullback(jnp.where(got > 0, cotangent, 0))
+    assert_close([got_images.astype(jnp.float32)], [want_images], tolerance)
+    for name in ('kernel', 'bias'):
+        assert_close([got_params[name][...].astype(jnp.float32)], [want_params[name][...]], tolerance)

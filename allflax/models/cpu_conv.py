@@ -23,6 +23,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from jax import lax
 
 from allflax.models import onednn
@@ -60,38 +61,71 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
                          dimension_numbers=None, feature_group_count=1, batch_group_count=1,
                          precision=None, preferred_element_type=None, **kwargs):
     """`lax.conv_general_dilated`, with XLA:CPU's slow cases (NHWC/HWIO, 2-D) computed another way."""
-    def xla():
-        return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
-                                        dimension_numbers, feature_group_count, batch_group_count,
-                                        precision=precision, preferred_element_type=preferred_element_type,
-                                        **kwargs)
-
-    if _xla_only or jax.default_backend() != 'cpu' or lhs.ndim != 4 or kwargs.get('out_sharding') is not None:
-        return xla()
-    if lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) != _NHWC:
-        return xla()
-    if any(d != 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ()))) or batch_group_count != 1:
-        return xla()
-    strides, taps = tuple(window_strides), rhs.shape[:2]
-    pads = lax.padtype_to_pads(lhs.shape[1:3], taps, strides, padding) if isinstance(padding, str) else padding
-    pads = [tuple(pad) for pad in pads]
-    same = pads == _same_padding(lhs.shape[1:3], taps, strides)  # The rewrites below pad as XLA's 'SAME'.
-    channels, out_dtype = lhs.shape[3], preferred_element_type or lhs.dtype
-    depthwise = feature_group_count == channels and rhs.shape[2] == 1 and rhs.shape[3] == channels
-    dense = feature_group_count == 1
-    if same and dense and taps == (1, 1) and strides == (1, 1):
+    out_dtype = preferred_element_type or lhs.dtype
+    plain = (lhs.ndim == 4 and kwargs.get('out_sharding') is None and batch_group_count == 1
+             and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) == _NHWC
+             and all(d == 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ()))))
+    route, pads = _route(lhs, rhs, window_strides, padding, feature_group_count, out_dtype) if plain else ('xla', None)
+    strides = tuple(window_strides)
+    if route == 'pointwise':
         return pointwise_conv(lhs, rhs, precision).astype(out_dtype)
+    if route.startswith('winograd'):
+        return winograd_conv(lhs, rhs, int(route[-1]), precision).astype(out_dtype)
+    if route == 'onednn':
+        return onednn.conv(lhs, rhs.astype(lhs.dtype), strides, pads, feature_group_count)
+    if route == 'shifted':
+        return shifted_depthwise_conv(lhs, rhs, strides).astype(out_dtype)
+    return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+                                    feature_group_count, batch_group_count, precision=precision,
+                                    preferred_element_type=preferred_element_type, **kwargs)
+
+
+def _route(lhs, rhs, strides, padding, groups, out_dtype):
+    """How to compute an undilated NHWC/HWIO 2-D convolution, and its explicit (low, high) padding.
+
+    Routes: 'pointwise', 'winograd2' / 'winograd4', 'onednn', 'shifted' or 'xla'.
+    """
+    strides, taps = tuple(strides), rhs.shape[:2]
+    pads = lax.padtype_to_pads(lhs.shape[1:3], taps, strides, padding) if isinstance(padding, str) else padding
+    pads = tuple(tuple(pad) for pad in pads)
+    if _xla_only or jax.default_backend() != 'cpu':
+        return 'xla', pads
+    same = list(pads) == _same_padding(lhs.shape[1:3], taps, strides)  # The rewrites below pad as XLA's 'SAME'.
+    channels = lhs.shape[3]
+    depthwise = groups == channels and rhs.shape[2] == 1 and rhs.shape[3] == channels
+    if same and groups == 1 and taps == (1, 1) and strides == (1, 1):
+        return 'pointwise', pads
     onednn_fits = onednn.available() and lhs.dtype in (jnp.float32, jnp.bfloat16) and out_dtype == lhs.dtype
     # In bfloat16 oneDNN's convolutions run twice as fast as in float32; Winograd's transforms don't.
-    if same and dense and taps == (3, 3) and strides == (1, 1) and (lhs.dtype == jnp.float32 or not onednn_fits):
+    if same and groups == 1 and taps == (3, 3) and strides == (1, 1) and (lhs.dtype == jnp.float32 or not onednn_fits):
         tile = _winograd_tile(*lhs.shape[1:])
         if tile:
-            return winograd_conv(lhs, rhs, tile, precision).astype(out_dtype)
+            return f'winograd{tile}', pads
     if onednn_fits:
-        return onednn.conv(lhs, rhs.astype(lhs.dtype), strides, tuple(pads), feature_group_count)
-    if same and depthwise:
-        return shifted_depthwise_conv(lhs, rhs, strides).astype(out_dtype)
-    return xla()
+        return 'onednn', pads
+    return ('shifted' if same and depthwise else 'xla'), pads
+
+
+def conv_relu(conv: nnx.Conv, inputs: jax.Array) -> jax.Array:
+    """`nnx.relu(conv(inputs))`; where `conv` would run oneDNN's convolution, the bias and the ReLU
+    run inside it (forward: no separate pass over the output; backward: the bias gradient comes
+    with the kernel gradient instead of XLA's reduction of the output gradient)."""
+    fused = (conv.conv_general_dilated is conv_general_dilated and conv.use_bias and conv.mask is None
+             and isinstance(conv.padding, str)
+             and inputs.ndim == 4 and conv.feature_group_count == 1 and conv.preferred_element_type is None
+             and all(d == 1 for d in (*_pair(conv.input_dilation), *_pair(conv.kernel_dilation))))
+    if fused:
+        inputs, kernel, bias = conv.promote_dtype((inputs, conv.kernel[...], conv.bias[...]), dtype=conv.dtype)
+        route, pads = _route(inputs, kernel, _pair(conv.strides), conv.padding, 1, inputs.dtype)
+        if route == 'onednn':
+            return onednn.conv_bias_relu(inputs, kernel, bias, _pair(conv.strides), pads)
+    return nnx.relu(conv(inputs))
+
+
+def _pair(value):
+    """nnx.Conv's per-axis setting (None, an int, or one per axis) as a pair."""
+    value = 1 if value is None else value
+    return (value, value) if isinstance(value, int) else tuple(value)
 
 
 def _same_padding(sizes, taps, strides):

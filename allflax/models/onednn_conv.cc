@@ -1,4 +1,5 @@
-// oneDNN convolutions for XLA:CPU as XLA FFI handlers: forward, input gradient, kernel gradient.
+// oneDNN convolutions for XLA:CPU as XLA FFI handlers: forward, input gradient, kernel gradient,
+// and the fused forms VGG's layers take: forward with bias and ReLU, kernel and bias gradient.
 //
 // XLA:CPU's own convolutions run at about half of what oneDNN (the library behind PyTorch's and
 // TensorFlow's CPU convolutions) reaches on the same core, and gain nothing from bfloat16.
@@ -31,9 +32,10 @@ struct Geometry {
   int64_t kernel_height, kernel_width, groups;
   dnnl::memory::dims strides, padding_low, padding_high;
   dnnl::memory::data_type dtype;
+  bool bias_relu;  // Forward: bias, then ReLU; kernel gradient: the bias gradient too.
 
   std::string Key(Pass pass) const {
-    std::string key = std::to_string(static_cast<int>(pass));
+    std::string key = std::to_string(static_cast<int>(pass)) + (bias_relu ? "b" : "");
     for (int64_t value : {batch, height, width, in_channels, out_height, out_width, out_channels,
                           kernel_height, kernel_width, groups, strides[0], strides[1],
                           padding_low[0], padding_low[1], padding_high[0], padding_high[1],
@@ -59,6 +61,10 @@ struct Geometry {
             kernel_dtype, any_layout ? tag::any : tag::hwigo};
   }
   dnnl::memory::desc Kernel(bool any_layout) const { return Kernel(any_layout, dtype); }
+  dnnl::memory::desc Bias() const {
+    return bias_relu ? dnnl::memory::desc({out_channels}, dtype, dnnl::memory::format_tag::a)
+                     : dnnl::memory::desc();
+  }
 };
 
 const dnnl::engine& Engine() {
@@ -75,9 +81,15 @@ struct Kernel {
 };
 
 dnnl::convolution_forward::primitive_desc ForwardDesc(const Geometry& g) {
+  dnnl::primitive_attr attributes;
+  if (g.bias_relu) {
+    dnnl::post_ops relu;
+    relu.append_eltwise(dnnl::algorithm::eltwise_relu, 0.f, 0.f);
+    attributes.set_post_ops(relu);
+  }
   return dnnl::convolution_forward::primitive_desc(
       Engine(), dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct, g.Input(),
-      g.Kernel(true), g.Output(), g.strides, g.padding_low, g.padding_high);
+      g.Kernel(true), g.Bias(), g.Output(), g.strides, g.padding_low, g.padding_high, attributes);
 }
 
 std::unique_ptr<Kernel> Build(const Geometry& g, Pass pass) {
@@ -99,8 +111,8 @@ std::unique_ptr<Kernel> Build(const Geometry& g, Pass pass) {
     case Pass::kKernelGradient: {
       dnnl::convolution_backward_weights::primitive_desc desc(
           Engine(), dnnl::algorithm::convolution_direct, g.Input(),
-          g.Kernel(true, dnnl::memory::data_type::f32), g.Output(), g.strides, g.padding_low,
-          g.padding_high, forward);
+          g.Kernel(true, dnnl::memory::data_type::f32), g.Bias(), g.Output(), g.strides,
+          g.padding_low, g.padding_high, forward);
       kernel->conv = dnnl::convolution_backward_weights(desc);
       kernel->kernel_desc = desc.diff_weights_desc();
       break;
@@ -119,7 +131,8 @@ std::unique_ptr<Kernel> Build(const Geometry& g, Pass pass) {
 
 std::mutex mutex;
 
-ffi::Error Run(const Geometry& g, Pass pass, void* input, void* kernel_data, void* output) {
+ffi::Error Run(const Geometry& g, Pass pass, void* input, void* kernel_data, void* output,
+               void* bias = nullptr) {
   try {
     std::lock_guard<std::mutex> lock(mutex);
     static std::unordered_map<std::string, std::unique_ptr<Kernel>> cache;
@@ -132,19 +145,25 @@ ffi::Error Run(const Geometry& g, Pass pass, void* input, void* kernel_data, voi
       conv_kernel = dnnl::memory(kernel->kernel_desc, Engine(), kernel->kernel_buffer.data());
     }
     dnnl::memory in(g.Input(), Engine(), input), out(g.Output(), Engine(), output);
+    dnnl::memory bias_memory = g.bias_relu ? dnnl::memory(g.Bias(), Engine(), bias) : dnnl::memory();
     switch (pass) {
       case Pass::kForward:
       case Pass::kInputGradient: {
         if (kernel->kernel_reorder) kernel->kernel_reorder.execute(stream, jax_kernel, conv_kernel);
         const bool forward = pass == Pass::kForward;
-        kernel->conv.execute(stream, {{forward ? DNNL_ARG_SRC : DNNL_ARG_DIFF_SRC, in},
-                                      {DNNL_ARG_WEIGHTS, conv_kernel},
-                                      {forward ? DNNL_ARG_DST : DNNL_ARG_DIFF_DST, out}});
+        std::unordered_map<int, dnnl::memory> arguments{
+            {forward ? DNNL_ARG_SRC : DNNL_ARG_DIFF_SRC, in},
+            {DNNL_ARG_WEIGHTS, conv_kernel},
+            {forward ? DNNL_ARG_DST : DNNL_ARG_DIFF_DST, out}};
+        if (forward && g.bias_relu) arguments.emplace(DNNL_ARG_BIAS, bias_memory);
+        kernel->conv.execute(stream, arguments);
         break;
       }
       case Pass::kKernelGradient:
-        kernel->conv.execute(stream, {{DNNL_ARG_SRC, in}, {DNNL_ARG_DIFF_WEIGHTS, conv_kernel},
-                                      {DNNL_ARG_DIFF_DST, out}});
+        std::unordered_map<int, dnnl::memory> arguments{
+            {DNNL_ARG_SRC, in}, {DNNL_ARG_DIFF_WEIGHTS, conv_kernel}, {DNNL_ARG_DIFF_DST, out}};
+        if (g.bias_relu) arguments.emplace(DNNL_ARG_DIFF_BIAS, bias_memory);
+        kernel->conv.execute(stream, arguments);
         if (kernel->kernel_reorder) kernel->kernel_reorder.execute(stream, conv_kernel, jax_kernel);
         break;
     }
@@ -158,7 +177,8 @@ ffi::Error Run(const Geometry& g, Pass pass, void* input, void* kernel_data, voi
 ffi::ErrorOr<Geometry> MakeGeometry(const ffi::AnyBuffer& input, const ffi::AnyBuffer& kernel,
                                     const ffi::AnyBuffer& output, ffi::Span<const int64_t> strides,
                                     ffi::Span<const int64_t> padding_low,
-                                    ffi::Span<const int64_t> padding_high, int64_t groups) {
+                                    ffi::Span<const int64_t> padding_high, int64_t groups,
+                                    const ffi::AnyBuffer* bias = nullptr) {
   const auto in = input.dimensions(), k = kernel.dimensions(), out = output.dimensions();
   if (in.size() != 4 || k.size() != 4 || out.size() != 4 || strides.size() != 2 ||
       padding_low.size() != 2 || padding_high.size() != 2) {
@@ -176,7 +196,14 @@ ffi::ErrorOr<Geometry> MakeGeometry(const ffi::AnyBuffer& input, const ffi::AnyB
              {strides[0], strides[1]}, {padding_low[0], padding_low[1]},
              {padding_high[0], padding_high[1]},
              dtype == ffi::DataType::F32 ? dnnl::memory::data_type::f32
-                                         : dnnl::memory::data_type::bf16};
+                                         : dnnl::memory::data_type::bf16,
+             bias != nullptr};
+  if (bias != nullptr &&
+      (bias->element_type() != dtype || bias->dimensions().size() != 1 || bias->dimensions()[0] != out[3])) {
+    return ffi::Unexpected(ffi::Error(ffi::ErrorCode::kInvalidArgument,
+                                      "oneDNN convolution: the bias must be a vector of the output "
+                                      "channels, of the operands' dtype"));
+  }
   if (groups < 1 || in[3] != k[2] * groups || out[3] != k[3] || out[3] % groups != 0 ||
       out[0] != in[0]) {
     return ffi::Unexpected(ffi::Error(ffi::ErrorCode::kInvalidArgument,
@@ -185,7 +212,7 @@ ffi::ErrorOr<Geometry> MakeGeometry(const ffi::AnyBuffer& input, const ffi::AnyB
   return g;
 }
 
-// The three passes take (input or its gradient, kernel or its gradient, output or its gradient)
+// The passes take (input or its gradient, kernel or its gradient, output or its gradient)
 // in the same roles; each handler says which two are operands and which is the result.
 ffi::Error Forward(ffi::AnyBuffer input, ffi::AnyBuffer kernel, ffi::Result<ffi::AnyBuffer> output,
                    ffi::Span<const int64_t> strides, ffi::Span<const int64_t> padding_low,
@@ -217,20 +244,53 @@ ffi::Error KernelGradient(ffi::AnyBuffer input, ffi::AnyBuffer output_gradient,
              output_gradient.untyped_data());
 }
 
-// All three passes: two buffers in, one out, and the convolution's geometry.
-auto Signature() {
-  return ffi::Ffi::Bind()
-      .Arg<ffi::AnyBuffer>()
-      .Arg<ffi::AnyBuffer>()
-      .Ret<ffi::AnyBuffer>()
-      .Attr<ffi::Span<const int64_t>>("strides")
-      .Attr<ffi::Span<const int64_t>>("padding_low")
-      .Attr<ffi::Span<const int64_t>>("padding_high")
-      .Attr<int64_t>("groups");
+ffi::Error ForwardBiasRelu(ffi::AnyBuffer input, ffi::AnyBuffer kernel, ffi::AnyBuffer bias,
+                           ffi::Result<ffi::AnyBuffer> output, ffi::Span<const int64_t> strides,
+                           ffi::Span<const int64_t> padding_low,
+                           ffi::Span<const int64_t> padding_high, int64_t groups) {
+  auto g = MakeGeometry(input, kernel, *output, strides, padding_low, padding_high, groups, &bias);
+  if (g.has_error()) return g.error();
+  return Run(*g, Pass::kForward, input.untyped_data(), kernel.untyped_data(), output->untyped_data(),
+             bias.untyped_data());
+}
+
+ffi::Error KernelBiasGradient(ffi::AnyBuffer input, ffi::AnyBuffer output_gradient,
+                              ffi::Result<ffi::AnyBuffer> kernel_gradient,
+                              ffi::Result<ffi::AnyBuffer> bias_gradient,
+                              ffi::Span<const int64_t> strides, ffi::Span<const int64_t> padding_low,
+                              ffi::Span<const int64_t> padding_high, int64_t groups) {
+  const ffi::AnyBuffer& bias = *bias_gradient;
+  auto g = MakeGeometry(input, *kernel_gradient, output_gradient, strides, padding_low, padding_high,
+                        groups, &bias);
+  if (g.has_error()) return g.error();
+  return Run(*g, Pass::kKernelGradient, input.untyped_data(), kernel_gradient->untyped_data(),
+             output_gradient.untyped_data(), bias_gradient->untyped_data());
+}
+
+// Every pass takes the convolution's geometry as attributes.
+template <typename Binding>
+auto WithGeometry(Binding&& binding) {
+  return std::forward<Binding>(binding)
+      .template Attr<ffi::Span<const int64_t>>("strides")
+      .template Attr<ffi::Span<const int64_t>>("padding_low")
+      .template Attr<ffi::Span<const int64_t>>("padding_high")
+      .template Attr<int64_t>("groups");
+}
+
+auto TwoInOneOut() {
+  return WithGeometry(ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>());
 }
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(AllflaxOnednnConvForward, Forward, Signature());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(AllflaxOnednnConvInputGradient, InputGradient, Signature());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(AllflaxOnednnConvKernelGradient, KernelGradient, Signature());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AllflaxOnednnConvForward, Forward, TwoInOneOut());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AllflaxOnednnConvInputGradient, InputGradient, TwoInOneOut());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AllflaxOnednnConvKernelGradient, KernelGradient, TwoInOneOut());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    AllflaxOnednnConvForwardBiasRelu, ForwardBiasRelu,
+    WithGeometry(ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>()
+                     .Ret<ffi::AnyBuffer>()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    AllflaxOnednnConvKernelBiasGradient, KernelBiasGradient,
+    WithGeometry(ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>()
+                     .Ret<ffi::AnyBuffer>()));

@@ -91,7 +91,7 @@ class VGG(nnx.Module):
             if name.endswith('_pool'):
                 x = max_pool_2x2(x)
             else:
-                x = nnx.relu(getattr(self, name)(x))
+                x = cpu_conv.conv_relu(getattr(self, name), x)
             if name == self.attention_after:
                 x = self.attention(x)
         return x
