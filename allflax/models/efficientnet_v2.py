@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from allflax.models import cpu_conv, register
+from allflax.models import batch_norm, cpu_conv, register
 from allflax.models.attention import SqueezeExcitation
 
 
@@ -81,8 +81,9 @@ def round_repeats(repeats: int, depth_coefficient: float) -> int:
 def _conv_and_norm(dtype, param_dtype, rngs):
     """Layer factories with Keras's EfficientNet settings: TF 'SAME' padding, no conv bias.
 
-    Convolutions go through `cpu_conv.conv_general_dilated`: on CPU, depthwise ones as shifted
-    multiply-adds, 1×1 ones as dots and some 3×3 ones by Winograd (XLA's elsewhere).
+    Convolutions go through `cpu_conv.conv_general_dilated`: on CPU, 1×1 ones as dots, some 3×3
+    ones by Winograd, the rest through oneDNN (without it: depthwise ones as shifted
+    multiply-adds, XLA's elsewhere). Batch norms run through `batch_norm.norm`.
     """
     conv = functools.partial(nnx.Conv, padding='SAME', use_bias=False, kernel_init=CONV_INIT,
                              dtype=dtype, param_dtype=param_dtype, rngs=rngs,
@@ -133,14 +134,12 @@ class MBConv(nnx.Module):
     def __call__(self, inputs: jax.Array) -> jax.Array:
         x = inputs
         if hasattr(self, 'expand_conv'):
-            x = nnx.swish(self.expand_bn(self.expand_conv(x)))
+            x = batch_norm.norm(self.expand_bn, self.expand_conv(x), swish=True)
         if not self.fused:
-            x = nnx.swish(self.bn(self.dwconv2(x)))
+            x = batch_norm.norm(self.bn, self.dwconv2(x), swish=True)
         if hasattr(self, 'se'):
             x = self.se(x)
-        x = self.project_bn(self.project_conv(x))
-        if self.spatial_project:
-            x = nnx.swish(x)
+        x = batch_norm.norm(self.project_bn, self.project_conv(x), swish=self.spatial_project)
         if hasattr(self, 'drop'):
             x = self.drop(x) + inputs
         return x
@@ -206,10 +205,10 @@ class EfficientNetV2(nnx.Module):
 
     def features(self, images: jax.Array) -> jax.Array:
         """The last convolutional feature map (top_conv → top_bn → swish), e.g. for Grad-CAM."""
-        x = nnx.swish(self.stem_bn(self.stem_conv(images.astype(self.dtype))))
+        x = batch_norm.norm(self.stem_bn, self.stem_conv(images.astype(self.dtype)), swish=True)
         for name in self.block_names:
             x = getattr(self, name)(x)
-        return nnx.swish(self.top_bn(self.top_conv(x)))
+        return batch_norm.norm(self.top_bn, self.top_conv(x), swish=True)
 
     def head(self, features: jax.Array) -> jax.Array:
         """Float32 logits from the feature map `features` returns."""
@@ -218,7 +217,7 @@ class EfficientNetV2(nnx.Module):
             x = self.attention(x)
         x = x.mean(axis=(1, 2))
         if hasattr(self, 'head_fc'):
-            x = nnx.swish(self.head_bn(self.head_fc(x)))
+            x = batch_norm.norm(self.head_bn, self.head_fc(x), swish=True)
         return self.predictions(self.dropout(x)).astype(jnp.float32)
 
     def __call__(self, images: jax.Array) -> jax.Array:
