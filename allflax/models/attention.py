@@ -21,7 +21,7 @@ class MultiHeadSelfAttention(nnx.Module):
             jax.random.normal(rngs.params(), (num_tokens, channels), param_dtype) * 0.02)
         self.norm = nnx.LayerNorm(channels, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.attention = nnx.MultiHeadAttention(
-            num_heads, channels, dropout_rate=dropout_rate, decode=False,
+            num_heads, channels, dropout_rate=dropout_rate, decode=False, attention_fn=_float32_attention,
             dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, features: jax.Array) -> jax.Array:
@@ -32,6 +32,13 @@ class MultiHeadSelfAttention(nnx.Module):
         tokens = features.reshape(batch, height * width, channels) + self.position_embedding[...].astype(features.dtype)
         tokens = tokens + self.attention(self.norm(tokens))
         return tokens.reshape(batch, height, width, channels)
+
+
+def _float32_attention(query, key, value, *args, dtype=None, **kwargs):
+    """nnx.dot_product_attention with its logits and softmax in float32 whatever the compute
+    dtype (bfloat16's 8-bit mantissa rounds the attention weights); the result in `dtype`."""
+    out = nnx.dot_product_attention(query, key, value, *args, dtype=jnp.float32, **kwargs)
+    return out.astype(dtype or query.dtype)
 
 
 class SqueezeExcitation(nnx.Module):
