@@ -1,6 +1,8 @@
 """cpu_conv: XLA:CPU's slow convolutions rewritten (oneDNN, shifted depthwise, 1×1 dot, Winograd) give
 lax.conv_general_dilated's values and gradients, and the models route their layers through it."""
 import platform
+import shutil
+import subprocess
 import sys
 
 import jax
@@ -141,10 +143,10 @@ def test_dispatcher_is_lax_conv(size, channels, kernel_shape, strides, groups, p
 
 
 # bfloat16: oneDNN's convolution where it is built (twice its float32 speed), else F(2, 3) with
-# bfloat16 multiplications, F(4, 3) in float32, the 1×1 dot either way.
+# bfloat16 multiplications, F(4, 3) in float32, and the 1×1 dot.
 @pytest.mark.parametrize('size, channels, with_onednn, without', [((9, 11), 256, 'onednn', 'winograd'),
                                                                    ((16, 16), 48, 'onednn', 'winograd'),
-                                                                   ((7, 9), 6, 'dot', 'dot')])
+                                                                   ((7, 9), 6, 'onednn', 'dot')])
 def test_bfloat16_inputs_stay_bfloat16_and_close(size, channels, with_onednn, without, onednn_built):
     """bfloat16 in, bfloat16 out, near the float32 convolution; values and gradients."""
     kernel_shape = (1, 1, channels, 4) if channels == 6 else (3, 3, channels, 4)
@@ -206,3 +208,30 @@ def test_conv_relu_is_relu_of_the_layer(size, channels, features, dtype, toleran
     assert_close([got_images.astype(jnp.float32)], [want_images], tolerance)
     for name in ('kernel', 'bias'):
         assert_close([got_params[name][...].astype(jnp.float32)], [want_params[name][...]], tolerance)
+
+
+def test_onednn_library_problems_say_what_to_do(tmp_path, monkeypatch):
+    """A library that does not load, or that lacks a kernel (built from an older source), is an
+    error naming the file and `make`, not a silent fallback."""
+    broken = tmp_path / '_onednn_conv.so'
+    broken.write_bytes(b'not a shared library')
+    monkeypatch.setattr(onednn, 'LIBRARY', broken)
+    with pytest.raises(RuntimeError, match=r'does not load.*rebuild it with `make`'):
+        onednn.available.__wrapped__()
+    stale = tmp_path / 'stale.so'  # Loads, but holds none of the kernels.
+    source = tmp_path / 'stale.c'
+    source.write_text('int allflax_nothing_here(void) { return 0; }\n')
+    if shutil.which('cc') is None:
+        pytest.skip('no C compiler to build a stand-in library')
+    subprocess.run(['cc', '-shared', '-fPIC', str(source), '-o', str(stale)], check=True)
+    monkeypatch.setattr(onednn, 'LIBRARY', stale)
+    with pytest.raises(RuntimeError, match=r'older than onednn_conv.cc.*rebuild it with `make`'):
+        onednn.available.__wrapped__()
+
+
+def test_onednn_conv_takes_one_float_dtype():
+    if not onednn.available():
+        pytest.skip('no oneDNN kernels built here')
+    images, kernel, _ = random_case(1, 5, 5, 3, (3, 3, 3, 4), 1)
+    with pytest.raises(TypeError, match='float32 or bfloat16 operands of one dtype, got float32, bfloat16'):
+        onednn.conv(images, kernel.astype(jnp.bfloat16), (1, 1), ((1, 1), (1, 1)))

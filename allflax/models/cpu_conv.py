@@ -4,16 +4,16 @@ nnx.Conv takes `conv_general_dilated=conv_general_dilated`, so layers and their 
 nnx.Conv's (Keras import unchanged) while the computation is chosen at trace time:
 
 - on any backend but CPU: `lax.conv_general_dilated`;
-- dense 1×1, stride 1: one dot (1.5× XLA:CPU's 1×1 convolution, forward + backward);
+- dense 1×1, stride 1, float32: one dot (1.5× XLA:CPU's 1×1 convolution, forward + backward);
 - dense 3×3, stride 1, SAME, float32, at mid and low resolution with enough channels:
   Winograd F(4, 3) or F(2, 3) — small constant transforms around batched matmuls, fewer
   multiplications than any direct convolution; `_winograd_tile` says where it is used;
 - everything else in float32 or bfloat16, where the oneDNN kernels are built
-  (allflax/models/onednn.py): oneDNN's convolution, forward and both gradients, about twice
-  XLA:CPU's speed in float32 and four times in bfloat16;
+  (allflax/models/onednn.py): oneDNN's convolution, forward and both gradients, 1.1–4× XLA:CPU's
+  speed per layer in float32 and 2.4–5.5× in bfloat16;
 - without them: depthwise k×k ((k, k, 1, C) kernel, C groups, SAME) as k·k shifted
-  multiply-adds (XLA:CPU's grouped convolution is 6–40× slower), Winograd in bfloat16 too,
-  and `lax.conv_general_dilated` for the rest.
+  multiply-adds (XLA:CPU's grouped convolution is 6–40× slower), the 1×1 dot and Winograd in
+  bfloat16 too, and `lax.conv_general_dilated` for the rest.
 
 benchmarks/RESULTS.md has the measurements behind each choice.
 """
@@ -93,11 +93,13 @@ def _route(lhs, rhs, strides, padding, groups, out_dtype):
     same = list(pads) == _same_padding(lhs.shape[1:3], taps, strides)  # The rewrites below pad as XLA's 'SAME'.
     channels = lhs.shape[3]
     depthwise = groups == channels and rhs.shape[2] == 1 and rhs.shape[3] == channels
-    if same and groups == 1 and taps == (1, 1) and strides == (1, 1):
-        return 'pointwise', pads
     onednn_fits = onednn.available() and lhs.dtype in (jnp.float32, jnp.bfloat16) and out_dtype == lhs.dtype
-    # In bfloat16 oneDNN's convolutions run twice as fast as in float32; Winograd's transforms don't.
-    if same and groups == 1 and taps == (3, 3) and strides == (1, 1) and (lhs.dtype == jnp.float32 or not onednn_fits):
+    # In bfloat16 oneDNN's convolutions run twice as fast as in float32, and return bfloat16
+    # without the separate cast a dot with float32 accumulation needs; Winograd's transforms don't gain.
+    float32_or_no_onednn = lhs.dtype == jnp.float32 or not onednn_fits
+    if same and groups == 1 and taps == (1, 1) and strides == (1, 1) and float32_or_no_onednn:
+        return 'pointwise', pads
+    if same and groups == 1 and taps == (3, 3) and strides == (1, 1) and float32_or_no_onednn:
         tile = _winograd_tile(*lhs.shape[1:])
         if tile:
             return f'winograd{tile}', pads
