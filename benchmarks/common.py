@@ -72,6 +72,7 @@ class BareSteps:
         built = steps.setup(config, num_classes, config.total_steps, mesh)
         self.state = built.state
         self.batch = sharding.put_batch(batch, sharding.batch_sharding(mesh))
+
         def lower_train_step():
             return steps.make_train_step(built.parts, built.tx, built.schedule, config, mesh,
                                          built.state_sharding).lower(self.state, self.batch)

@@ -118,9 +118,10 @@ def conv_relu(conv: nnx.Conv, inputs: jax.Array) -> jax.Array:
              and all(d == 1 for d in (*_pair(conv.input_dilation), *_pair(conv.kernel_dilation))))
     if fused:
         inputs, kernel, bias = conv.promote_dtype((inputs, conv.kernel[...], conv.bias[...]), dtype=conv.dtype)
-        route, pads = _route(inputs, kernel, _pair(conv.strides), conv.padding, 1, inputs.dtype)
+        strides = _pair(conv.strides)
+        route, pads = _route(inputs, kernel, strides, conv.padding, 1, inputs.dtype)
         if route == 'onednn':
-            return onednn.conv_bias_relu(inputs, kernel, bias, _pair(conv.strides), pads)
+            return onednn.conv_bias_relu(inputs, kernel, bias, strides, pads)
     return nnx.relu(conv(inputs))
 
 

@@ -21,6 +21,15 @@ CONV_INIT = jax.nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 DENSE_INIT = jax.nn.initializers.normal(0.01)
 
 
+def max_pool_2x2(x: jax.Array) -> jax.Array:
+    """2×2 max-pool, stride 2, of an NHWC map with even sides, as a reshape and a max: the values
+    of nnx.max_pool, and a gradient of fused elementwise ops where reduce_window's
+    select-and-scatter gradient took XLA:CPU a fifth of VGG19's bf16 step (benchmarks/RESULTS.md).
+    Where a window holds equal maxima, the gradient is shared among them instead of given to one."""
+    batch, height, width, channels = x.shape
+    return x.reshape(batch, height // 2, 2, width // 2, 2, channels).max(axis=(2, 4))
+
+
 class VGG(nnx.Module):
     """VGG convolutions, an optional self-attention block, and a classifier head.
 
@@ -34,7 +43,7 @@ class VGG(nnx.Module):
                  attention_heads: int, attention_dropout: float, dtype, param_dtype, rngs: nnx.Rngs):
         if image_size % 32:
             raise ValueError(f'VGG needs an image size divisible by 32 (five 2×2 pools), got {image_size}')
-        # On CPU, the 3×3 convolutions at mid and low resolution run by Winograd (cpu_conv).
+        # On CPU, cpu_conv picks each convolution's kernel (Winograd or oneDNN); see conv_relu below.
         conv = functools.partial(nnx.Conv, kernel_size=(3, 3), padding='SAME', kernel_init=CONV_INIT,
                                  dtype=dtype, param_dtype=param_dtype, rngs=rngs,
                                  conv_general_dilated=cpu_conv.conv_general_dilated)
@@ -136,14 +145,6 @@ def _builder(depths, *, head, head_hidden=0, dropout_rate=0.0, attention_after=N
 
 register('vgg16', sized_by_input=True)(_builder(DEPTHS['vgg16'], head='flatten'))
 register('vgg19', sized_by_input=True)(_builder(DEPTHS['vgg19'], head='flatten'))
-def max_pool_2x2(x: jax.Array) -> jax.Array:
-    """2×2 max-pool, stride 2, of an NHWC map with even sides, as a reshape and a max: the values
-    of nnx.max_pool, and a gradient of fused elementwise ops where reduce_window's
-    select-and-scatter gradient costs XLA:CPU a fifth of VGG19's step (benchmarks/RESULTS.md).
-    Where a window holds equal maxima, the gradient is shared among them instead of given to one."""
-    batch, height, width, channels = x.shape
-    return x.reshape(batch, height // 2, 2, width // 2, 2, channels).max(axis=(2, 4))
-
 
 # Paper 1: MHSA over VGG19's last feature map, then a pooled head with dropout.
 register('vgg19_mhsa', sized_by_input=True)(_builder(
