@@ -5,8 +5,9 @@ PYTHON := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 # The peer frameworks of `make peers` only (benchmarks/requirements.txt): PyTorch is large.
 PEERS_INSTALLED := $(VENV)/.installed-peers
-# oneDNN convolutions for XLA:CPU, an XLA FFI library (allflax/models/onednn.py).
-ONEDNN_KERNELS := allflax/models/_onednn_conv.so
+# allflax's XLA:CPU kernels, one XLA FFI library (allflax/models/cpu_kernels.py).
+CPU_KERNELS := allflax/models/_cpu_kernels.so
+CPU_KERNEL_SOURCES := allflax/models/onednn_conv.cc allflax/models/batch_norm_kernels.cc
 
 .PHONY: demo test peers clean
 
@@ -18,18 +19,19 @@ $(INSTALLED): requirements.txt
 	touch $(INSTALLED)
 
 # Written under another name first: a failed build never leaves a library that looks built.
-$(ONEDNN_KERNELS): allflax/models/onednn_conv.cc $(INSTALLED)
+# -fno-trapping-math lets GCC vectorise the batch-norm loops' float comparisons.
+$(CPU_KERNELS): $(CPU_KERNEL_SOURCES) $(INSTALLED)
 	@if test -f $(VENV)/include/oneapi/dnnl/dnnl.hpp; then \
 	  echo "building $@"; \
-	  $(CXX) -O2 -std=c++17 -shared -fPIC -I$(VENV)/include \
-	    -isystem "$$($(PYTHON) -c 'import jax; print(jax.ffi.include_dir())')" $< -o $@.partial \
+	  $(CXX) -O3 -fno-trapping-math -fopenmp -std=c++17 -shared -fPIC -I$(VENV)/include \
+	    -isystem "$$($(PYTHON) -c 'import jax; print(jax.ffi.include_dir())')" $(CPU_KERNEL_SOURCES) -o $@.partial \
 	    -L$(VENV)/lib -ldnnl -Wl,-rpath,$(abspath $(VENV))/lib && mv $@.partial $@; \
-	else echo "no oneDNN wheel for this platform: convolutions stay XLA's"; fi
+	else echo "no oneDNN wheel for this platform: convolutions and batch norms stay XLA's"; fi
 
-demo: $(INSTALLED) $(ONEDNN_KERNELS)
+demo: $(INSTALLED) $(CPU_KERNELS)
 	$(PYTHON) main.py --config=configs/vgg19_mhsa.py:demo --workdir=runs/vgg19_mhsa_demo
 
-test: $(INSTALLED) $(ONEDNN_KERNELS)
+test: $(INSTALLED) $(CPU_KERNELS)
 	$(PYTHON) -m pytest tests -q
 
 $(PEERS_INSTALLED): benchmarks/requirements.txt $(INSTALLED)
@@ -37,8 +39,8 @@ $(PEERS_INSTALLED): benchmarks/requirements.txt $(INSTALLED)
 	touch $(PEERS_INSTALLED)
 
 # Our train step against Keras 3 (TensorFlow, JAX) and PyTorch: benchmarks/peers.{md,json}.
-peers: $(PEERS_INSTALLED) $(ONEDNN_KERNELS)
+peers: $(PEERS_INSTALLED) $(CPU_KERNELS)
 	$(PYTHON) -m benchmarks.peers
 
 clean:
-	rm -rf $(VENV) runs $(ONEDNN_KERNELS)
+	rm -rf $(VENV) runs $(CPU_KERNELS)

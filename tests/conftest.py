@@ -1,8 +1,11 @@
 import os
+import platform
+import sys
 
 import jax
 import pytest
 
+from allflax.models import cpu_kernels
 from configs import vgg19_mhsa
 
 
@@ -11,6 +14,20 @@ def compilation_cache(tmp_path_factory):
     """Tests that build the same recipe several times compile it once."""
     jax.config.update('jax_compilation_cache_dir', str(tmp_path_factory.mktemp('xla_cache')))
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
+
+
+@pytest.fixture(params=[True, False], ids=['kernels', 'no_kernels'])
+def kernels_built(request, monkeypatch):
+    """The test runs with allflax's CPU kernels (built by `make` on Linux x86-64) and as a machine
+    without them sees it."""
+    if request.param:
+        if not cpu_kernels.available():
+            if sys.platform == 'linux' and platform.machine() == 'x86_64':
+                pytest.fail(f'{cpu_kernels.LIBRARY} is not built: run `make test` (it builds it)')
+            pytest.skip('no oneDNN wheel for this platform')
+    else:
+        monkeypatch.setattr(cpu_kernels, 'available', lambda: False)
+    return request.param
 
 
 @pytest.fixture(scope='session')

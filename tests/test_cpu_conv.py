@@ -1,9 +1,7 @@
 """cpu_conv: XLA:CPU's slow convolutions rewritten (oneDNN, shifted depthwise, 1×1 dot, Winograd) give
 lax.conv_general_dilated's values and gradients, and the models route their layers through it."""
-import platform
 import shutil
 import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +11,7 @@ from flax import nnx
 from jax import lax
 
 from allflax import models
-from allflax.models import cpu_conv, onednn
+from allflax.models import cpu_conv, cpu_kernels, onednn
 
 # nnx.Conv's dimension numbers for NHWC inputs and HWIO kernels.
 NHWC = lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1), out_spec=(0, 3, 1, 2))
@@ -83,20 +81,6 @@ def test_shifted_depthwise_conv_is_xla_grouped_conv(size, strides):
                  value_and_grads(grouped, images, kernel, cotangent), 1e-6)
 
 
-@pytest.fixture(params=[True, False], ids=['onednn', 'no_onednn'])
-def onednn_built(request, monkeypatch):
-    """Each dispatcher test runs with the oneDNN kernels (built by `make` on Linux x86-64) and as
-    a machine without them sees it."""
-    if request.param:
-        if not onednn.available():
-            if sys.platform == 'linux' and platform.machine() == 'x86_64':
-                pytest.fail(f'{onednn.LIBRARY} is not built: run `make test` (it builds it)')
-            pytest.skip('no oneDNN wheel for this platform')
-    else:
-        monkeypatch.setattr(onednn, 'available', lambda: False)
-    return request.param
-
-
 def route(jaxpr) -> str:
     """Which formulation a traced convolution took."""
     names = {eqn.primitive.name for eqn in jaxpr.eqns}
@@ -125,7 +109,7 @@ CASES = [
 
 @pytest.mark.parametrize('size, channels, kernel_shape, strides, groups, padding, with_onednn, without', CASES)
 def test_dispatcher_is_lax_conv(size, channels, kernel_shape, strides, groups, padding, with_onednn, without,
-                                onednn_built):
+                                kernels_built):
     """Called as nnx.Conv calls it; the case's route is taken, values and gradients are XLA's."""
     images, kernel, _ = random_case(2, *size, channels, kernel_shape, strides)
 
@@ -135,7 +119,7 @@ def test_dispatcher_is_lax_conv(size, channels, kernel_shape, strides, groups, p
                                      out_sharding=None)
 
     assert route(jax.make_jaxpr(convolve(cpu_conv.conv_general_dilated))(images, kernel)) == (
-        with_onednn if onednn_built else without)
+        with_onednn if kernels_built else without)
     expected = jax.eval_shape(convolve(lax.conv_general_dilated), images, kernel)
     cotangent = jnp.asarray(np.random.default_rng(1).standard_normal(expected.shape), jnp.float32)
     assert_close(value_and_grads(convolve(cpu_conv.conv_general_dilated), images, kernel, cotangent),
@@ -147,7 +131,7 @@ def test_dispatcher_is_lax_conv(size, channels, kernel_shape, strides, groups, p
 @pytest.mark.parametrize('size, channels, with_onednn, without', [((9, 11), 256, 'onednn', 'winograd'),
                                                                    ((16, 16), 48, 'onednn', 'winograd'),
                                                                    ((7, 9), 6, 'onednn', 'dot')])
-def test_bfloat16_inputs_stay_bfloat16_and_close(size, channels, with_onednn, without, onednn_built):
+def test_bfloat16_inputs_stay_bfloat16_and_close(size, channels, with_onednn, without, kernels_built):
     """bfloat16 in, bfloat16 out, near the float32 convolution; values and gradients."""
     kernel_shape = (1, 1, channels, 4) if channels == 6 else (3, 3, channels, 4)
     images, kernel, cotangent = random_case(2, *size, channels, kernel_shape, 1)
@@ -156,7 +140,7 @@ def test_bfloat16_inputs_stay_bfloat16_and_close(size, channels, with_onednn, wi
         return cpu_conv.conv_general_dilated(x, k, (1, 1), 'SAME', dimension_numbers=NHWC)
 
     halves = [array.astype(jnp.bfloat16) for array in (images, kernel, cotangent)]
-    assert route(jax.make_jaxpr(convolve)(*halves[:2])) == (with_onednn if onednn_built else without)
+    assert route(jax.make_jaxpr(convolve)(*halves[:2])) == (with_onednn if kernels_built else without)
     out = value_and_grads(convolve, *halves)
     assert all(array.dtype == jnp.bfloat16 for array in out)
 
@@ -180,7 +164,7 @@ def test_vgg_layers_go_through_the_dispatcher():
 
 @pytest.mark.parametrize('dtype, tolerance', [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
 @pytest.mark.parametrize('size, channels, features', [((8, 8), 3, 16), ((5, 7), 16, 8)])
-def test_conv_relu_is_relu_of_the_layer(size, channels, features, dtype, tolerance, onednn_built):
+def test_conv_relu_is_relu_of_the_layer(size, channels, features, dtype, tolerance, kernels_built):
     """VGG's fused layer: nnx.relu(conv(x))'s values and its gradients wrt input, kernel and bias,
     with oneDNN (bias and ReLU inside the kernel) and without it."""
     conv = nnx.Conv(channels, features, (3, 3), padding='SAME', dtype=dtype, rngs=nnx.Rngs(0),
@@ -196,7 +180,7 @@ def test_conv_relu_is_relu_of_the_layer(size, channels, features, dtype, toleran
         return lax.conv_general_dilated(x, kernel, (1, 1), 'SAME', dimension_numbers=NHWC) + bias
 
     jaxpr = jax.make_jaxpr(fused)(params, images)
-    assert ('allflax_onednn_conv_ForwardBiasRelu' in str(jaxpr)) == onednn_built
+    assert ('allflax_onednn_conv_ForwardBiasRelu' in str(jaxpr)) == kernels_built
     got, got_pullback = jax.vjp(fused, params, images)
     want, want_pullback = jax.vjp(linear, params, images)
     assert got.dtype == dtype
@@ -210,28 +194,60 @@ def test_conv_relu_is_relu_of_the_layer(size, channels, features, dtype, toleran
         assert_close([got_params[name][...].astype(jnp.float32)], [want_params[name][...]], tolerance)
 
 
-def test_onednn_library_problems_say_what_to_do(tmp_path, monkeypatch):
+def test_kernel_library_problems_say_what_to_do(tmp_path, monkeypatch):
     """A library that does not load, or that lacks a kernel (built from an older source), is an
     error naming the file and `make`, not a silent fallback."""
-    broken = tmp_path / '_onednn_conv.so'
+    broken = tmp_path / '_cpu_kernels.so'
     broken.write_bytes(b'not a shared library')
-    monkeypatch.setattr(onednn, 'LIBRARY', broken)
-    with pytest.raises(RuntimeError, match=r'does not load.*rebuild it with `make`'):
-        onednn.available.__wrapped__()
+    monkeypatch.setattr(cpu_kernels, 'LIBRARY', broken)
+    with pytest.raises(RuntimeError, match=r'_cpu_kernels.so is built but does not load.*rebuild it with `make`'):
+        cpu_kernels.available.__wrapped__()
     stale = tmp_path / 'stale.so'  # Loads, but holds none of the kernels.
     source = tmp_path / 'stale.c'
     source.write_text('int allflax_nothing_here(void) { return 0; }\n')
     if shutil.which('cc') is None:
         pytest.skip('no C compiler to build a stand-in library')
     subprocess.run(['cc', '-shared', '-fPIC', str(source), '-o', str(stale)], check=True)
-    monkeypatch.setattr(onednn, 'LIBRARY', stale)
-    with pytest.raises(RuntimeError, match=r'older than onednn_conv.cc.*rebuild it with `make`'):
-        onednn.available.__wrapped__()
+    monkeypatch.setattr(cpu_kernels, 'LIBRARY', stale)
+    with pytest.raises(RuntimeError, match=r'stale.so is older than its sources.*rebuild it with `make`'):
+        cpu_kernels.available.__wrapped__()
 
 
-def test_onednn_conv_takes_one_float_dtype():
-    if not onednn.available():
-        pytest.skip('no oneDNN kernels built here')
+def test_onednn_conv_says_which_dtypes_it_takes():
+    if not cpu_kernels.available():
+        pytest.skip('no CPU kernels built here')
     images, kernel, _ = random_case(1, 5, 5, 3, (3, 3, 3, 4), 1)
-    with pytest.raises(TypeError, match='float32 or bfloat16 operands of one dtype, got float32, bfloat16'):
+    with pytest.raises(TypeError, match='a kernel of their dtype or float32.*got float32, bfloat16'):
         onednn.conv(images, kernel.astype(jnp.bfloat16), (1, 1), ((1, 1), (1, 1)))
+
+
+# (input size, kernel, strides, groups, the route with the kernels built, without)
+@pytest.mark.parametrize('size, kernel_shape, strides, groups, with_kernels, without', [
+    ((9, 11), (3, 3, 16, 8), 1, 1, 'onednn', 'xla'),
+    ((9, 8), (3, 3, 1, 16), 2, 16, 'onednn', 'shifted'),  # oneDNN's input gradient runs in float32 here
+    ((7, 9), (1, 1, 16, 8), 1, 1, 'onednn', 'dot')])
+def test_float32_kernel_with_bfloat16_inputs(size, kernel_shape, strides, groups, with_kernels, without,
+                                             kernels_built):
+    """The layers' call (promote_keeping_kernel): bfloat16 inputs and the float32 parameter as the
+    kernel. Output and input gradient are bfloat16, the kernel gradient float32, all near the
+    float32 convolution."""
+    images, kernel, cotangent = random_case(2, *size, kernel_shape[2] * groups, kernel_shape, strides)
+
+    def convolve(conv_general_dilated, dtype):
+        return lambda x, k: conv_general_dilated(x.astype(dtype), k, (strides, strides), 'SAME',
+                                                 dimension_numbers=NHWC, feature_group_count=groups)
+
+    mixed = convolve(cpu_conv.conv_general_dilated, jnp.bfloat16)
+    assert route(jax.make_jaxpr(mixed)(images, kernel)) == (with_kernels if kernels_built else without)
+    out, d_images, d_kernel = value_and_grads(mixed, images, kernel, cotangent.astype(jnp.bfloat16))
+    assert out.dtype == jnp.bfloat16 and d_images.dtype == d_kernel.dtype == jnp.float32
+    assert_close([out.astype(jnp.float32), d_images, d_kernel],
+                 value_and_grads(convolve(lax.conv_general_dilated, jnp.float32), images, kernel, cotangent), 2e-2)
+
+
+def test_promote_keeping_kernel_casts_all_but_a_float32_kernel():
+    inputs, kernel, bias = jnp.ones((1, 2, 2, 3)), jnp.ones((1, 1, 3, 4)), jnp.ones(4)
+    got = cpu_conv.promote_keeping_kernel((inputs, kernel, bias), dtype=jnp.bfloat16)
+    assert [array.dtype for array in got] == [jnp.bfloat16, jnp.float32, jnp.bfloat16]
+    got = cpu_conv.promote_keeping_kernel((inputs, kernel.astype(jnp.float16), None), dtype=jnp.bfloat16)
+    assert [array.dtype for array in got[:2]] == [jnp.bfloat16, jnp.bfloat16] and got[2] is None

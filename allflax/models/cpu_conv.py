@@ -9,11 +9,15 @@ nnx.Conv's (Keras import unchanged) while the computation is chosen at trace tim
   Winograd F(4, 3) or F(2, 3) — small constant transforms around batched matmuls, fewer
   multiplications than any direct convolution; `_winograd_tile` says where it is used;
 - everything else in float32 or bfloat16, where the oneDNN kernels are built
-  (allflax/models/onednn.py): oneDNN's convolution, forward and both gradients, 1.1–4× XLA:CPU's
+  (allflax/models/cpu_kernels.py): oneDNN's convolution, forward and both gradients, 1.1–4× XLA:CPU's
   speed per layer in float32 and 2.4–5.5× in bfloat16;
 - without them: depthwise k×k ((k, k, 1, C) kernel, C groups, SAME) as k·k shifted
   multiply-adds (XLA:CPU's grouped convolution is 6–40× slower), the 1×1 dot and Winograd in
   bfloat16 too, and `lax.conv_general_dilated` for the rest.
+
+Layers pass `promote_dtype=promote_keeping_kernel` too: the kernel reaches the convolution in
+its parameter dtype, and oneDNN rounds a float32 kernel to bfloat16 within the layout reorder it
+does anyway (XLA:CPU's conversions run as scalar loops); every other route casts it itself.
 
 benchmarks/RESULTS.md has the measurements behind each choice.
 """
@@ -24,9 +28,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from flax.nnx.nn import dtypes
 from jax import lax
 
-from allflax.models import onednn
+from allflax.models import cpu_kernels, onednn
 
 # Winograd F(m, 3) (Lavin & Gray 2016): Y = Aᵀ[(G g Gᵀ) ⊙ (Bᵀ d B)]A for an (m + 2)² input tile d.
 _WINOGRAD = {
@@ -67,17 +72,30 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
              and all(d == 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ()))))
     route, pads = _route(lhs, rhs, window_strides, padding, feature_group_count, out_dtype) if plain else ('xla', None)
     strides = tuple(window_strides)
+    if route == 'onednn':
+        # A float32 kernel with bfloat16 inputs is rounded inside oneDNN.
+        return onednn.conv(lhs, rhs if rhs.dtype == jnp.float32 else rhs.astype(lhs.dtype), strides, pads,
+                           feature_group_count)
+    rhs = rhs.astype(lhs.dtype)  # As flax's promote_dtype would have.
     if route == 'pointwise':
         return pointwise_conv(lhs, rhs, precision).astype(out_dtype)
     if route.startswith('winograd'):
         return winograd_conv(lhs, rhs, int(route[-1]), precision).astype(out_dtype)
-    if route == 'onednn':
-        return onednn.conv(lhs, rhs.astype(lhs.dtype), strides, pads, feature_group_count)
     if route == 'shifted':
         return shifted_depthwise_conv(lhs, rhs, strides).astype(out_dtype)
     return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
                                     feature_group_count, batch_group_count, precision=precision,
                                     preferred_element_type=preferred_element_type, **kwargs)
+
+
+def promote_keeping_kernel(args, /, *, dtype=None, inexact=True):
+    """nnx.Conv's `promote_dtype` for `conv_general_dilated`: inputs and bias cast to `dtype` as flax's,
+    a float32 kernel kept in float32 (the convolution rounds it as flax would have)."""
+    inputs, kernel, bias = args
+    if dtype is None or kernel.dtype != jnp.float32:
+        return dtypes.promote_dtype(args, dtype=dtype, inexact=inexact)
+    inputs, bias = dtypes.promote_dtype((inputs, bias), dtype=dtype, inexact=inexact)
+    return inputs, kernel, bias
 
 
 def _route(lhs, rhs, strides, padding, groups, out_dtype):
@@ -93,7 +111,7 @@ def _route(lhs, rhs, strides, padding, groups, out_dtype):
     same = list(pads) == _same_padding(lhs.shape[1:3], taps, strides)  # The rewrites below pad as XLA's 'SAME'.
     channels = lhs.shape[3]
     depthwise = groups == channels and rhs.shape[2] == 1 and rhs.shape[3] == channels
-    onednn_fits = onednn.available() and lhs.dtype in (jnp.float32, jnp.bfloat16) and out_dtype == lhs.dtype
+    onednn_fits = cpu_kernels.available() and lhs.dtype in (jnp.float32, jnp.bfloat16) and out_dtype == lhs.dtype
     # In bfloat16 oneDNN's convolutions run twice as fast as in float32, and return bfloat16
     # without the separate cast a dot with float32 accumulation needs; Winograd's transforms don't gain.
     float32_or_no_onednn = lhs.dtype == jnp.float32 or not onednn_fits

@@ -87,7 +87,8 @@ def _conv_and_norm(dtype, param_dtype, rngs):
     """
     conv = functools.partial(nnx.Conv, padding='SAME', use_bias=False, kernel_init=CONV_INIT,
                              dtype=dtype, param_dtype=param_dtype, rngs=rngs,
-                             conv_general_dilated=cpu_conv.conv_general_dilated)
+                             conv_general_dilated=cpu_conv.conv_general_dilated,
+                             promote_dtype=cpu_conv.promote_keeping_kernel)
     norm = functools.partial(nnx.BatchNorm, epsilon=BN_EPSILON, momentum=BN_MOMENTUM,
                              dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     return conv, norm

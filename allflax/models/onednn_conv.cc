@@ -4,7 +4,10 @@
 // XLA:CPU's own convolutions run at about half of what oneDNN (the library behind PyTorch's and
 // TensorFlow's CPU convolutions) reaches on the same core, and gain nothing from bfloat16.
 // Layouts are JAX's: NHWC activations and HWIO kernels ((KH, KW, C/G, O) for G groups), float32
-// or bfloat16, all operands of one dtype. allflax/models/onednn.py builds the JAX side.
+// or bfloat16. The kernel (and its gradient) may be float32 with bfloat16 activations: the
+// reorder into oneDNN's kernel layout, done anyway, rounds it, so float32 weights need no
+// separate cast in XLA (whose conversions run as scalar loops). allflax/models/onednn.py builds
+// the JAX side.
 //
 // Primitives are built once per shape and kept. Every execution holds one lock: the default
 // oneDNN build shares one scratchpad among primitives, and its OpenMP threads already use all
@@ -31,7 +34,8 @@ struct Geometry {
   int64_t out_height, out_width, out_channels;
   int64_t kernel_height, kernel_width, groups;
   dnnl::memory::dims strides, padding_low, padding_high;
-  dnnl::memory::data_type dtype;
+  dnnl::memory::data_type dtype;         // Activations (and bias).
+  dnnl::memory::data_type kernel_dtype;  // The kernel and its gradient, as JAX holds them.
   bool bias_relu;  // Forward: bias, then ReLU; kernel gradient: the bias gradient too.
 
   std::string Key(Pass pass) const {
@@ -39,7 +43,7 @@ struct Geometry {
     for (int64_t value : {batch, height, width, in_channels, out_height, out_width, out_channels,
                           kernel_height, kernel_width, groups, strides[0], strides[1],
                           padding_low[0], padding_low[1], padding_high[0], padding_high[1],
-                          static_cast<int64_t>(dtype)}) {
+                          static_cast<int64_t>(dtype), static_cast<int64_t>(kernel_dtype)}) {
       key += ',' + std::to_string(value);
     }
     return key;
@@ -60,7 +64,8 @@ struct Geometry {
     return {{groups, out_channels / groups, in_channels / groups, kernel_height, kernel_width},
             kernel_dtype, any_layout ? tag::any : tag::hwigo};
   }
-  dnnl::memory::desc Kernel(bool any_layout) const { return Kernel(any_layout, dtype); }
+  // The primitive's kernel (any layout, the activations' dtype) or JAX's.
+  dnnl::memory::desc Kernel(bool any_layout) const { return Kernel(any_layout, any_layout ? dtype : kernel_dtype); }
   dnnl::memory::desc Bias() const {
     return bias_relu ? dnnl::memory::desc({out_channels}, dtype, dnnl::memory::format_tag::a)
                      : dnnl::memory::desc();
@@ -187,17 +192,19 @@ ffi::ErrorOr<Geometry> MakeGeometry(const ffi::AnyBuffer& input, const ffi::AnyB
                       "spatial strides and paddings"));
   }
   const ffi::DataType dtype = input.element_type();
-  if (kernel.element_type() != dtype || output.element_type() != dtype ||
-      (dtype != ffi::DataType::F32 && dtype != ffi::DataType::BF16)) {
+  if (output.element_type() != dtype || (dtype != ffi::DataType::F32 && dtype != ffi::DataType::BF16) ||
+      (kernel.element_type() != dtype && kernel.element_type() != ffi::DataType::F32)) {
     return ffi::Unexpected(ffi::Error(ffi::ErrorCode::kInvalidArgument,
-                      "oneDNN convolution: operands must all be float32 or all bfloat16"));
+                      "oneDNN convolution: activations must be float32 or bfloat16, the kernel of "
+                      "their dtype or float32"));
   }
+  auto onednn_dtype = [](ffi::DataType type) {
+    return type == ffi::DataType::F32 ? dnnl::memory::data_type::f32 : dnnl::memory::data_type::bf16;
+  };
   Geometry g{in[0], in[1], in[2], in[3], out[1], out[2], out[3], k[0], k[1], groups,
              {strides[0], strides[1]}, {padding_low[0], padding_low[1]},
              {padding_high[0], padding_high[1]},
-             dtype == ffi::DataType::F32 ? dnnl::memory::data_type::f32
-                                         : dnnl::memory::data_type::bf16,
-             bias != nullptr};
+             onednn_dtype(dtype), onednn_dtype(kernel.element_type()), bias != nullptr};
   if (bias != nullptr &&
       (bias->element_type() != dtype || bias->dimensions().size() != 1 || bias->dimensions()[0] != out[3])) {
     return ffi::Unexpected(ffi::Error(ffi::ErrorCode::kInvalidArgument,

@@ -46,7 +46,8 @@ class VGG(nnx.Module):
         # On CPU, cpu_conv picks each convolution's kernel (Winograd or oneDNN); see conv_relu below.
         conv = functools.partial(nnx.Conv, kernel_size=(3, 3), padding='SAME', kernel_init=CONV_INIT,
                                  dtype=dtype, param_dtype=param_dtype, rngs=rngs,
-                                 conv_general_dilated=cpu_conv.conv_general_dilated)
+                                 conv_general_dilated=cpu_conv.conv_general_dilated,
+                                 promote_dtype=cpu_conv.promote_keeping_kernel)
         dense = functools.partial(nnx.Linear, kernel_init=DENSE_INIT, dtype=dtype,
                                   param_dtype=param_dtype, rngs=rngs)
         self.dtype = dtype
