@@ -7,7 +7,7 @@ INSTALLED := $(VENV)/.installed
 PEERS_INSTALLED := $(VENV)/.installed-peers
 # allflax's XLA:CPU kernels, one XLA FFI library (allflax/models/cpu_kernels.py).
 CPU_KERNELS := allflax/models/_cpu_kernels.so
-CPU_KERNEL_SOURCES := allflax/models/onednn_conv.cc allflax/models/batch_norm_kernels.cc
+CPU_KERNEL_SOURCES := allflax/models/onednn_conv.cc allflax/models/activation_kernels.cc
 
 .PHONY: demo test peers clean
 

@@ -1,6 +1,6 @@
 """batch_norm.norm: flax's nnx.BatchNorm (then nnx.swish) in values, gradients and running
 statistics, through its hand-derived gradient in training mode: with the CPU kernels
-(batch_norm_kernels.cc) and in JAX."""
+(activation_kernels.cc) and in JAX."""
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -10,7 +10,7 @@ the activations several times more; EfficientNetV2's step is mostly these passes
 the output has the input's dtype.
 
 On CPU, where allflax's kernels are built (cpu_kernels.py), both passes run as one FFI call
-each (batch_norm_kernels.cc): the same maths, vectorised and without XLA:CPU's scalar bfloat16
+each (activation_kernels.cc): the same maths, vectorised and without XLA:CPU's scalar bfloat16
 conversions. Elsewhere they are the JAX functions below.
 """
 import functools
@@ -55,21 +55,12 @@ def _train_norm(x, scale, bias, epsilon, swish):
     return _train_norm_fwd(x, scale, bias, epsilon, swish)[0]
 
 
-def _on_cpu_kernels(x) -> bool:
-    return jax.default_backend() == 'cpu' and x.dtype in (jnp.float32, jnp.bfloat16) and cpu_kernels.available()
-
-
-def _kernel(name, results, *operands, epsilon, swish):
-    # 'sequential': under vmap, one call per element; nothing in allflax maps over batch norms.
-    return jax.ffi.ffi_call(f'allflax_batch_norm_{name}', results, vmap_method='sequential')(
-        *operands, epsilon=np.float32(epsilon), swish=swish)
-
-
 def _train_norm_fwd(x, scale, bias, epsilon, swish):
-    if _on_cpu_kernels(x):
+    if cpu_kernels.fits(x):
         statistic = jax.ShapeDtypeStruct(scale.shape, jnp.float32)
-        y, mean, var = _kernel('Forward', (jax.ShapeDtypeStruct(x.shape, x.dtype), statistic, statistic),
-                               x, scale, bias, epsilon=epsilon, swish=swish)
+        y, mean, var = cpu_kernels.call('allflax_batch_norm_Forward',
+                                        (jax.ShapeDtypeStruct(x.shape, x.dtype), statistic, statistic),
+                                        x, scale, bias, epsilon=np.float32(epsilon), swish=swish)
         return (y, mean, var), (x, mean, var, scale, bias)
     mean, var = _moments(x)
     inverse_std = lax.rsqrt(var + epsilon)
@@ -80,10 +71,12 @@ def _train_norm_fwd(x, scale, bias, epsilon, swish):
 
 def _train_norm_bwd(epsilon, swish, residuals, cotangents):
     x, mean, var, scale, bias = residuals
-    if _on_cpu_kernels(x):
+    if cpu_kernels.fits(x):
         gradient = jax.ShapeDtypeStruct(scale.shape, jnp.float32)
-        return tuple(_kernel('Backward', (jax.ShapeDtypeStruct(x.shape, x.dtype), gradient, gradient),
-                             x, cotangents[0].astype(x.dtype), mean, var, scale, bias, epsilon=epsilon, swish=swish))
+        return tuple(cpu_kernels.call('allflax_batch_norm_Backward',
+                                      (jax.ShapeDtypeStruct(x.shape, x.dtype), gradient, gradient),
+                                      x, cotangents[0].astype(x.dtype), mean, var, scale, bias,
+                                      epsilon=np.float32(epsilon), swish=swish))
     inverse_std = lax.rsqrt(var + epsilon)
     axes = tuple(range(x.ndim - 1))
     count = x.size // x.shape[-1]

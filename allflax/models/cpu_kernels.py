@@ -1,23 +1,26 @@
 """The XLA:CPU kernels allflax builds itself, one library called through XLA's FFI.
 
 `make` compiles `_cpu_kernels.so` next to this file from onednn_conv.cc (oneDNN convolutions,
-against the pinned oneDNN wheel: onednn-devel-cpu-gomp, Linux x86-64) and batch_norm_kernels.cc
-(batch norm + swish). Where it is not built, `available()` is False and the models keep XLA's
-own operations: they run the same, slower.
+against the pinned oneDNN wheel: onednn-devel-cpu-gomp, Linux x86-64) and activation_kernels.cc
+(batch norm + swish, squeeze-excitation). Where it is not built, `available()` is False and the
+models keep XLA's own operations: they run the same, slower.
 """
 import ctypes
 import functools
 import pathlib
 
 import jax
+import jax.numpy as jnp
 
 LIBRARY = pathlib.Path(__file__).with_name('_cpu_kernels.so')
-SOURCES = ('onednn_conv.cc', 'batch_norm_kernels.cc')
+SOURCES = ('onednn_conv.cc', 'activation_kernels.cc')
 # FFI target name: the handler symbol the library exports.
 TARGETS = {
     **{f'allflax_onednn_conv_{name}': f'AllflaxOnednnConv{name}'
        for name in ('Forward', 'InputGradient', 'KernelGradient', 'ForwardBiasRelu', 'KernelBiasGradient')},
     **{f'allflax_batch_norm_{name}': f'AllflaxBatchNorm{name}' for name in ('Forward', 'Backward')},
+    **{f'allflax_{name}': f'Allflax{name}' for name in ('ChannelMean', 'ScaleChannels', 'GateGradient',
+                                                           'ScaledInputGradient')},
 }
 
 
@@ -39,3 +42,14 @@ def available() -> bool:
     for target, handler in handlers.items():
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(handler), platform='cpu')
     return True
+
+
+def fits(x: jax.Array) -> bool:
+    """Whether the activation kernels take `x`: float32 or bfloat16 on XLA:CPU, library built."""
+    return jax.default_backend() == 'cpu' and x.dtype in (jnp.float32, jnp.bfloat16) and available()
+
+
+def call(target: str, results, *operands, **attributes):
+    """The kernel `target` (a TARGETS name) on `operands`; its results (shapes and dtypes as `results`)."""
+    # 'sequential': under vmap, one call per element; nothing in allflax maps over these layers.
+    return jax.ffi.ffi_call(target, results, vmap_method='sequential')(*operands, **attributes)

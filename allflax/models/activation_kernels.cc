@@ -1,13 +1,15 @@
-// Training-mode batch norm (and the swish after it) over the last axis, forward and backward, as
-// XLA FFI handlers for XLA:CPU; allflax/models/batch_norm.py holds the same maths in JAX.
+// EfficientNetV2's passes over its activations as XLA FFI handlers for XLA:CPU: training-mode
+// batch norm (and the swish after it), forward and backward (allflax/models/batch_norm.py holds
+// the same maths in JAX), and squeeze-excitation's channel mean and channel scaling
+// (allflax/models/attention.py).
 //
 // XLA:CPU spends most of an EfficientNetV2 step on these passes: in bfloat16 its conversions run
 // as scalar loops, and its reductions and elementwise fusions each take a pass over the
-// activations. Here each handler reads the activations twice, vectorised, on the OpenMP threads
-// oneDNN's convolutions already use.
+// activations. Here each handler reads the activations at most twice, vectorised, on the OpenMP
+// threads oneDNN's convolutions already use.
 //
-// Activations are (rows, channels), row-major, float32 or bfloat16; statistics, parameters and
-// arithmetic are float32; sums gather per block of rows in float32 and across blocks in double.
+// Activations are float32 or bfloat16 with channels last; statistics, parameters and arithmetic
+// are float32. Batch-norm sums gather per block of rows in float32 and across blocks in double.
 
 #include <omp.h>
 
@@ -243,6 +245,75 @@ void Backward(const T* x, const T* dy, const float* mean, const float* variance,
 }
 
 
+// Squeeze-excitation over (samples, positions, channels): per-sample, per-channel sums over the
+// positions, and the gate's scaling of every position. Samples are split across the threads.
+template <typename Body>
+void ForEachSample(int64_t samples, int64_t elements, Body body) {
+  const int threads = elements >= Blocks::kParallelElements ? omp_get_max_threads() : 1;
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t sample = 0; sample < samples; ++sample) body(sample);
+}
+
+template <typename T>
+ALLFLAX_VECTOR_CLONES
+void AddRow(const T* __restrict x, int64_t count, float* __restrict sums) {
+#pragma omp simd
+  for (int64_t i = 0; i < count; ++i) sums[i] += Load(x, i);
+}
+
+template <typename T>
+ALLFLAX_VECTOR_CLONES
+void AddProducts(const T* __restrict a, const T* __restrict b, int64_t count, float* __restrict sums) {
+#pragma omp simd
+  for (int64_t i = 0; i < count; ++i) sums[i] += Load(a, i) * Load(b, i);
+}
+
+// out = x·gate + shift, per channel.
+template <typename T>
+ALLFLAX_VECTOR_CLONES
+void ScaleShift(const T* __restrict x, const float* __restrict gate, const float* __restrict shift, int64_t count,
+                T* __restrict out) {
+#pragma omp simd
+  for (int64_t i = 0; i < count; ++i) Store(out, i, Load(x, i) * gate[i] + shift[i]);
+}
+
+struct SampleShape {
+  int64_t samples, positions, channels;
+};
+
+// Σ over positions of x (or of x·other), per sample and channel, into sums (samples, channels).
+template <typename T>
+void PositionSums(const T* x, const T* other, SampleShape shape, float* sums) {
+  const int64_t per_sample = shape.positions * shape.channels;
+  ForEachSample(shape.samples, shape.samples * per_sample, [&](int64_t sample) {
+    float* row_sums = sums + sample * shape.channels;
+    std::fill(row_sums, row_sums + shape.channels, 0.0f);
+    for (int64_t position = 0; position < shape.positions; ++position) {
+      const int64_t offset = sample * per_sample + position * shape.channels;
+      if (other == nullptr) {
+        AddRow(x + offset, shape.channels, row_sums);
+      } else {
+        AddProducts(x + offset, other + offset, shape.channels, row_sums);
+      }
+    }
+  });
+}
+
+// out = x·gate + shift at every position; gate and shift are (samples, channels), shift may be null.
+template <typename T>
+void ScalePositions(const T* x, const float* gate, const float* shift, SampleShape shape, T* out) {
+  const int64_t per_sample = shape.positions * shape.channels;
+  std::vector<float> zeros(shift == nullptr ? shape.channels : 0, 0.0f);
+  ForEachSample(shape.samples, shape.samples * per_sample, [&](int64_t sample) {
+    const float* g = gate + sample * shape.channels;
+    const float* b = shift == nullptr ? zeros.data() : shift + sample * shape.channels;
+    for (int64_t position = 0; position < shape.positions; ++position) {
+      const int64_t offset = sample * per_sample + position * shape.channels;
+      ScaleShift(x + offset, g, b, shape.channels, out + offset);
+    }
+  });
+}
+
 ffi::Error CheckShapes(const ffi::AnyBuffer& x, std::initializer_list<const ffi::AnyBuffer*> same,
                        std::initializer_list<int64_t> vectors) {
   const auto dims = x.dimensions();
@@ -265,22 +336,26 @@ ffi::Error CheckShapes(const ffi::AnyBuffer& x, std::initializer_list<const ffi:
   return ffi::Error::Success();
 }
 
-// Calls body(T{}, std::bool_constant<swish>{}) with T the activations' element type (uint16_t for
-// bfloat16's bits), so that each pass compiles to its own vectorised loops.
+// Calls body(T{}) with T the activations' element type (uint16_t for bfloat16's bits).
+template <typename Body>
+void WithElementType(ffi::DataType dtype, Body body) {
+  if (dtype == ffi::DataType::F32) {
+    body(float{});
+  } else {
+    body(uint16_t{});
+  }
+}
+
+// Calls body(T{}, std::bool_constant<swish>{}), so that each pass compiles to its own loops.
 template <typename Body>
 void Dispatch(ffi::DataType dtype, bool swish, Body body) {
-  auto with_dtype = [&](auto swish_constant) {
-    if (dtype == ffi::DataType::F32) {
-      body(float{}, swish_constant);
+  WithElementType(dtype, [&](auto element) {
+    if (swish) {
+      body(element, std::true_type{});
     } else {
-      body(uint16_t{}, swish_constant);
+      body(element, std::false_type{});
     }
-  };
-  if (swish) {
-    with_dtype(std::true_type{});
-  } else {
-    with_dtype(std::false_type{});
-  }
+  });
 }
 
 ffi::Error ForwardHandler(ffi::AnyBuffer x, ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> bias,
@@ -323,6 +398,83 @@ ffi::Error BackwardHandler(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Buffer<ffi:
   return ffi::Error::Success();
 }
 
+ffi::ErrorOr<SampleShape> SampleShapeOf(const ffi::AnyBuffer& x, std::initializer_list<const ffi::AnyBuffer*> same,
+                                        std::initializer_list<int64_t> per_sample_channel) {
+  const auto dims = x.dimensions();
+  if (dims.size() < 2 || (x.element_type() != ffi::DataType::F32 && x.element_type() != ffi::DataType::BF16)) {
+    return ffi::Unexpected(ffi::Error(ffi::ErrorCode::kInvalidArgument,
+                                      "squeeze-excitation: the activations must be float32 or bfloat16, "
+                                      "(samples, ..., channels)"));
+  }
+  SampleShape shape{dims[0], 0, dims[dims.size() - 1]};
+  shape.positions = shape.samples * shape.channels == 0 ? 0 : x.element_count() / (shape.samples * shape.channels);
+  for (const ffi::AnyBuffer* other : same) {
+    if (other->element_type() != x.element_type() || other->element_count() != x.element_count()) {
+      return ffi::Unexpected(ffi::Error(ffi::ErrorCode::kInvalidArgument,
+                                        "squeeze-excitation: the activations and their gradients must agree "
+                                        "in shape and dtype"));
+    }
+  }
+  for (int64_t size : per_sample_channel) {
+    if (size != shape.samples * shape.channels) {
+      return ffi::Unexpected(ffi::Error(ffi::ErrorCode::kInvalidArgument,
+                                        "squeeze-excitation: gates and channel means must be (samples, channels)"));
+    }
+  }
+  return shape;
+}
+
+ffi::Error ChannelMeanHandler(ffi::AnyBuffer x, ffi::Result<ffi::Buffer<ffi::F32>> mean) {
+  auto shape = SampleShapeOf(x, {}, {static_cast<int64_t>(mean->element_count())});
+  if (shape.has_error()) return shape.error();
+  WithElementType(x.element_type(), [&](auto element) {
+    using T = decltype(element);
+    PositionSums<T>(static_cast<const T*>(x.untyped_data()), nullptr, *shape, mean->typed_data());
+  });
+  for (size_t i = 0; i < mean->element_count(); ++i) mean->typed_data()[i] /= static_cast<float>(shape->positions);
+  return ffi::Error::Success();
+}
+
+ffi::Error ScaleChannelsHandler(ffi::AnyBuffer x, ffi::Buffer<ffi::F32> gate, ffi::Result<ffi::AnyBuffer> y) {
+  auto shape = SampleShapeOf(x, {&*y}, {static_cast<int64_t>(gate.element_count())});
+  if (shape.has_error()) return shape.error();
+  WithElementType(x.element_type(), [&](auto element) {
+    using T = decltype(element);
+    ScalePositions<T>(static_cast<const T*>(x.untyped_data()), gate.typed_data(), nullptr, *shape,
+                      static_cast<T*>(y->untyped_data()));
+  });
+  return ffi::Error::Success();
+}
+
+// The gate's gradient: Σ over positions of d_y·x.
+ffi::Error GateGradientHandler(ffi::AnyBuffer dy, ffi::AnyBuffer x, ffi::Result<ffi::Buffer<ffi::F32>> d_gate) {
+  auto shape = SampleShapeOf(x, {&dy}, {static_cast<int64_t>(d_gate->element_count())});
+  if (shape.has_error()) return shape.error();
+  WithElementType(x.element_type(), [&](auto element) {
+    using T = decltype(element);
+    PositionSums<T>(static_cast<const T*>(dy.untyped_data()), static_cast<const T*>(x.untyped_data()), *shape,
+                    d_gate->typed_data());
+  });
+  return ffi::Error::Success();
+}
+
+// The input's gradient: d_y·gate through the scaling, plus the channel mean's gradient spread
+// evenly over the positions.
+ffi::Error InputGradientHandler(ffi::AnyBuffer dy, ffi::Buffer<ffi::F32> gate, ffi::Buffer<ffi::F32> d_mean,
+                                ffi::Result<ffi::AnyBuffer> dx) {
+  auto shape = SampleShapeOf(dy, {&*dx}, {static_cast<int64_t>(gate.element_count()),
+                                          static_cast<int64_t>(d_mean.element_count())});
+  if (shape.has_error()) return shape.error();
+  std::vector<float> spread(d_mean.element_count());
+  for (size_t i = 0; i < spread.size(); ++i) spread[i] = d_mean.typed_data()[i] / static_cast<float>(shape->positions);
+  WithElementType(dy.element_type(), [&](auto element) {
+    using T = decltype(element);
+    ScalePositions<T>(static_cast<const T*>(dy.untyped_data()), gate.typed_data(), spread.data(), *shape,
+                      static_cast<T*>(dx->untyped_data()));
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(AllflaxBatchNormForward, ForwardHandler,
@@ -348,3 +500,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(AllflaxBatchNormBackward, BackwardHandler,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<float>("epsilon")
                                   .Attr<bool>("swish"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AllflaxChannelMean, ChannelMeanHandler,
+                              ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Ret<ffi::Buffer<ffi::F32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AllflaxScaleChannels, ScaleChannelsHandler,
+                              ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Arg<ffi::Buffer<ffi::F32>>().Ret<ffi::AnyBuffer>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AllflaxGateGradient, GateGradientHandler,
+                              ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Ret<ffi::Buffer<ffi::F32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AllflaxScaledInputGradient, InputGradientHandler,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::AnyBuffer>());
