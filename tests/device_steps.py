@@ -1,7 +1,9 @@
-"""Runs the first train steps of a tiny recipe on however many devices JAX sees; prints JSON.
+"""Runs the first train steps of a tiny recipe (argv: cache dir, config module) on however many
+devices JAX sees; prints JSON.
 
 Used by test_sharding.py in subprocesses with XLA_FLAGS=--xla_force_host_platform_device_count=N.
 """
+import importlib
 import json
 import sys
 
@@ -10,11 +12,10 @@ import numpy as np
 
 from allflax import sharding, steps
 from allflax.data.sources import synthetic
-from configs import vgg19_mhsa
 
 
-def main(cache_dir: str):
-    config = vgg19_mhsa.get_config('demo')
+def main(cache_dir: str, config_name: str):
+    config = importlib.import_module(f'configs.{config_name}').get_config('demo')
     with config.unlocked():
         config.data.image_size = 32
         config.batch_size = 8
@@ -32,10 +33,10 @@ def main(cache_dir: str):
                                    sharding.batch_sharding(mesh))
         state, metrics = train_step(state, batch)
         losses.append(float(metrics['loss']))
-    kernel = np.asarray(state.params['block1_conv1']['kernel'][...])
+    kernels = [np.asarray(leaf) for leaf in jax.tree.leaves(state.params) if np.ndim(leaf) == 4]
     print(json.dumps({'devices': jax.device_count(), 'losses': losses,
-                      'kernel_checksum': float(np.abs(kernel).sum())}))
+                      'kernel_checksum': float(sum(np.abs(kernel).sum() for kernel in kernels))}))
 
 
 if __name__ == '__main__':
-    main(sys.argv[1])
+    main(*sys.argv[1:])

@@ -4,22 +4,27 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _run_steps(num_devices: int, cache_dir: str) -> dict:
+def _run_steps(num_devices: int, cache_dir: str, config_name: str) -> dict:
     env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu',
                XLA_FLAGS=f'--xla_force_host_platform_device_count={num_devices}')
-    result = subprocess.run([sys.executable, os.path.join(ROOT, 'tests', 'device_steps.py'), cache_dir],
+    result = subprocess.run([sys.executable, os.path.join(ROOT, 'tests', 'device_steps.py'), cache_dir,
+                             config_name],
                             env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def test_one_and_eight_devices_take_the_same_steps(synthetic_cache):
-    one = _run_steps(1, synthetic_cache)
-    eight = _run_steps(8, synthetic_cache)
+# VGG19+MHSA, and B3+SE, whose batch norms (statistics over the whole batch) and SE run as CPU
+# kernels (custom calls, which XLA's partitioner does not split) where they are built.
+@pytest.mark.parametrize('config_name', ['vgg19_mhsa', 'efficientnetv2_b3_se'])
+def test_one_and_eight_devices_take_the_same_steps(synthetic_cache, config_name):
+    one = _run_steps(1, synthetic_cache, config_name)
+    eight = _run_steps(8, synthetic_cache, config_name)
     assert (one['devices'], eight['devices']) == (1, 8)
     # Same global batches, same keys: only the order of float reductions differs.
     np.testing.assert_allclose(eight['losses'], one['losses'], rtol=2e-5)

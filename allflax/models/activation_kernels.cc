@@ -17,6 +17,7 @@
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -475,31 +476,30 @@ ffi::Error InputGradientHandler(ffi::AnyBuffer dy, ffi::Buffer<ffi::F32> gate, f
   return ffi::Error::Success();
 }
 
+// Both batch-norm passes return (activations, two per-channel vectors) and take epsilon and swish.
+template <typename Binding>
+auto BatchNormResults(Binding&& binding) {
+  return std::forward<Binding>(binding)
+      .template Ret<ffi::AnyBuffer>()
+      .template Ret<ffi::Buffer<ffi::F32>>()
+      .template Ret<ffi::Buffer<ffi::F32>>()
+      .template Attr<float>("epsilon")
+      .template Attr<bool>("swish");
+}
+
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(AllflaxBatchNormForward, ForwardHandler,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<float>("epsilon")
-                                  .Attr<bool>("swish"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    AllflaxBatchNormForward, ForwardHandler,
+    BatchNormResults(ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::Buffer<ffi::F32>>()));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(AllflaxBatchNormBackward, BackwardHandler,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<float>("epsilon")
-                                  .Attr<bool>("swish"));
+                              BatchNormResults(ffi::Ffi::Bind()
+                                                   .Arg<ffi::AnyBuffer>()
+                                                   .Arg<ffi::AnyBuffer>()
+                                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                                   .Arg<ffi::Buffer<ffi::F32>>()));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(AllflaxChannelMean, ChannelMeanHandler,
                               ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Ret<ffi::Buffer<ffi::F32>>());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(AllflaxScaleChannels, ScaleChannelsHandler,
