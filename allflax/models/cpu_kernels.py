@@ -51,5 +51,5 @@ def fits(x: jax.Array) -> bool:
 
 def call(target: str, results, *operands, **attributes):
     """The kernel `target` (a TARGETS name) on `operands`; its results (shapes and dtypes as `results`)."""
-    # 'sequential': under vmap, one call per element; nothing in allflax maps over these layers.
+    # 'sequential': under vmap, one call per element; nothing in allflax maps over its layers.
     return jax.ffi.ffi_call(target, results, vmap_method='sequential')(*operands, **attributes)

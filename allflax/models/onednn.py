@@ -7,15 +7,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from allflax.models import cpu_kernels
+
 
 def _call(name, operands, results, strides, padding, groups):
     """The kernel `name` on `operands`; its results (a list), shaped as the arrays `results`."""
-    # 'sequential': under vmap, one call per element; nothing in allflax maps over convolutions.
-    return jax.ffi.ffi_call(f'allflax_onednn_conv_{name}',
-                            [jax.ShapeDtypeStruct(result.shape, result.dtype) for result in results],
-                            vmap_method='sequential')(
-        *operands, strides=np.asarray(strides, np.int64),
-        padding_low=np.asarray([low for low, _ in padding], np.int64),
+    return cpu_kernels.call(
+        f'allflax_onednn_conv_{name}', [jax.ShapeDtypeStruct(result.shape, result.dtype) for result in results],
+        *operands, strides=np.asarray(strides, np.int64), padding_low=np.asarray([low for low, _ in padding], np.int64),
         padding_high=np.asarray([high for _, high in padding], np.int64), groups=np.int64(groups))
 
 
