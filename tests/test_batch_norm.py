@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from allflax.models import batch_norm
+from allflax.models import batch_norm, cpu_kernels
 
 
 def relative_error(got, want):
@@ -85,3 +85,18 @@ def test_eval_mode_uses_running_statistics():
     bn.eval()
     x = jnp.ones((2, 4, 4, 3))
     np.testing.assert_allclose(batch_norm.norm(bn, x, swish=True), nnx.swish(bn(x)), rtol=1e-6)
+
+
+def test_kernels_reject_mismatched_operands():
+    """The FFI kernels check what they are handed and say what is wrong, not read past a buffer."""
+    if not cpu_kernels.available():
+        pytest.skip('no CPU kernels built here')
+    x = jnp.ones((2, 3, 3, 8))
+    vector = jax.ShapeDtypeStruct((8,), jnp.float32)
+    with pytest.raises(Exception, match="batch norm: every per-channel vector must have the last axis's size"):
+        cpu_kernels.call('allflax_batch_norm_Forward', (jax.ShapeDtypeStruct(x.shape, x.dtype), vector, vector),
+                         x, jnp.ones(7), jnp.zeros(8), epsilon=np.float32(1e-3), swish=True)
+    with pytest.raises(Exception, match=r'squeeze-excitation: gates and channel means must be \(samples, channels\)'):
+        cpu_kernels.call('allflax_ScaleChannels', jax.ShapeDtypeStruct(x.shape, x.dtype), x, jnp.ones((2, 7)))
+    with pytest.raises(Exception, match='squeeze-excitation: the activations must be float32 or bfloat16'):
+        cpu_kernels.call('allflax_ChannelMean', jax.ShapeDtypeStruct((2, 8), jnp.float32), x.astype(jnp.float16))

@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <string>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -67,6 +68,9 @@ inline float Sigmoid(float z) {
   return 1.0f / (1.0f + p * __builtin_bit_cast(float, exponent << 23));
 }
 
+// Below this many elements a pass runs on one thread: waking the others costs more.
+int ThreadsFor(int64_t elements) { return elements >= (int64_t{1} << 15) ? omp_get_max_threads() : 1; }
+
 // The passes walk the activations as flat blocks of whole rows, about 512 values long, against
 // per-channel vectors repeated to the block's length: long vector loops whatever the channels.
 struct Blocks {
@@ -78,8 +82,7 @@ struct Blocks {
     for (int64_t i = 0; i < width; ++i) repeated[i] = per_channel[i % channels];
     return repeated;
   }
-  int Threads() const { return elements >= kParallelElements ? omp_get_max_threads() : 1; }
-  static constexpr int64_t kParallelElements = 1 << 15;  // Below it, waking threads costs more.
+  int Threads() const { return ThreadsFor(elements); }
 };
 
 // body(first element, count) for every block, across the OpenMP threads.
@@ -250,8 +253,7 @@ void Backward(const T* x, const T* dy, const float* mean, const float* variance,
 // positions, and the gate's scaling of every position. Samples are split across the threads.
 template <typename Body>
 void ForEachSample(int64_t samples, int64_t elements, Body body) {
-  const int threads = elements >= Blocks::kParallelElements ? omp_get_max_threads() : 1;
-#pragma omp parallel for schedule(static) num_threads(threads)
+#pragma omp parallel for schedule(static) num_threads(ThreadsFor(elements))
   for (int64_t sample = 0; sample < samples; ++sample) body(sample);
 }
 
@@ -315,26 +317,38 @@ void ScalePositions(const T* x, const float* gate, const float* shift, SampleSha
   });
 }
 
-ffi::Error CheckShapes(const ffi::AnyBuffer& x, std::initializer_list<const ffi::AnyBuffer*> same,
-                       std::initializer_list<int64_t> vectors) {
-  const auto dims = x.dimensions();
-  if (dims.size() == 0 || (x.element_type() != ffi::DataType::F32 && x.element_type() != ffi::DataType::BF16)) {
+// x float32 or bfloat16 with at least `rank` axes, and `same` of its dtype and size; `layer` opens
+// the messages.
+ffi::Error CheckActivations(const char* layer, size_t rank, const ffi::AnyBuffer& x,
+                            std::initializer_list<const ffi::AnyBuffer*> same) {
+  if (x.dimensions().size() < rank || (x.element_type() != ffi::DataType::F32 && x.element_type() != ffi::DataType::BF16)) {
     return ffi::Error(ffi::ErrorCode::kInvalidArgument,
-                      "batch norm: the activations must be float32 or bfloat16 with a channel axis");
+                      std::string(layer) + ": the activations must be float32 or bfloat16, " +
+                          (rank == 1 ? "(..., channels)" : "(samples, ..., channels)"));
   }
   for (const ffi::AnyBuffer* other : same) {
     if (other->element_type() != x.element_type() || other->element_count() != x.element_count()) {
       return ffi::Error(ffi::ErrorCode::kInvalidArgument,
-                        "batch norm: the activations and their gradients must agree in shape and dtype");
-    }
-  }
-  for (int64_t size : vectors) {
-    if (size != dims.back()) {
-      return ffi::Error(ffi::ErrorCode::kInvalidArgument,
-                        "batch norm: every per-channel vector must have the last axis's size");
+                        std::string(layer) + ": the activations and their gradients must agree in shape and dtype");
     }
   }
   return ffi::Error::Success();
+}
+
+// Every size in `sizes` equals `expected`, or the error `message`.
+ffi::Error CheckSizes(std::initializer_list<size_t> sizes, int64_t expected, const char* message) {
+  for (size_t size : sizes) {
+    if (static_cast<int64_t>(size) != expected) return ffi::Error(ffi::ErrorCode::kInvalidArgument, message);
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error CheckBatchNorm(const ffi::AnyBuffer& x, std::initializer_list<const ffi::AnyBuffer*> same,
+                          std::initializer_list<size_t> per_channel) {
+  ffi::Error error = CheckActivations("batch norm", 1, x, same);
+  if (error.failure()) return error;
+  return CheckSizes(per_channel, x.dimensions().back(),
+                    "batch norm: every per-channel vector must have the last axis's size");
 }
 
 // Calls body(T{}) with T the activations' element type (uint16_t for bfloat16's bits).
@@ -362,10 +376,8 @@ void Dispatch(ffi::DataType dtype, bool swish, Body body) {
 ffi::Error ForwardHandler(ffi::AnyBuffer x, ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> bias,
                           ffi::Result<ffi::AnyBuffer> y, ffi::Result<ffi::Buffer<ffi::F32>> mean,
                           ffi::Result<ffi::Buffer<ffi::F32>> variance, float epsilon, bool swish) {
-  ffi::Error error = CheckShapes(x, {&*y}, {static_cast<int64_t>(scale.element_count()),
-                                            static_cast<int64_t>(bias.element_count()),
-                                            static_cast<int64_t>(mean->element_count()),
-                                            static_cast<int64_t>(variance->element_count())});
+  ffi::Error error = CheckBatchNorm(
+      x, {&*y}, {scale.element_count(), bias.element_count(), mean->element_count(), variance->element_count()});
   if (error.failure()) return error;
   const int64_t channels = x.dimensions().back(), rows = x.element_count() / std::max<int64_t>(channels, 1);
   Dispatch(x.element_type(), swish, [&](auto element, auto swish_constant) {
@@ -382,11 +394,9 @@ ffi::Error BackwardHandler(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Buffer<ffi:
                            ffi::Buffer<ffi::F32> bias, ffi::Result<ffi::AnyBuffer> dx,
                            ffi::Result<ffi::Buffer<ffi::F32>> d_scale,
                            ffi::Result<ffi::Buffer<ffi::F32>> d_bias, float epsilon, bool swish) {
-  ffi::Error error = CheckShapes(
-      x, {&dy, &*dx},
-      {static_cast<int64_t>(mean.element_count()), static_cast<int64_t>(variance.element_count()),
-       static_cast<int64_t>(scale.element_count()), static_cast<int64_t>(bias.element_count()),
-       static_cast<int64_t>(d_scale->element_count()), static_cast<int64_t>(d_bias->element_count())});
+  ffi::Error error = CheckBatchNorm(x, {&dy, &*dx},
+                                    {mean.element_count(), variance.element_count(), scale.element_count(),
+                                     bias.element_count(), d_scale->element_count(), d_bias->element_count()});
   if (error.failure()) return error;
   const int64_t channels = x.dimensions().back(), rows = x.element_count() / std::max<int64_t>(channels, 1);
   Dispatch(x.element_type(), swish, [&](auto element, auto swish_constant) {
@@ -400,33 +410,20 @@ ffi::Error BackwardHandler(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Buffer<ffi:
 }
 
 ffi::ErrorOr<SampleShape> SampleShapeOf(const ffi::AnyBuffer& x, std::initializer_list<const ffi::AnyBuffer*> same,
-                                        std::initializer_list<int64_t> per_sample_channel) {
+                                        std::initializer_list<size_t> per_sample_channel) {
+  ffi::Error error = CheckActivations("squeeze-excitation", 2, x, same);
+  if (error.failure()) return ffi::Unexpected(std::move(error));
   const auto dims = x.dimensions();
-  if (dims.size() < 2 || (x.element_type() != ffi::DataType::F32 && x.element_type() != ffi::DataType::BF16)) {
-    return ffi::Unexpected(ffi::Error(ffi::ErrorCode::kInvalidArgument,
-                                      "squeeze-excitation: the activations must be float32 or bfloat16, "
-                                      "(samples, ..., channels)"));
-  }
   SampleShape shape{dims[0], 0, dims[dims.size() - 1]};
   shape.positions = shape.samples * shape.channels == 0 ? 0 : x.element_count() / (shape.samples * shape.channels);
-  for (const ffi::AnyBuffer* other : same) {
-    if (other->element_type() != x.element_type() || other->element_count() != x.element_count()) {
-      return ffi::Unexpected(ffi::Error(ffi::ErrorCode::kInvalidArgument,
-                                        "squeeze-excitation: the activations and their gradients must agree "
-                                        "in shape and dtype"));
-    }
-  }
-  for (int64_t size : per_sample_channel) {
-    if (size != shape.samples * shape.channels) {
-      return ffi::Unexpected(ffi::Error(ffi::ErrorCode::kInvalidArgument,
-                                        "squeeze-excitation: gates and channel means must be (samples, channels)"));
-    }
-  }
+  error = CheckSizes(per_sample_channel, shape.samples * shape.channels,
+                     "squeeze-excitation: gates and channel means must be (samples, channels)");
+  if (error.failure()) return ffi::Unexpected(std::move(error));
   return shape;
 }
 
 ffi::Error ChannelMeanHandler(ffi::AnyBuffer x, ffi::Result<ffi::Buffer<ffi::F32>> mean) {
-  auto shape = SampleShapeOf(x, {}, {static_cast<int64_t>(mean->element_count())});
+  auto shape = SampleShapeOf(x, {}, {mean->element_count()});
   if (shape.has_error()) return shape.error();
   WithElementType(x.element_type(), [&](auto element) {
     using T = decltype(element);
@@ -437,7 +434,7 @@ ffi::Error ChannelMeanHandler(ffi::AnyBuffer x, ffi::Result<ffi::Buffer<ffi::F32
 }
 
 ffi::Error ScaleChannelsHandler(ffi::AnyBuffer x, ffi::Buffer<ffi::F32> gate, ffi::Result<ffi::AnyBuffer> y) {
-  auto shape = SampleShapeOf(x, {&*y}, {static_cast<int64_t>(gate.element_count())});
+  auto shape = SampleShapeOf(x, {&*y}, {gate.element_count()});
   if (shape.has_error()) return shape.error();
   WithElementType(x.element_type(), [&](auto element) {
     using T = decltype(element);
@@ -449,7 +446,7 @@ ffi::Error ScaleChannelsHandler(ffi::AnyBuffer x, ffi::Buffer<ffi::F32> gate, ff
 
 // The gate's gradient: Σ over positions of d_y·x.
 ffi::Error GateGradientHandler(ffi::AnyBuffer dy, ffi::AnyBuffer x, ffi::Result<ffi::Buffer<ffi::F32>> d_gate) {
-  auto shape = SampleShapeOf(x, {&dy}, {static_cast<int64_t>(d_gate->element_count())});
+  auto shape = SampleShapeOf(x, {&dy}, {d_gate->element_count()});
   if (shape.has_error()) return shape.error();
   WithElementType(x.element_type(), [&](auto element) {
     using T = decltype(element);
@@ -463,8 +460,7 @@ ffi::Error GateGradientHandler(ffi::AnyBuffer dy, ffi::AnyBuffer x, ffi::Result<
 // evenly over the positions.
 ffi::Error InputGradientHandler(ffi::AnyBuffer dy, ffi::Buffer<ffi::F32> gate, ffi::Buffer<ffi::F32> d_mean,
                                 ffi::Result<ffi::AnyBuffer> dx) {
-  auto shape = SampleShapeOf(dy, {&*dx}, {static_cast<int64_t>(gate.element_count()),
-                                          static_cast<int64_t>(d_mean.element_count())});
+  auto shape = SampleShapeOf(dy, {&*dx}, {gate.element_count(), d_mean.element_count()});
   if (shape.has_error()) return shape.error();
   std::vector<float> spread(d_mean.element_count());
   for (size_t i = 0; i < spread.size(); ++i) spread[i] = d_mean.typed_data()[i] / static_cast<float>(shape->positions);

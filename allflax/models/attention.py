@@ -94,15 +94,16 @@ def _squeeze_excite_fwd(graphdef, features, params):
     gates = _gates(graphdef, params, mean, features.dtype)
     out = cpu_kernels.call('allflax_ScaleChannels', jax.ShapeDtypeStruct(features.shape, features.dtype),
                            features, gates)
-    return out, (features, params, mean, gates)
+    return out, (features, params, mean)
 
 
 def _squeeze_excite_bwd(graphdef, residuals, cotangent):
-    features, params, mean, gates = residuals
+    features, params, mean = residuals
     cotangent = cotangent.astype(features.dtype)
-    channels = jax.ShapeDtypeStruct(gates.shape, jnp.float32)
-    d_gates = cpu_kernels.call('allflax_GateGradient', channels, cotangent, features)
-    _, pullback = jax.vjp(lambda params, mean: _gates(graphdef, params, mean, features.dtype), params, mean)
+    # The gate network is tiny: its forward pass is redone here rather than kept.
+    gates, pullback = jax.vjp(lambda params, mean: _gates(graphdef, params, mean, features.dtype), params, mean)
+    d_gates = cpu_kernels.call('allflax_GateGradient', jax.ShapeDtypeStruct(gates.shape, jnp.float32),
+                               cotangent, features)
     d_params, d_mean = pullback(d_gates)
     d_features = cpu_kernels.call('allflax_ScaledInputGradient', jax.ShapeDtypeStruct(features.shape, features.dtype),
                                   cotangent, gates, d_mean)

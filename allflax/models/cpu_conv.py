@@ -111,7 +111,7 @@ def _route(lhs, rhs, strides, padding, groups, out_dtype):
     same = list(pads) == _same_padding(lhs.shape[1:3], taps, strides)  # The rewrites below pad as XLA's 'SAME'.
     channels = lhs.shape[3]
     depthwise = groups == channels and rhs.shape[2] == 1 and rhs.shape[3] == channels
-    onednn_fits = cpu_kernels.available() and lhs.dtype in (jnp.float32, jnp.bfloat16) and out_dtype == lhs.dtype
+    onednn_fits = cpu_kernels.fits(lhs) and out_dtype == lhs.dtype
     # In bfloat16 oneDNN's convolutions run twice as fast as in float32, and return bfloat16
     # without the separate cast a dot with float32 accumulation needs; Winograd's transforms don't gain.
     float32_or_no_onednn = lhs.dtype == jnp.float32 or not onednn_fits

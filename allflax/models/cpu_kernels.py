@@ -45,7 +45,7 @@ def available() -> bool:
 
 
 def fits(x: jax.Array) -> bool:
-    """Whether the activation kernels take `x`: float32 or bfloat16 on XLA:CPU, library built."""
+    """Whether the kernels take `x`: float32 or bfloat16 on XLA:CPU, library built."""
     return jax.default_backend() == 'cpu' and x.dtype in (jnp.float32, jnp.bfloat16) and available()
 
 
