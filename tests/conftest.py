@@ -30,6 +30,21 @@ def kernels_built(request, monkeypatch):
     return request.param
 
 
+@pytest.fixture(params=[True, False], ids=['bf16_convolutions', 'no_bf16_convolutions'])
+def bfloat16_convolutions(request, monkeypatch, kernels_built):
+    """With the kernels built: oneDNN's bfloat16 convolutions where this CPU has them (AVX-512), and
+    as a CPU without them (AVX2 alone) sees it; False without the kernels."""
+    if not kernels_built:
+        if not request.param:
+            pytest.skip('the same case as bf16_convolutions without the kernels')
+        return False
+    if request.param and not cpu_kernels.bfloat16_convolutions():
+        pytest.skip('oneDNN has no bfloat16 convolutions for this CPU')
+    if not request.param:
+        monkeypatch.setattr(cpu_kernels, 'bfloat16_convolutions', lambda: False)
+    return request.param
+
+
 @pytest.fixture(scope='session')
 def synthetic_cache(tmp_path_factory):
     return str(tmp_path_factory.mktemp('synthetic_cache'))

@@ -126,12 +126,13 @@ def test_dispatcher_is_lax_conv(size, channels, kernel_shape, strides, groups, p
                  value_and_grads(convolve(lax.conv_general_dilated), images, kernel, cotangent), TOLERANCE[4])
 
 
-# bfloat16: oneDNN's convolution where it is built (twice its float32 speed), else F(2, 3) with
-# bfloat16 multiplications, F(4, 3) in float32, and the 1×1 dot.
+# bfloat16: oneDNN's convolution where it has bfloat16 kernels (twice its float32 speed); where
+# the library is built but the CPU has no bfloat16 arithmetic, the float32 routes; without the
+# library, F(2, 3) with bfloat16 multiplications, F(4, 3) in float32, and the 1×1 dot.
 @pytest.mark.parametrize('size, channels, with_onednn, without', [((9, 11), 256, 'onednn', 'winograd'),
                                                                    ((16, 16), 48, 'onednn', 'winograd'),
                                                                    ((7, 9), 6, 'onednn', 'dot')])
-def test_bfloat16_inputs_stay_bfloat16_and_close(size, channels, with_onednn, without, kernels_built):
+def test_bfloat16_inputs_stay_bfloat16_and_close(size, channels, with_onednn, without, bfloat16_convolutions):
     """bfloat16 in, bfloat16 out, near the float32 convolution; values and gradients."""
     kernel_shape = (1, 1, channels, 4) if channels == 6 else (3, 3, channels, 4)
     images, kernel, cotangent = random_case(2, *size, channels, kernel_shape, 1)
@@ -140,7 +141,8 @@ def test_bfloat16_inputs_stay_bfloat16_and_close(size, channels, with_onednn, wi
         return cpu_conv.conv_general_dilated(x, k, (1, 1), 'SAME', dimension_numbers=NHWC)
 
     halves = [array.astype(jnp.bfloat16) for array in (images, kernel, cotangent)]
-    assert route(jax.make_jaxpr(convolve)(*halves[:2])) == (with_onednn if kernels_built else without)
+    # Without bfloat16 convolutions these cases' float32 routes are the library-free ones.
+    assert route(jax.make_jaxpr(convolve)(*halves[:2])) == (with_onednn if bfloat16_convolutions else without)
     out = value_and_grads(convolve, *halves)
     assert all(array.dtype == jnp.bfloat16 for array in out)
 
@@ -180,7 +182,8 @@ def test_conv_relu_is_relu_of_the_layer(size, channels, features, dtype, toleran
         return lax.conv_general_dilated(x, kernel, (1, 1), 'SAME', dimension_numbers=NHWC) + bias
 
     jaxpr = jax.make_jaxpr(fused)(params, images)
-    assert ('allflax_onednn_conv_ForwardBiasRelu' in str(jaxpr)) == kernels_built
+    assert ('allflax_onednn_conv_ForwardBiasRelu' in str(jaxpr)) == (
+        kernels_built and (dtype == jnp.float32 or cpu_kernels.bfloat16_convolutions()))
     got, got_pullback = jax.vjp(fused, params, images)
     want, want_pullback = jax.vjp(linear, params, images)
     assert got.dtype == dtype
@@ -221,13 +224,14 @@ def test_onednn_conv_says_which_dtypes_it_takes():
         onednn.conv(images, kernel.astype(jnp.bfloat16), (1, 1), ((1, 1), (1, 1)))
 
 
-# (input size, kernel, strides, groups, the route with the kernels built, without)
-@pytest.mark.parametrize('size, kernel_shape, strides, groups, with_kernels, without', [
-    ((9, 11), (3, 3, 16, 8), 1, 1, 'onednn', 'xla'),
-    ((9, 8), (3, 3, 1, 16), 2, 16, 'onednn', 'shifted'),  # oneDNN's input gradient runs in float32 here
-    ((7, 9), (1, 1, 16, 8), 1, 1, 'onednn', 'dot')])
-def test_float32_kernel_with_bfloat16_inputs(size, kernel_shape, strides, groups, with_kernels, without,
-                                             kernels_built):
+# (input size, kernel, strides, groups, the route with the kernels built, with them but no bfloat16
+# convolutions on the CPU (float32 routes), without them)
+@pytest.mark.parametrize('size, kernel_shape, strides, groups, with_kernels, in_float32, without', [
+    ((9, 11), (3, 3, 16, 8), 1, 1, 'onednn', 'onednn', 'xla'),
+    ((9, 8), (3, 3, 1, 16), 2, 16, 'onednn', 'onednn', 'shifted'),  # oneDNN's input gradient runs in float32 here
+    ((7, 9), (1, 1, 16, 8), 1, 1, 'onednn', 'dot', 'dot')])
+def test_float32_kernel_with_bfloat16_inputs(size, kernel_shape, strides, groups, with_kernels, in_float32, without,
+                                             kernels_built, bfloat16_convolutions):
     """The layers' call (promote_keeping_kernel): bfloat16 inputs and the float32 parameter as the
     kernel. Output and input gradient are bfloat16, the kernel gradient float32, all near the
     float32 convolution."""
@@ -238,7 +242,8 @@ def test_float32_kernel_with_bfloat16_inputs(size, kernel_shape, strides, groups
                                                  dimension_numbers=NHWC, feature_group_count=groups)
 
     mixed = convolve(cpu_conv.conv_general_dilated, jnp.bfloat16)
-    assert route(jax.make_jaxpr(mixed)(images, kernel)) == (with_kernels if kernels_built else without)
+    assert route(jax.make_jaxpr(mixed)(images, kernel)) == (
+        with_kernels if bfloat16_convolutions else in_float32 if kernels_built else without)
     out, d_images, d_kernel = value_and_grads(mixed, images, kernel, cotangent.astype(jnp.bfloat16))
     assert out.dtype == jnp.bfloat16 and d_images.dtype == d_kernel.dtype == jnp.float32
     assert_close([out.astype(jnp.float32), d_images, d_kernel],

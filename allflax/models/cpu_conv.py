@@ -67,6 +67,12 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
                          precision=None, preferred_element_type=None, **kwargs):
     """`lax.conv_general_dilated`, with XLA:CPU's slow cases (NHWC/HWIO, 2-D) computed another way."""
     out_dtype = preferred_element_type or lhs.dtype
+    if (lhs.dtype == jnp.bfloat16 and out_dtype == lhs.dtype and not _xla_only and jax.default_backend() == 'cpu'
+            and cpu_kernels.available() and not cpu_kernels.bfloat16_convolutions()):
+        # No bfloat16 arithmetic on this CPU (AVX2): the float32 routes, in and out in bfloat16.
+        return conv_general_dilated(lhs.astype(jnp.float32), rhs.astype(jnp.float32), window_strides, padding,
+                                    lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count,
+                                    batch_group_count, precision, **kwargs).astype(lhs.dtype)
     plain = (lhs.ndim == 4 and kwargs.get('out_sharding') is None and batch_group_count == 1
              and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) == _NHWC
              and all(d == 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ()))))
@@ -111,7 +117,8 @@ def _route(lhs, rhs, strides, padding, groups, out_dtype):
     same = list(pads) == _same_padding(lhs.shape[1:3], taps, strides)  # The rewrites below pad as XLA's 'SAME'.
     channels = lhs.shape[3]
     depthwise = groups == channels and rhs.shape[2] == 1 and rhs.shape[3] == channels
-    onednn_fits = cpu_kernels.fits(lhs) and out_dtype == lhs.dtype
+    onednn_fits = (cpu_kernels.fits(lhs) and out_dtype == lhs.dtype
+                   and (lhs.dtype == jnp.float32 or cpu_kernels.bfloat16_convolutions()))
     # In bfloat16 oneDNN's convolutions run twice as fast as in float32, and return bfloat16
     # without the separate cast a dot with float32 accumulation needs; Winograd's transforms don't gain.
     float32_or_no_onednn = lhs.dtype == jnp.float32 or not onednn_fits

@@ -36,12 +36,24 @@ def available() -> bool:
                            f'(or delete it to run without these kernels)') from error
     try:
         handlers = {target: getattr(library, symbol) for target, symbol in TARGETS.items()}
+        library.AllflaxOnednnBfloat16Convolutions
     except AttributeError as error:
         raise RuntimeError(f'{LIBRARY} is older than its sources ({", ".join(SOURCES)}: {error}); '
                            f'rebuild it with `make`') from error
     for target, handler in handlers.items():
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(handler), platform='cpu')
     return True
+
+
+def bfloat16_convolutions() -> bool:
+    """Whether the library is built and oneDNN has bfloat16 convolutions for this CPU: AVX-512 or
+    AVX2-VNNI-2 (on AVX2 alone it has none; bfloat16 convolutions then compute in float32)."""
+    return available() and _probe_bfloat16_convolutions()
+
+
+@functools.cache
+def _probe_bfloat16_convolutions() -> bool:
+    return bool(ctypes.cdll.LoadLibrary(str(LIBRARY)).AllflaxOnednnBfloat16Convolutions())
 
 
 def fits(x: jax.Array) -> bool:

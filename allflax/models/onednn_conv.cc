@@ -9,10 +9,14 @@
 // separate cast in XLA (whose conversions run as scalar loops). allflax/models/onednn.py builds
 // the JAX side.
 //
-// Primitives are built once per shape and kept. Every execution holds one lock: the default
-// oneDNN build shares one scratchpad among primitives, and its OpenMP threads already use all
-// cores, so two convolutions at once would only contend.
+// Primitives are built once per shape and kept. Every execution holds one lock (oneDNN's OpenMP
+// threads already use all cores: two convolutions at once would only contend) and uses one
+// scratchpad of ours. oneDNN's own "global" scratchpad is a buffer per thread, sized by the
+// primitives created on that thread; XLA runs a custom call on whichever of its threads is free,
+// so a primitive created on one thread and run on another read past the end of a smaller buffer
+// (seen as a crash in gemm_convolution_bwd_weights on AVX2, where the im2col kernels need one).
 
+#include <algorithm>
 #include <cstdint>
 #include <memory>
 #include <mutex>
@@ -80,13 +84,28 @@ const dnnl::engine& Engine() {
 // One pass's primitive, and the reorder between JAX's kernel layout and the primitive's.
 struct Kernel {
   dnnl::primitive conv;
+  dnnl::memory::desc scratchpad_desc;  // The primitive's scratchpad in `Scratchpad()`.
   dnnl::memory::desc kernel_desc;   // The primitive's kernel (or kernel gradient) layout.
   dnnl::reorder kernel_reorder;     // JAX layout ↔ primitive layout; empty when they agree.
+  dnnl::memory::desc reorder_scratchpad_desc;
   std::vector<uint8_t> kernel_buffer;  // The reordered kernel; used under the lock only.
 };
 
-dnnl::convolution_forward::primitive_desc ForwardDesc(const Geometry& g) {
+// Every primitive takes its scratchpad from the caller (see the top of this file).
+dnnl::primitive_attr UserScratchpad() {
   dnnl::primitive_attr attributes;
+  attributes.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  return attributes;
+}
+
+// The one scratchpad every execution uses, under the lock; grown as primitives are built.
+std::vector<uint8_t>& Scratchpad() {
+  static std::vector<uint8_t> scratchpad;
+  return scratchpad;
+}
+
+dnnl::convolution_forward::primitive_desc ForwardDesc(const Geometry& g) {
+  dnnl::primitive_attr attributes = UserScratchpad();
   if (g.bias_relu) {
     dnnl::post_ops relu;
     relu.append_eltwise(dnnl::algorithm::eltwise_relu, 0.f, 0.f);
@@ -97,6 +116,30 @@ dnnl::convolution_forward::primitive_desc ForwardDesc(const Geometry& g) {
       g.Kernel(true), g.Bias(), g.Output(), g.strides, g.padding_low, g.padding_high, attributes);
 }
 
+// Whether this CPU has oneDNN bfloat16 convolutions, all three passes, that are not its scalar
+// reference loops: they need AVX-512 (or AVX2-VNNI-2); on AVX2 alone oneDNN 3.2 builds none.
+bool HasBfloat16Convolutions() {
+  try {
+    const auto bf16 = dnnl::memory::data_type::bf16;
+    const Geometry g{16, 8, 8, 32, 8, 8, 32, 3, 3, 1, {1, 1}, {1, 1}, {1, 1}, bf16, bf16, false};
+    auto forward = ForwardDesc(g);
+    dnnl::convolution_backward_data::primitive_desc input_gradient(
+        Engine(), dnnl::algorithm::convolution_direct, g.Input(), g.Kernel(true), g.Output(),
+        g.strides, g.padding_low, g.padding_high, forward);
+    dnnl::convolution_backward_weights::primitive_desc kernel_gradient(
+        Engine(), dnnl::algorithm::convolution_direct, g.Input(),
+        g.Kernel(true, dnnl::memory::data_type::f32), g.Bias(), g.Output(), g.strides,
+        g.padding_low, g.padding_high, forward);
+    for (const std::string implementation :
+         {forward.impl_info_str(), input_gradient.impl_info_str(), kernel_gradient.impl_info_str()}) {
+      if (implementation.find("ref") != std::string::npos) return false;
+    }
+    return true;
+  } catch (const dnnl::error&) {
+    return false;
+  }
+}
+
 std::unique_ptr<Kernel> Build(const Geometry& g, Pass pass) {
   auto kernel = std::make_unique<Kernel>();
   auto forward = ForwardDesc(g);
@@ -104,33 +147,40 @@ std::unique_ptr<Kernel> Build(const Geometry& g, Pass pass) {
     case Pass::kForward:
       kernel->conv = dnnl::convolution_forward(forward);
       kernel->kernel_desc = forward.weights_desc();
+      kernel->scratchpad_desc = forward.scratchpad_desc();
       break;
     case Pass::kInputGradient: {
       dnnl::convolution_backward_data::primitive_desc desc(
           Engine(), dnnl::algorithm::convolution_direct, g.Input(), g.Kernel(true), g.Output(),
-          g.strides, g.padding_low, g.padding_high, forward);
+          g.strides, g.padding_low, g.padding_high, forward, UserScratchpad());
       kernel->conv = dnnl::convolution_backward_data(desc);
       kernel->kernel_desc = desc.weights_desc();
+      kernel->scratchpad_desc = desc.scratchpad_desc();
       break;
     }
     case Pass::kKernelGradient: {
       dnnl::convolution_backward_weights::primitive_desc desc(
           Engine(), dnnl::algorithm::convolution_direct, g.Input(),
           g.Kernel(true, dnnl::memory::data_type::f32), g.Bias(), g.Output(), g.strides,
-          g.padding_low, g.padding_high, forward);
+          g.padding_low, g.padding_high, forward, UserScratchpad());
       kernel->conv = dnnl::convolution_backward_weights(desc);
       kernel->kernel_desc = desc.diff_weights_desc();
+      kernel->scratchpad_desc = desc.scratchpad_desc();
       break;
     }
   }
   const dnnl::memory::desc jax_layout = g.Kernel(false);
   if (kernel->kernel_desc != jax_layout) {
     const bool to_jax = pass == Pass::kKernelGradient;
-    kernel->kernel_reorder = dnnl::reorder(dnnl::reorder::primitive_desc(
-        Engine(), to_jax ? kernel->kernel_desc : jax_layout, Engine(),
-        to_jax ? jax_layout : kernel->kernel_desc));
+    dnnl::reorder::primitive_desc reorder(Engine(), to_jax ? kernel->kernel_desc : jax_layout, Engine(),
+                                          to_jax ? jax_layout : kernel->kernel_desc, UserScratchpad());
+    kernel->kernel_reorder = dnnl::reorder(reorder);
+    kernel->reorder_scratchpad_desc = reorder.scratchpad_desc();
     kernel->kernel_buffer.resize(kernel->kernel_desc.get_size());
   }
+  const size_t scratchpad_size =
+      std::max(kernel->scratchpad_desc.get_size(), kernel->reorder_scratchpad_desc.get_size());
+  if (Scratchpad().size() < scratchpad_size) Scratchpad().resize(scratchpad_size);
   return kernel;
 }
 
@@ -151,16 +201,23 @@ ffi::Error Run(const Geometry& g, Pass pass, void* input, void* kernel_data, voi
     }
     dnnl::memory in(g.Input(), Engine(), input), out(g.Output(), Engine(), output);
     dnnl::memory bias_memory = g.bias_relu ? dnnl::memory(g.Bias(), Engine(), bias) : dnnl::memory();
+    dnnl::memory scratchpad(kernel->scratchpad_desc, Engine(), Scratchpad().data());
+    auto reorder_kernel = [&](dnnl::memory& from, dnnl::memory& to) {
+      kernel->kernel_reorder.execute(
+          stream, {{DNNL_ARG_FROM, from}, {DNNL_ARG_TO, to},
+                   {DNNL_ARG_SCRATCHPAD, dnnl::memory(kernel->reorder_scratchpad_desc, Engine(), Scratchpad().data())}});
+    };
     switch (pass) {
       case Pass::kForward:
       case Pass::kInputGradient: {
-        if (kernel->kernel_reorder) kernel->kernel_reorder.execute(stream, jax_kernel, conv_kernel);
+        if (kernel->kernel_reorder) reorder_kernel(jax_kernel, conv_kernel);
         const bool forward = pass == Pass::kForward;
         std::unordered_map<int, dnnl::memory> arguments{
             {forward ? DNNL_ARG_SRC : DNNL_ARG_DIFF_SRC, in},
             {DNNL_ARG_WEIGHTS, conv_kernel},
             {forward ? DNNL_ARG_DST : DNNL_ARG_DIFF_DST, out}};
         if (forward && g.bias_relu) arguments.emplace(DNNL_ARG_BIAS, bias_memory);
+        arguments.emplace(DNNL_ARG_SCRATCHPAD, scratchpad);
         kernel->conv.execute(stream, arguments);
         break;
       }
@@ -168,8 +225,9 @@ ffi::Error Run(const Geometry& g, Pass pass, void* input, void* kernel_data, voi
         std::unordered_map<int, dnnl::memory> arguments{
             {DNNL_ARG_SRC, in}, {DNNL_ARG_DIFF_WEIGHTS, conv_kernel}, {DNNL_ARG_DIFF_DST, out}};
         if (g.bias_relu) arguments.emplace(DNNL_ARG_DIFF_BIAS, bias_memory);
+        arguments.emplace(DNNL_ARG_SCRATCHPAD, scratchpad);
         kernel->conv.execute(stream, arguments);
-        if (kernel->kernel_reorder) kernel->kernel_reorder.execute(stream, conv_kernel, jax_kernel);
+        if (kernel->kernel_reorder) reorder_kernel(conv_kernel, jax_kernel);
         break;
     }
     stream.wait();
@@ -301,3 +359,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
     AllflaxOnednnConvKernelBiasGradient, KernelBiasGradient,
     WithGeometry(ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>()
                      .Ret<ffi::AnyBuffer>()));
+
+// 1 where bfloat16 convolutions are worth calling here (HasBfloat16Convolutions), else 0;
+// cpu_kernels.py asks once.
+extern "C" int AllflaxOnednnBfloat16Convolutions() {
+  static const bool has = HasBfloat16Convolutions();
+  return has ? 1 : 0;
+}
