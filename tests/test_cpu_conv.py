@@ -95,8 +95,8 @@ CASES = [
     ((16, 16), 48, (3, 3, 48, 8), 1, 1, 'SAME', 'winograd', 'winograd'),  # F(4, 3)
     ((9, 11), 256, (3, 3, 256, 4), 1, 1, 'SAME', 'winograd', 'winograd'),  # F(2, 3), odd sizes
     ((9, 11), 256, (3, 3, 256, 4), 1, 1, [(1, 1), (1, 1)], 'winograd', 'winograd'),
-    ((7, 9), 6, (1, 1, 6, 5), 1, 1, 'SAME', 'dot', 'dot'),
-    ((7, 9), 6, (1, 1, 6, 5), 1, 1, 'VALID', 'dot', 'dot'),
+    ((7, 9), 6, (1, 1, 6, 5), 1, 1, 'SAME', 'onednn', 'dot'),
+    ((7, 9), 6, (1, 1, 6, 5), 1, 1, 'VALID', 'onednn', 'dot'),
     ((9, 8), 6, (3, 3, 1, 6), 2, 6, 'SAME', 'onednn', 'shifted'),  # depthwise
     ((9, 8), 6, (3, 3, 1, 6), 2, 6, [(1, 1), (1, 1)], 'onednn', 'xla'),  # not SAME's padding
     ((9, 8), 6, (3, 3, 6, 4), 2, 1, 'SAME', 'onednn', 'xla'),  # dense, stride 2
@@ -129,10 +129,12 @@ def test_dispatcher_is_lax_conv(size, channels, kernel_shape, strides, groups, p
 # bfloat16: oneDNN's convolution where it has bfloat16 kernels (twice its float32 speed); where
 # the library is built but the CPU has no bfloat16 arithmetic, the float32 routes; without the
 # library, F(2, 3) with bfloat16 multiplications, F(4, 3) in float32, and the 1×1 dot.
-@pytest.mark.parametrize('size, channels, with_onednn, without', [((9, 11), 256, 'onednn', 'winograd'),
-                                                                   ((16, 16), 48, 'onednn', 'winograd'),
-                                                                   ((7, 9), 6, 'onednn', 'dot')])
-def test_bfloat16_inputs_stay_bfloat16_and_close(size, channels, with_onednn, without, bfloat16_convolutions):
+@pytest.mark.parametrize('size, channels, with_onednn, in_float32, without', [
+    ((9, 11), 256, 'onednn', 'winograd', 'winograd'),
+    ((16, 16), 48, 'onednn', 'winograd', 'winograd'),
+    ((7, 9), 6, 'onednn', 'onednn', 'dot')])
+def test_bfloat16_inputs_stay_bfloat16_and_close(size, channels, with_onednn, in_float32, without, kernels_built,
+                                                 bfloat16_convolutions):
     """bfloat16 in, bfloat16 out, near the float32 convolution; values and gradients."""
     kernel_shape = (1, 1, channels, 4) if channels == 6 else (3, 3, channels, 4)
     images, kernel, cotangent = random_case(2, *size, channels, kernel_shape, 1)
@@ -141,8 +143,8 @@ def test_bfloat16_inputs_stay_bfloat16_and_close(size, channels, with_onednn, wi
         return cpu_conv.conv_general_dilated(x, k, (1, 1), 'SAME', dimension_numbers=NHWC)
 
     halves = [array.astype(jnp.bfloat16) for array in (images, kernel, cotangent)]
-    # Without bfloat16 convolutions these cases' float32 routes are the library-free ones.
-    assert route(jax.make_jaxpr(convolve)(*halves[:2])) == (with_onednn if bfloat16_convolutions else without)
+    assert route(jax.make_jaxpr(convolve)(*halves[:2])) == (
+        with_onednn if bfloat16_convolutions else in_float32 if kernels_built else without)
     out = value_and_grads(convolve, *halves)
     assert all(array.dtype == jnp.bfloat16 for array in out)
 
@@ -229,7 +231,7 @@ def test_onednn_conv_says_which_dtypes_it_takes():
 @pytest.mark.parametrize('size, kernel_shape, strides, groups, with_kernels, in_float32, without', [
     ((9, 11), (3, 3, 16, 8), 1, 1, 'onednn', 'onednn', 'xla'),
     ((9, 8), (3, 3, 1, 16), 2, 16, 'onednn', 'onednn', 'shifted'),  # oneDNN's input gradient runs in float32 here
-    ((7, 9), (1, 1, 16, 8), 1, 1, 'onednn', 'dot', 'dot')])
+    ((7, 9), (1, 1, 16, 8), 1, 1, 'onednn', 'onednn', 'dot')])
 def test_float32_kernel_with_bfloat16_inputs(size, kernel_shape, strides, groups, with_kernels, in_float32, without,
                                              kernels_built, bfloat16_convolutions):
     """The layers' call (promote_keeping_kernel): bfloat16 inputs and the float32 parameter as the

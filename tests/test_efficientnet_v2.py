@@ -89,12 +89,14 @@ def test_head_of_features_is_the_forward_pass(b0):
     np.testing.assert_allclose(b0.head(feature_map), forward(b0, images), rtol=1e-5, atol=1e-6)
 
 
-def test_depthwise_layers_use_the_shifted_formulation_on_cpu(b0):
+def test_depthwise_layers_use_the_shifted_formulation_on_cpu(b0, kernels_built):
     """The switch happens inside nnx.Conv (cpu_conv), so the kernel keeps its (k, k, 1, C) layout;
-    1×1 convolutions become dots."""
+    1×1 convolutions run through oneDNN (its custom VJP) where the library is built, else as dots.
+    Fresh lambdas: make_jaxpr reuses a function's trace, and the route is chosen while tracing."""
     assert b0.block4a.dwconv2.conv_general_dilated is cpu_conv.conv_general_dilated
     assert b0.block4a.dwconv2.kernel.shape == (3, 3, 1, 192)
-    primitives = {eqn.primitive.name for eqn in jax.make_jaxpr(b0.block4a.dwconv2)(jnp.ones((1, 8, 8, 192))).eqns}
+    primitives = {eqn.primitive.name for eqn in jax.make_jaxpr(lambda x: b0.block4a.dwconv2(x))(jnp.ones((1, 8, 8, 192))).eqns}
     assert 'conv_general_dilated' not in primitives
-    primitives = {eqn.primitive.name for eqn in jax.make_jaxpr(b0.block4a.expand_conv)(jnp.ones((1, 8, 8, 48))).eqns}
-    assert 'dot_general' in primitives and 'conv_general_dilated' not in primitives
+    primitives = {eqn.primitive.name for eqn in jax.make_jaxpr(lambda x: b0.block4a.expand_conv(x))(jnp.ones((1, 8, 8, 48))).eqns}
+    assert ('custom_vjp_call' if kernels_built else 'dot_general') in primitives
+    assert 'conv_general_dilated' not in primitives

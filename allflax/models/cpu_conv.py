@@ -4,16 +4,18 @@ nnx.Conv takes `conv_general_dilated=conv_general_dilated`, so layers and their 
 nnx.Conv's (Keras import unchanged) while the computation is chosen at trace time:
 
 - on any backend but CPU: `lax.conv_general_dilated`;
-- dense 1×1, stride 1, float32: one dot (1.5× XLA:CPU's 1×1 convolution, forward + backward);
 - dense 3×3, stride 1, SAME, float32, at mid and low resolution with enough channels:
   Winograd F(4, 3) or F(2, 3) — small constant transforms around batched matmuls, fewer
   multiplications than any direct convolution; `_winograd_tile` says where it is used;
 - everything else in float32 or bfloat16, where the oneDNN kernels are built
   (allflax/models/cpu_kernels.py): oneDNN's convolution, forward and both gradients, 1.1–4× XLA:CPU's
-  speed per layer in float32 and 2.4–5.5× in bfloat16;
-- without them: depthwise k×k ((k, k, 1, C) kernel, C groups, SAME) as k·k shifted
-  multiply-adds (XLA:CPU's grouped convolution is 6–40× slower), the 1×1 dot and Winograd in
-  bfloat16 too, and `lax.conv_general_dilated` for the rest.
+  speed per layer in float32 and 2.4–5.5× in bfloat16 (1×1 ones too: level with XLA's dot on
+  AVX-512, 1.3–1.7× it on AVX2); bfloat16 computes in float32 where oneDNN has no bfloat16
+  kernels for the CPU (AVX2 alone);
+- without them: dense 1×1 stride-1 as one dot (1.5× XLA:CPU's 1×1 convolution, forward +
+  backward), depthwise k×k ((k, k, 1, C) kernel, C groups, SAME) as k·k shifted multiply-adds
+  (XLA:CPU's grouped convolution is 6–40× slower), Winograd in bfloat16 too, and
+  `lax.conv_general_dilated` for the rest.
 
 Layers pass `promote_dtype=promote_keeping_kernel` too: the kernel reaches the convolution in
 its parameter dtype, and oneDNN rounds a float32 kernel to bfloat16 within the layout reorder it
@@ -119,11 +121,10 @@ def _route(lhs, rhs, strides, padding, groups, out_dtype):
     depthwise = groups == channels and rhs.shape[2] == 1 and rhs.shape[3] == channels
     onednn_fits = (cpu_kernels.fits(lhs) and out_dtype == lhs.dtype
                    and (lhs.dtype == jnp.float32 or cpu_kernels.bfloat16_convolutions()))
-    # In bfloat16 oneDNN's convolutions run twice as fast as in float32, and return bfloat16
-    # without the separate cast a dot with float32 accumulation needs; Winograd's transforms don't gain.
-    float32_or_no_onednn = lhs.dtype == jnp.float32 or not onednn_fits
-    if same and groups == 1 and taps == (1, 1) and strides == (1, 1) and float32_or_no_onednn:
+    if same and groups == 1 and taps == (1, 1) and strides == (1, 1) and not onednn_fits:
         return 'pointwise', pads
+    # In bfloat16 oneDNN's convolutions run twice as fast as in float32; Winograd's transforms don't gain.
+    float32_or_no_onednn = lhs.dtype == jnp.float32 or not onednn_fits
     if same and groups == 1 and taps == (3, 3) and strides == (1, 1) and float32_or_no_onednn:
         tile = _winograd_tile(*lhs.shape[1:])
         if tile:

@@ -81,8 +81,8 @@ def round_repeats(repeats: int, depth_coefficient: float) -> int:
 def _conv_and_norm(dtype, param_dtype, rngs):
     """Layer factories with Keras's EfficientNet settings: TF 'SAME' padding, no conv bias.
 
-    Convolutions go through `cpu_conv.conv_general_dilated`: on CPU, 1×1 ones as dots, some 3×3
-    ones by Winograd, the rest through oneDNN (without it: depthwise ones as shifted
+    Convolutions go through `cpu_conv.conv_general_dilated`: on CPU, some 3×3 ones by Winograd,
+    the rest through oneDNN (without it: 1×1 ones as dots, depthwise ones as shifted
     multiply-adds, XLA's elsewhere). Batch norms run through `batch_norm.norm`.
     """
     conv = functools.partial(nnx.Conv, padding='SAME', use_bias=False, kernel_init=CONV_INIT,
