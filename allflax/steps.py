@@ -17,6 +17,7 @@ from jax.sharding import Mesh
 
 from allflax import losses, models, optim, sharding, weights
 from allflax.data import augment
+from allflax.models import cpu_conv
 
 
 @flax.struct.dataclass
@@ -134,6 +135,10 @@ def setup(config: ml_collections.ConfigDict, num_classes: int, total_steps: int,
           load_pretrained: bool = True) -> Setup:
     """Builds the model (from `model.init_from` where set and `load_pretrained`), the optimiser
     and the initial state, placed on the mesh."""
+    if jnp.dtype(config.dtype) == jnp.bfloat16 and cpu_conv.bfloat16_computes_in_float32():
+        logging.warning('dtype=bfloat16 on a CPU without bfloat16 arithmetic: convolutions compute in float32 and the '
+                        'step is no faster than float32 (use --config.dtype=float32 here; bfloat16 pays on CPUs '
+                        'with AVX-512, GPUs and TPUs)')
     model = models.create(config.model.name, num_classes, dtype=config.dtype, seed=config.seed,
                           image_size=config.data.image_size, **config.model.options)
     pretrained_paths = frozenset()

@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 from jax import lax
 
-from allflax import models
+from allflax import models, sharding, steps
 from allflax.models import cpu_conv, cpu_kernels, onednn
 
 # nnx.Conv's dimension numbers for NHWC inputs and HWIO kernels.
@@ -258,3 +258,18 @@ def test_promote_keeping_kernel_casts_all_but_a_float32_kernel():
     assert [array.dtype for array in got] == [jnp.bfloat16, jnp.float32, jnp.bfloat16]
     got = cpu_conv.promote_keeping_kernel((inputs, kernel.astype(jnp.float16), None), dtype=jnp.bfloat16)
     assert [array.dtype for array in got[:2]] == [jnp.bfloat16, jnp.bfloat16] and got[2] is None
+
+
+@pytest.mark.parametrize('dtype', ['bfloat16', 'float32'])
+def test_bfloat16_without_cpu_arithmetic_says_so(tiny_config, monkeypatch, caplog, dtype, kernels_built,
+                                                 bfloat16_convolutions):
+    """Training set up in bfloat16 where it computes in float32 warns, naming the dtype and what to use."""
+    with tiny_config.unlocked():
+        tiny_config.dtype = dtype
+    with caplog.at_level('WARNING'):
+        steps.setup(tiny_config, 2, 2, sharding.make_mesh())
+    warned = [record.getMessage() for record in caplog.records if 'bfloat16 arithmetic' in record.getMessage()]
+    if dtype == 'bfloat16' and kernels_built and not bfloat16_convolutions:
+        assert len(warned) == 1 and '--config.dtype=float32' in warned[0]
+    else:
+        assert not warned

@@ -69,9 +69,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
                          precision=None, preferred_element_type=None, **kwargs):
     """`lax.conv_general_dilated`, with XLA:CPU's slow cases (NHWC/HWIO, 2-D) computed another way."""
     out_dtype = preferred_element_type or lhs.dtype
-    if (lhs.dtype == jnp.bfloat16 and out_dtype == lhs.dtype and not _xla_only and jax.default_backend() == 'cpu'
-            and cpu_kernels.available() and not cpu_kernels.bfloat16_convolutions()):
-        # No bfloat16 arithmetic on this CPU (AVX2): the float32 routes, in and out in bfloat16.
+    if lhs.dtype == jnp.bfloat16 and out_dtype == lhs.dtype and not _xla_only and bfloat16_computes_in_float32():
         return conv_general_dilated(lhs.astype(jnp.float32), rhs.astype(jnp.float32), window_strides, padding,
                                     lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count,
                                     batch_group_count, precision, **kwargs).astype(lhs.dtype)
@@ -94,6 +92,13 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
     return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
                                     feature_group_count, batch_group_count, precision=precision,
                                     preferred_element_type=preferred_element_type, **kwargs)
+
+
+def bfloat16_computes_in_float32() -> bool:
+    """Whether bfloat16 convolutions here take the float32 routes (bfloat16 in and out): on a CPU
+    without bfloat16 arithmetic (AVX2 alone), where the kernels are built but oneDNN has no
+    bfloat16 convolutions. A bfloat16 step then runs no faster than a float32 one."""
+    return jax.default_backend() == 'cpu' and cpu_kernels.available() and not cpu_kernels.bfloat16_convolutions()
 
 
 def promote_keeping_kernel(args, /, *, dtype=None, inexact=True):
