@@ -87,7 +87,7 @@ struct Kernel {
   dnnl::memory::desc scratchpad_desc;  // The primitive's scratchpad in `Scratchpad()`.
   dnnl::memory::desc kernel_desc;   // The primitive's kernel (or kernel gradient) layout.
   dnnl::reorder kernel_reorder;     // JAX layout ↔ primitive layout; empty when they agree.
-  dnnl::memory::desc reorder_scratchpad_desc;
+  dnnl::memory::desc reorder_scratchpad_desc;  // The reorder's, in the same buffer.
   std::vector<uint8_t> kernel_buffer;  // The reordered kernel; used under the lock only.
 };
 
@@ -116,23 +116,33 @@ dnnl::convolution_forward::primitive_desc ForwardDesc(const Geometry& g) {
       g.Kernel(true), g.Bias(), g.Output(), g.strides, g.padding_low, g.padding_high, attributes);
 }
 
+// One pass's primitive descriptor.
+dnnl::primitive_desc PassDesc(const Geometry& g, Pass pass) {
+  auto forward = ForwardDesc(g);
+  switch (pass) {
+    case Pass::kForward:
+      return forward;
+    case Pass::kInputGradient:
+      return dnnl::convolution_backward_data::primitive_desc(
+          Engine(), dnnl::algorithm::convolution_direct, g.Input(), g.Kernel(true), g.Output(),
+          g.strides, g.padding_low, g.padding_high, forward, UserScratchpad());
+    case Pass::kKernelGradient:
+      return dnnl::convolution_backward_weights::primitive_desc(
+          Engine(), dnnl::algorithm::convolution_direct, g.Input(),
+          g.Kernel(true, dnnl::memory::data_type::f32), g.Bias(), g.Output(), g.strides,
+          g.padding_low, g.padding_high, forward, UserScratchpad());
+  }
+  throw dnnl::error(dnnl_invalid_arguments, "unknown convolution pass");
+}
+
 // Whether this CPU has oneDNN bfloat16 convolutions, all three passes, that are not its scalar
 // reference loops: they need AVX-512 (or AVX2-VNNI-2); on AVX2 alone oneDNN 3.2 builds none.
 bool HasBfloat16Convolutions() {
   try {
     const auto bf16 = dnnl::memory::data_type::bf16;
     const Geometry g{16, 8, 8, 32, 8, 8, 32, 3, 3, 1, {1, 1}, {1, 1}, {1, 1}, bf16, bf16, false};
-    auto forward = ForwardDesc(g);
-    dnnl::convolution_backward_data::primitive_desc input_gradient(
-        Engine(), dnnl::algorithm::convolution_direct, g.Input(), g.Kernel(true), g.Output(),
-        g.strides, g.padding_low, g.padding_high, forward);
-    dnnl::convolution_backward_weights::primitive_desc kernel_gradient(
-        Engine(), dnnl::algorithm::convolution_direct, g.Input(),
-        g.Kernel(true, dnnl::memory::data_type::f32), g.Bias(), g.Output(), g.strides,
-        g.padding_low, g.padding_high, forward);
-    for (const std::string implementation :
-         {forward.impl_info_str(), input_gradient.impl_info_str(), kernel_gradient.impl_info_str()}) {
-      if (implementation.find("ref") != std::string::npos) return false;
+    for (Pass pass : {Pass::kForward, Pass::kInputGradient, Pass::kKernelGradient}) {
+      if (std::string(PassDesc(g, pass).impl_info_str()).find("ref") != std::string::npos) return false;
     }
     return true;
   } catch (const dnnl::error&) {
@@ -142,33 +152,10 @@ bool HasBfloat16Convolutions() {
 
 std::unique_ptr<Kernel> Build(const Geometry& g, Pass pass) {
   auto kernel = std::make_unique<Kernel>();
-  auto forward = ForwardDesc(g);
-  switch (pass) {
-    case Pass::kForward:
-      kernel->conv = dnnl::convolution_forward(forward);
-      kernel->kernel_desc = forward.weights_desc();
-      kernel->scratchpad_desc = forward.scratchpad_desc();
-      break;
-    case Pass::kInputGradient: {
-      dnnl::convolution_backward_data::primitive_desc desc(
-          Engine(), dnnl::algorithm::convolution_direct, g.Input(), g.Kernel(true), g.Output(),
-          g.strides, g.padding_low, g.padding_high, forward, UserScratchpad());
-      kernel->conv = dnnl::convolution_backward_data(desc);
-      kernel->kernel_desc = desc.weights_desc();
-      kernel->scratchpad_desc = desc.scratchpad_desc();
-      break;
-    }
-    case Pass::kKernelGradient: {
-      dnnl::convolution_backward_weights::primitive_desc desc(
-          Engine(), dnnl::algorithm::convolution_direct, g.Input(),
-          g.Kernel(true, dnnl::memory::data_type::f32), g.Bias(), g.Output(), g.strides,
-          g.padding_low, g.padding_high, forward, UserScratchpad());
-      kernel->conv = dnnl::convolution_backward_weights(desc);
-      kernel->kernel_desc = desc.diff_weights_desc();
-      kernel->scratchpad_desc = desc.scratchpad_desc();
-      break;
-    }
-  }
+  const dnnl::primitive_desc desc = PassDesc(g, pass);
+  kernel->conv = dnnl::primitive(desc);
+  kernel->kernel_desc = pass == Pass::kKernelGradient ? desc.diff_weights_desc() : desc.weights_desc();
+  kernel->scratchpad_desc = desc.scratchpad_desc();
   const dnnl::memory::desc jax_layout = g.Kernel(false);
   if (kernel->kernel_desc != jax_layout) {
     const bool to_jax = pass == Pass::kKernelGradient;
