@@ -83,6 +83,7 @@ def host_images_per_second(tiles: np.ndarray, params) -> list[float]:
 
 def main(argv):
     del argv
+    platform.keep_freed_memory()  # As main.py does.
     platform.quiet_library_logs()
     config = FLAGS.config
     with config.unlocked():

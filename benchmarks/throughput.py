@@ -51,6 +51,7 @@ def make_config():
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+    platform.keep_freed_memory()  # As main.py does.
     platform.quiet_library_logs()  # No persistent compile cache: compile_seconds stays a real compile.
     config = make_config()
     rng = np.random.default_rng(0)
