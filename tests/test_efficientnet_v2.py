@@ -95,8 +95,11 @@ def test_depthwise_layers_use_the_shifted_formulation_on_cpu(b0, kernels_built):
     Fresh lambdas: make_jaxpr reuses a function's trace, and the route is chosen while tracing."""
     assert b0.block4a.dwconv2.conv_general_dilated is cpu_conv.conv_general_dilated
     assert b0.block4a.dwconv2.kernel.shape == (3, 3, 1, 192)
-    primitives = {eqn.primitive.name for eqn in jax.make_jaxpr(lambda x: b0.block4a.dwconv2(x))(jnp.ones((1, 8, 8, 192))).eqns}
-    assert 'conv_general_dilated' not in primitives
-    primitives = {eqn.primitive.name for eqn in jax.make_jaxpr(lambda x: b0.block4a.expand_conv(x))(jnp.ones((1, 8, 8, 48))).eqns}
-    assert ('custom_vjp_call' if kernels_built else 'dot_general') in primitives
-    assert 'conv_general_dilated' not in primitives
+
+    def primitives(layer, channels):
+        return {eqn.primitive.name for eqn in jax.make_jaxpr(lambda x: layer(x))(jnp.ones((1, 8, 8, channels))).eqns}
+
+    assert 'conv_general_dilated' not in primitives(b0.block4a.dwconv2, 192)
+    pointwise = primitives(b0.block4a.expand_conv, 48)
+    assert ('custom_vjp_call' if kernels_built else 'dot_general') in pointwise
+    assert 'conv_general_dilated' not in pointwise
