@@ -1,9 +1,12 @@
 """Our train step against the same model in peer frameworks, in one run: images/s and the
 ratio ours / fastest peer, as a markdown table and a JSON file.
 
-  python -m benchmarks.peers --models=vgg19@64,efficientnetv2_b3@128
+  python -m benchmarks.peers --models=vgg19@64,efficientnetv2_b3@128 --rounds=3
 
-For each model@size, each framework runs in a process of its own, one after another:
+For each model@size, each framework runs in a process of its own, one after another, and with
+--rounds=N the whole sequence N times, each round starting one framework later (on a shared or
+virtual machine a slow minute then lands on different frameworks); each framework's entry is its
+median round (of an even count, the lower middle one), so every number shown was measured.
 allflax is `benchmarks.throughput --head=gap` (the train step `main.py` runs, with its one
 warm-up step; --warmup applies to the peers), the peers are `benchmarks.peer_step` (Keras 3
 on TensorFlow, Keras 3 on JAX, PyTorch; see its docstring for what each builds). Peer
@@ -29,6 +32,8 @@ flags.DEFINE_list('frameworks', ['allflax', 'allflax-bfloat16', 'keras-tensorflo
                   'set against the fastest peer in --dtype.')
 flags.DEFINE_integer('batch_size', 16, 'Images per step.')
 flags.DEFINE_integer('steps', 10, 'Timed train steps of each.')
+flags.DEFINE_integer('rounds', 1, 'Times every framework runs, in rotated order; the median round counts.',
+                     lower_bound=1)
 flags.DEFINE_integer('warmup', 2, "Untimed steps of the peers first (ours: throughput's one).")
 flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], "Compute dtype of every framework but 'allflax-bfloat16'.")
 flags.DEFINE_enum('keras_jit_compile', 'auto', ['auto', 'true', 'false'], 'Passed to peer_step.')
@@ -75,6 +80,18 @@ def run_one(framework: str, model: str, image_size: int) -> dict:
         return {**record, 'status': 'failed', 'error': f'exit {done.returncode}: ' + '\n'.join(tail)}
     result = json.loads(lines[-1])
     return {**record, 'status': 'skipped' if 'skipped' in result else 'ok', 'result': result}
+
+
+def combine(rounds: list[dict]) -> dict:
+    """One framework's record from its rounds (run_one's records, same framework and case): the ok
+    round of median train images/s (the lower middle one of an even count), with every round's
+    images/s and how many failed; the first round if none is ok (skipped, or failed)."""
+    ok = sorted((r for r in rounds if r['status'] == 'ok'), key=images_per_sec)
+    if not ok:
+        return rounds[0]
+    return {**ok[(len(ok) - 1) // 2], 'rounds_images_per_sec': [images_per_sec(r) for r in rounds
+                                                                if r['status'] == 'ok'],
+            'failed_rounds': len(rounds) - len(ok)}
 
 
 def parse_models(cases: list[str]) -> list[tuple[str, int]]:
@@ -157,8 +174,11 @@ def markdown(report: dict) -> str:
         lines.append(f'| {case[0]} @ {case[1]} | ' + ' | '.join(cell(by_framework.get(f)) for f in frameworks)
                      + f' | {ratio} |' + (f" {f'{bfloat16_ratio:.2f}' if bfloat16_ratio else '–'} |" if bfloat16 else ''))
     versions = ', '.join(f'{name} {version}' for name, version in env['versions'].items())
+    rounds = setting.get('rounds', 1)
     lines += ['', f"Train images/s (median step), batch {setting['batch_size']}, {setting['dtype']}, "
-                  f"GAP → dense head, {setting['steps']} timed steps; `python -m benchmarks.peers`.",
+                  f"GAP → dense head, {setting['steps']} timed steps"
+                  + (f", median of {rounds} rounds; `python -m benchmarks.peers --rounds={rounds}`." if rounds > 1
+                     else "; `python -m benchmarks.peers`."),
               f"{env['cpu_model']}, {env['cpus']} CPUs, load average {env['load_average_1min_start']} at start, "
               f"{env.get('load_average_1min_end', '?')} at end; Python {env['python']}; {versions}."]
     return '\n'.join(lines) + '\n'
@@ -172,16 +192,23 @@ def main(argv):
         raise app.UsageError(f'unknown frameworks {sorted(unknown)}; known: {", ".join(NAMES)}')
     cases = parse_models(FLAGS.models)
     env = environment()
-    records = []
-    for model, image_size in cases:
-        for framework in FLAGS.frameworks:
-            record = run_one(framework, model, image_size)
-            records.append(record)
-            print(f'{model}@{image_size} {framework}: {cell(record)}', file=sys.stderr, flush=True)
-            if record['status'] == 'failed':
-                print(record['error'], file=sys.stderr)
+    rounds = {(framework, case): [] for case in cases for framework in FLAGS.frameworks}
+    for turn in range(FLAGS.rounds):
+        for model, image_size in cases:
+            shift = turn % len(FLAGS.frameworks)
+            for framework in FLAGS.frameworks[shift:] + FLAGS.frameworks[:shift]:
+                if turn and rounds[framework, (model, image_size)][0]['status'] == 'skipped':
+                    continue  # Not installed: no need to find out again.
+                record = run_one(framework, model, image_size)
+                rounds[framework, (model, image_size)].append(record)
+                print(f'round {turn + 1} {model}@{image_size} {framework}: {cell(record)}', file=sys.stderr,
+                      flush=True)
+                if record['status'] == 'failed':
+                    print(record['error'], file=sys.stderr)
+    records = [combine(rounds[framework, case]) for case in cases for framework in FLAGS.frameworks]
     env['load_average_1min_end'] = round(os.getloadavg()[0], 1)
     report = {'setting': {'batch_size': FLAGS.batch_size, 'dtype': FLAGS.dtype, 'steps': FLAGS.steps,
+                          'rounds': FLAGS.rounds,
                           'warmup': FLAGS.warmup, 'num_classes': 4, 'head': 'gap',
                           'keras_jit_compile': FLAGS.keras_jit_compile, 'torch_compile': FLAGS.torch_compile},
               'environment': env, 'results': records, 'ratios': ratios(records)}

@@ -45,3 +45,29 @@ def test_markdown_table():
 
 def test_parse_models():
     assert peers.parse_models(['vgg19@64', 'efficientnetv2_b3@128']) == [('vgg19', 64), ('efficientnetv2_b3', 128)]
+
+
+def test_combine_keeps_the_median_round():
+    rounds = [record('torch', 'b3', 30.0), record('torch', 'b3', status='failed'), record('torch', 'b3', 22.0),
+              record('torch', 'b3', 26.0)]
+    combined = peers.combine(rounds)
+    assert combined['result']['train_images_per_sec'] == 26.0
+    assert combined['rounds_images_per_sec'] == [30.0, 22.0, 26.0] and combined['failed_rounds'] == 1
+    # Of an even count the lower middle round, so the number shown is one that was measured.
+    assert peers.combine(rounds[2:] + rounds[:1])['result']['train_images_per_sec'] == 26.0
+    assert peers.combine([record('torch', 'b3', 30.0), record('torch', 'b3', 22.0)])['result'][
+        'train_images_per_sec'] == 22.0
+
+
+def test_combine_without_an_ok_round_keeps_the_first():
+    rounds = [record('torch', 'b3', status='skipped')]
+    assert peers.combine(rounds) is rounds[0]
+    failed = [record('torch', 'b3', status='failed'), record('torch', 'b3', status='failed')]
+    assert peers.combine(failed) is failed[0]
+
+
+def test_markdown_names_the_rounds():
+    rounds_report = report()
+    rounds_report['setting']['rounds'] = 3
+    assert 'median of 3 rounds; `python -m benchmarks.peers --rounds=3`.' in peers.markdown(rounds_report)
+    assert '10 timed steps; `python -m benchmarks.peers`.' in peers.markdown(report())
