@@ -9,7 +9,7 @@ import numpy as np
 import tqdm
 from absl import logging
 
-from allflax import checkpoints, evaluate, sharding, steps, summary_writer
+from allflax import checkpoints, evaluate, platform, sharding, steps, summary_writer
 from allflax.data import pipeline
 
 
@@ -69,43 +69,45 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                          disable=jax.process_index() != 0)
     pending = []  # Device-side metrics since the last log: fetched only when logging.
     last_log_step, last_log_time = start_step, time.perf_counter()
-    try:
-        for step in range(start_step + 1, total_steps + 1):
-            state, step_metrics = train_step(state, next(batches))
-            pending.append(step_metrics)
-            if step % config.log_every_steps == 0 or step == total_steps:
-                host = jax.device_get(pending)
-                now = time.perf_counter()
-                record = {'step': step,
-                          'train_loss': float(np.mean([m['loss'] for m in host])),
-                          'train_accuracy': float(np.mean([m['accuracy'] for m in host])),
-                          'learning_rate': float(host[-1]['learning_rate']),
-                          'images_per_sec': (step - last_log_step) * config.batch_size / (now - last_log_time)}
-                metrics_log.write(record)
-                progress.update(step - progress.n)
-                progress.set_postfix(loss=f"{record['train_loss']:.4f}",
-                                     img_s=f"{record['images_per_sec']:.1f}")
-                pending, last_log_step = [], step
-            validation = None
-            if step % config.eval_every_steps == 0 or step == total_steps:
-                validation = evaluate.evaluate_split(eval_step, state, dataset, 'val',
-                                                     config.batch_size, mesh)
-                val_record = {'step': step, 'val_accuracy': validation['accuracy'],
-                              'val_f1_macro': validation['f1_macro'], 'val_nll': validation['nll']}
-                metrics_log.write(val_record)
-                logging.info('step %d: validation accuracy %.4f', step, validation['accuracy'])
-            if validation or step % config.checkpoint_every_steps == 0:
-                checkpointer.save(step, state, batches.consumed_state,
-                                  metrics={'accuracy': validation['accuracy']} if validation else None)
-            if step % config.log_every_steps == 0:
-                # Evaluation and checkpoint time are not training throughput.
-                last_log_time = time.perf_counter()
-    finally:
-        progress.close()
-        checkpointer.wait_until_finished()
-        checkpointer.close()
-        metrics_log.close()
-        train_iterator.close()  # Stops Grain's worker processes and frees their shared memory.
+    # A full garbage collection of the setup objects would stall a step every ~14 (platform.py).
+    with platform.setup_objects_frozen():
+        try:
+            for step in range(start_step + 1, total_steps + 1):
+                state, step_metrics = train_step(state, next(batches))
+                pending.append(step_metrics)
+                if step % config.log_every_steps == 0 or step == total_steps:
+                    host = jax.device_get(pending)
+                    now = time.perf_counter()
+                    record = {'step': step,
+                              'train_loss': float(np.mean([m['loss'] for m in host])),
+                              'train_accuracy': float(np.mean([m['accuracy'] for m in host])),
+                              'learning_rate': float(host[-1]['learning_rate']),
+                              'images_per_sec': (step - last_log_step) * config.batch_size / (now - last_log_time)}
+                    metrics_log.write(record)
+                    progress.update(step - progress.n)
+                    progress.set_postfix(loss=f"{record['train_loss']:.4f}",
+                                         img_s=f"{record['images_per_sec']:.1f}")
+                    pending, last_log_step = [], step
+                validation = None
+                if step % config.eval_every_steps == 0 or step == total_steps:
+                    validation = evaluate.evaluate_split(eval_step, state, dataset, 'val',
+                                                         config.batch_size, mesh)
+                    val_record = {'step': step, 'val_accuracy': validation['accuracy'],
+                                  'val_f1_macro': validation['f1_macro'], 'val_nll': validation['nll']}
+                    metrics_log.write(val_record)
+                    logging.info('step %d: validation accuracy %.4f', step, validation['accuracy'])
+                if validation or step % config.checkpoint_every_steps == 0:
+                    checkpointer.save(step, state, batches.consumed_state,
+                                      metrics={'accuracy': validation['accuracy']} if validation else None)
+                if step % config.log_every_steps == 0:
+                    # Evaluation and checkpoint time are not training throughput.
+                    last_log_time = time.perf_counter()
+        finally:
+            progress.close()
+            checkpointer.wait_until_finished()
+            checkpointer.close()
+            metrics_log.close()
+            train_iterator.close()  # Stops Grain's worker processes and frees their shared memory.
 
     # The same metrics.json and predictions.csv as --mode=eval, without its report (plots, Grad-CAM).
     test, _ = evaluate.evaluate_state(eval_step, state, dataset, 'test', config, mesh, workdir, total_steps)

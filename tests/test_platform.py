@@ -52,3 +52,36 @@ def test_keep_freed_memory_stops_page_faults_of_the_step_temporaries():
     assert kept['kept'] is True and kept['faults_per_call'] < default['faults_per_call'] / 4, (kept, default)
     # Once the backend runs, the arena limit cannot bind: it says so instead of half-applying.
     assert kept['late'] is False and default['late'] is False
+
+
+# Garbage-collector state around setup_objects_frozen(), after JAX and Flax are imported.
+_FROZEN = '''
+import gc, json
+import flax.nnx, jax
+from allflax import platform
+
+class Node:
+    pass
+
+out = {'tracked_before': len(gc.get_objects())}
+with platform.setup_objects_frozen():
+    out['frozen'] = gc.get_freeze_count()
+    out['tracked_inside'] = len(gc.get_objects())
+    cycle = Node()
+    cycle.self = cycle
+    del cycle
+    out['collected_inside'] = gc.collect()
+out['frozen_after'] = gc.get_freeze_count()
+out['tracked_after'] = len(gc.get_objects())
+print(json.dumps(out))
+'''
+
+
+def test_setup_objects_frozen_leaves_them_out_of_collections_until_the_end():
+    done = subprocess.run([sys.executable, '-c', _FROZEN], cwd=ROOT, capture_output=True, text=True, check=True)
+    gc_state = json.loads(done.stdout.strip().splitlines()[-1])
+    assert gc_state['tracked_before'] > 50_000  # What a full collection walks once the libraries are in.
+    assert gc_state['frozen'] >= 0.9 * gc_state['tracked_before']
+    assert gc_state['tracked_inside'] < 1_000  # Inside, only what came after.
+    assert gc_state['collected_inside'] >= 1  # Garbage made inside is still collected.
+    assert gc_state['frozen_after'] == 0 and gc_state['tracked_after'] >= 0.99 * gc_state['frozen']  # Back in.
