@@ -34,8 +34,9 @@ print(json.dumps({'kept': kept, 'faults_per_call': (minor_faults() - before) / 1
 '''
 
 
-def _faults_per_call(mode: str) -> dict:
-    result = subprocess.run([sys.executable, '-c', _FAULTS_PER_CALL, mode], cwd=ROOT, capture_output=True, text=True,
+def _run_script(script: str, *args: str) -> dict:
+    """The JSON object `script` prints last, run in a fresh Python process on the CPU."""
+    result = subprocess.run([sys.executable, '-c', script, *args], cwd=ROOT, capture_output=True, text=True,
                             env={**os.environ, 'JAX_PLATFORMS': 'cpu'}, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -44,7 +45,7 @@ def _faults_per_call(mode: str) -> dict:
 @pytest.mark.skipif(not sys.platform.startswith('linux') or 'CS_GNU_LIBC_VERSION' not in os.confstr_names,
                     reason='glibc malloc and /proc are Linux-with-glibc things')
 def test_keep_freed_memory_stops_page_faults_of_the_step_temporaries():
-    default, kept = _faults_per_call('default'), _faults_per_call('keep')
+    default, kept = _run_script(_FAULTS_PER_CALL, 'default'), _run_script(_FAULTS_PER_CALL, 'keep')
     # 128 MB of temporaries in 4 KiB pages: ~32 k faults a call when they go back to the kernel.
     assert default['faults_per_call'] > 16000, default
     # Kept, a call faults only when the heap grows: the next call's block can be taken before the
@@ -78,8 +79,7 @@ print(json.dumps(out))
 
 
 def test_setup_objects_frozen_leaves_them_out_of_collections_until_the_end():
-    done = subprocess.run([sys.executable, '-c', _FROZEN], cwd=ROOT, capture_output=True, text=True, check=True)
-    gc_state = json.loads(done.stdout.strip().splitlines()[-1])
+    gc_state = _run_script(_FROZEN)
     assert gc_state['tracked_before'] > 50_000  # What a full collection walks once the libraries are in.
     assert gc_state['frozen'] >= 0.9 * gc_state['tracked_before']
     assert gc_state['tracked_inside'] < 1_000  # Inside, only what came after.
