@@ -86,12 +86,11 @@ def combine(rounds: list[dict]) -> dict:
     """One framework's record from its rounds (run_one's records, same framework and case): the ok
     round of median train images/s (the lower middle one of an even count), with every round's
     images/s and how many failed; the first round if none is ok (skipped, or failed)."""
-    ok = sorted((r for r in rounds if r['status'] == 'ok'), key=images_per_sec)
+    ok = [r for r in rounds if r['status'] == 'ok']  # In the order they ran.
     if not ok:
         return rounds[0]
-    return {**ok[(len(ok) - 1) // 2], 'rounds_images_per_sec': [images_per_sec(r) for r in rounds
-                                                                if r['status'] == 'ok'],
-            'failed_rounds': len(rounds) - len(ok)}
+    median = sorted(ok, key=images_per_sec)[(len(ok) - 1) // 2]
+    return {**median, 'rounds_images_per_sec': [images_per_sec(r) for r in ok], 'failed_rounds': len(rounds) - len(ok)}
 
 
 def parse_models(cases: list[str]) -> list[tuple[str, int]]:
