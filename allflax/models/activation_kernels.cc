@@ -15,7 +15,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <string>
 #include <type_traits>
 #include <utility>
@@ -68,6 +70,43 @@ inline float Sigmoid(float z) {
   return 1.0f / (1.0f + p * __builtin_bit_cast(float, exponent << 23));
 }
 
+// Working memory for a handler call (per-channel vectors, partial sums), zero-filled, carved from
+// buffers the calling thread keeps between calls. The handlers run ~200 times a B3 step; with the
+// heap platform.keep_freed_memory() leaves (one arena, ~70 k free chunks after a few steps) each
+// allocation above glibc's per-thread cache (1 KiB) walked long free lists: ~3 % of the step's CPU
+// time went to malloc from these handlers (benchmarks/RESULTS.md). Scratches nest as a stack on
+// their thread: what one hands out stays valid until it goes.
+class Scratch {
+ public:
+  Scratch() : first_(State().used) {}
+  ~Scratch() { State().used = first_; }
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+
+  template <typename T>
+  T* Take(int64_t count) {
+    static_assert(std::is_trivially_copyable_v<T> && alignof(T) <= alignof(std::max_align_t));
+    ThreadState& state = State();
+    if (state.used == state.buffers.size()) state.buffers.emplace_back();
+    std::vector<std::max_align_t>& buffer = state.buffers[state.used++];
+    const size_t bytes = static_cast<size_t>(std::max<int64_t>(count, 0)) * sizeof(T);
+    buffer.resize(std::max(buffer.size(), (bytes + sizeof(std::max_align_t) - 1) / sizeof(std::max_align_t)));
+    std::memset(buffer.data(), 0, bytes);
+    return reinterpret_cast<T*>(buffer.data());
+  }
+
+ private:
+  struct ThreadState {
+    std::vector<std::vector<std::max_align_t>> buffers;  // Each keeps its largest size.
+    size_t used = 0;
+  };
+  static ThreadState& State() {
+    thread_local ThreadState state;
+    return state;
+  }
+  const size_t first_;
+};
+
 // Below this many elements a pass runs on one thread: waking the others costs more.
 int ThreadsFor(int64_t elements) { return elements >= (int64_t{1} << 15) ? omp_get_max_threads() : 1; }
 
@@ -77,8 +116,8 @@ struct Blocks {
   int64_t elements, channels, width;
   Blocks(int64_t elements, int64_t channels)
       : elements(elements), channels(channels), width(channels * std::max<int64_t>(1, 512 / channels)) {}
-  std::vector<float> Repeat(const float* per_channel) const {
-    std::vector<float> repeated(width);
+  const float* Repeat(const float* per_channel, Scratch& scratch) const {
+    float* repeated = scratch.Take<float>(width);
     for (int64_t i = 0; i < width; ++i) repeated[i] = per_channel[i % channels];
     return repeated;
   }
@@ -94,25 +133,27 @@ void ForEachBlock(const Blocks& blocks, Body body) {
   }
 }
 
-// Two per-channel sums over all rows; body(first element, count, first sums, second sums) adds a
-// block's terms into float32 sums as long as the block, flushed to double every 64 blocks.
+// Two per-channel sums over all rows, returned as (first, second), each `channels` doubles from
+// `scratch`; body(first element, count, first sums, second sums) adds a block's terms into float32
+// sums as long as the block, flushed to double every 64 blocks.
 template <typename Body>
-void ChannelSums(const Blocks& blocks, Body body, std::vector<double>& first, std::vector<double>& second) {
+std::pair<const double*, const double*> ChannelSums(const Blocks& blocks, Body body, Scratch& scratch) {
   const int threads = blocks.Threads();
   const int64_t width = blocks.width;
-  std::vector<double> partial(2 * width * threads, 0.0);
+  double* partial = scratch.Take<double>(2 * width * threads);
+  float* block_sums = scratch.Take<float>(2 * width * threads);
 #pragma omp parallel num_threads(threads)
   {
-    double* mine = partial.data() + 2 * width * omp_get_thread_num();
-    std::vector<float> sums(2 * width, 0.0f);
+    double* mine = partial + 2 * width * omp_get_thread_num();
+    float* sums = block_sums + 2 * width * omp_get_thread_num();
     int64_t pending = 0;
     auto flush = [&] {
       for (int64_t i = 0; i < 2 * width; ++i) mine[i] += sums[i];
-      std::fill(sums.begin(), sums.end(), 0.0f);
+      std::fill(sums, sums + 2 * width, 0.0f);
     };
 #pragma omp for schedule(static)
     for (int64_t start = 0; start < blocks.elements; start += width) {
-      body(start, std::min(width, blocks.elements - start), sums.data(), sums.data() + width);
+      body(start, std::min(width, blocks.elements - start), sums, sums + width);
       if (++pending == 64) {
         flush();
         pending = 0;
@@ -120,14 +161,15 @@ void ChannelSums(const Blocks& blocks, Body body, std::vector<double>& first, st
     }
     flush();
   }
-  first.assign(blocks.channels, 0.0);
-  second.assign(blocks.channels, 0.0);
+  double* first = scratch.Take<double>(blocks.channels);
+  double* second = scratch.Take<double>(blocks.channels);
   for (int thread = 0; thread < threads; ++thread) {
     for (int64_t i = 0; i < width; ++i) {
       first[i % blocks.channels] += partial[2 * width * thread + i];
       second[i % blocks.channels] += partial[2 * width * thread + width + i];
     }
   }
+  return {first, second};
 }
 
 template <typename T>
@@ -193,11 +235,11 @@ template <typename T, bool swish>
 void Forward(const T* x, const float* scale, const float* bias, float epsilon, int64_t rows, int64_t channels, T* y,
              float* mean, float* variance) {
   const Blocks blocks(rows * channels, channels);
-  std::vector<double> sums, squares;
-  ChannelSums(
-      blocks, [&](int64_t start, int64_t count, float* s, float* q) { AddMoments(x + start, count, s, q); }, sums,
-      squares);
-  std::vector<float> multiplier(channels), shift(channels);
+  Scratch scratch;
+  const auto [sums, squares] = ChannelSums(
+      blocks, [&](int64_t start, int64_t count, float* s, float* q) { AddMoments(x + start, count, s, q); }, scratch);
+  float* multiplier = scratch.Take<float>(channels);
+  float* shift = scratch.Take<float>(channels);
   for (int64_t c = 0; c < channels; ++c) {
     // flax's statistics: E[x²] − E[x]², clipped at 0.
     const double m = sums[c] / rows;
@@ -206,9 +248,9 @@ void Forward(const T* x, const float* scale, const float* bias, float epsilon, i
     multiplier[c] = scale[c] / std::sqrt(variance[c] + epsilon);
     shift[c] = bias[c] - mean[c] * multiplier[c];
   }
-  const std::vector<float> a = blocks.Repeat(multiplier.data()), b = blocks.Repeat(shift.data());
+  const float *a = blocks.Repeat(multiplier, scratch), *b = blocks.Repeat(shift, scratch);
   ForEachBlock(blocks, [&](int64_t start, int64_t count) {
-    Normalize<T, swish>(x + start, count, a.data(), b.data(), y + start);
+    Normalize<T, swish>(x + start, count, a, b, y + start);
   });
 }
 
@@ -217,22 +259,25 @@ void Backward(const T* x, const T* dy, const float* mean, const float* variance,
               const float* bias, float epsilon, int64_t rows, int64_t channels, T* dx, float* d_scale,
               float* d_bias) {
   const Blocks blocks(rows * channels, channels);
-  std::vector<float> inverse_std(channels), centre(channels);
+  Scratch scratch;
+  float* inverse_std = scratch.Take<float>(channels);
+  float* centre = scratch.Take<float>(channels);
   for (int64_t c = 0; c < channels; ++c) {
     inverse_std[c] = 1.0f / std::sqrt(variance[c] + epsilon);
     centre[c] = -mean[c] * inverse_std[c];
   }
-  const std::vector<float> inv = blocks.Repeat(inverse_std.data()), mid = blocks.Repeat(centre.data()),
-                           sc = blocks.Repeat(scale), bi = blocks.Repeat(bias);
-  std::vector<double> sum_d_z, sum_d_z_normalised;
-  ChannelSums(
+  const float *inv = blocks.Repeat(inverse_std, scratch), *mid = blocks.Repeat(centre, scratch),
+              *sc = blocks.Repeat(scale, scratch), *bi = blocks.Repeat(bias, scratch);
+  const auto [sum_d_z, sum_d_z_normalised] = ChannelSums(
       blocks,
       [&](int64_t start, int64_t count, float* s, float* q) {
-        AddGradientSums<T, swish>(x + start, dy + start, count, inv.data(), mid.data(), sc.data(), bi.data(), s, q);
+        AddGradientSums<T, swish>(x + start, dy + start, count, inv, mid, sc, bi, s, q);
       },
-      sum_d_z, sum_d_z_normalised);
+      scratch);
   // d_x = scale·inv·(d_z − (d_bias + normalised·d_scale) / rows): the standard batch-norm gradient.
-  std::vector<float> gain(channels), offset(channels), slope(channels);
+  float* gain = scratch.Take<float>(channels);
+  float* offset = scratch.Take<float>(channels);
+  float* slope = scratch.Take<float>(channels);
   for (int64_t c = 0; c < channels; ++c) {
     d_bias[c] = static_cast<float>(sum_d_z[c]);
     d_scale[c] = static_cast<float>(sum_d_z_normalised[c]);
@@ -240,11 +285,9 @@ void Backward(const T* x, const T* dy, const float* mean, const float* variance,
     offset[c] = static_cast<float>(-gain[c] * sum_d_z[c] / rows);
     slope[c] = static_cast<float>(-gain[c] * sum_d_z_normalised[c] / rows);
   }
-  const std::vector<float> g = blocks.Repeat(gain.data()), o = blocks.Repeat(offset.data()),
-                           s = blocks.Repeat(slope.data());
+  const float *g = blocks.Repeat(gain, scratch), *o = blocks.Repeat(offset, scratch), *s = blocks.Repeat(slope, scratch);
   ForEachBlock(blocks, [&](int64_t start, int64_t count) {
-    InputGradient<T, swish>(x + start, dy + start, count, inv.data(), mid.data(), sc.data(), bi.data(), g.data(),
-                            o.data(), s.data(), dx + start);
+    InputGradient<T, swish>(x + start, dy + start, count, inv, mid, sc, bi, g, o, s, dx + start);
   });
 }
 
@@ -306,10 +349,11 @@ void PositionSums(const T* x, const T* other, SampleShape shape, float* sums) {
 template <typename T>
 void ScalePositions(const T* x, const float* gate, const float* shift, SampleShape shape, T* out) {
   const int64_t per_sample = shape.positions * shape.channels;
-  std::vector<float> zeros(shift == nullptr ? shape.channels : 0, 0.0f);
+  Scratch scratch;
+  const float* zeros = shift == nullptr ? scratch.Take<float>(shape.channels) : nullptr;
   ForEachSample(shape.samples, shape.samples * per_sample, [&](int64_t sample) {
     const float* g = gate + sample * shape.channels;
-    const float* b = shift == nullptr ? zeros.data() : shift + sample * shape.channels;
+    const float* b = shift == nullptr ? zeros : shift + sample * shape.channels;
     for (int64_t position = 0; position < shape.positions; ++position) {
       const int64_t offset = sample * per_sample + position * shape.channels;
       ScaleShift(x + offset, g, b, shape.channels, out + offset);
@@ -462,11 +506,14 @@ ffi::Error InputGradientHandler(ffi::AnyBuffer dy, ffi::Buffer<ffi::F32> gate, f
                                 ffi::Result<ffi::AnyBuffer> dx) {
   auto shape = SampleShapeOf(dy, {&*dx}, {gate.element_count(), d_mean.element_count()});
   if (shape.has_error()) return shape.error();
-  std::vector<float> spread(d_mean.element_count());
-  for (size_t i = 0; i < spread.size(); ++i) spread[i] = d_mean.typed_data()[i] / static_cast<float>(shape->positions);
+  Scratch scratch;
+  float* spread = scratch.Take<float>(d_mean.element_count());
+  for (size_t i = 0; i < d_mean.element_count(); ++i) {
+    spread[i] = d_mean.typed_data()[i] / static_cast<float>(shape->positions);
+  }
   WithElementType(dy.element_type(), [&](auto element) {
     using T = decltype(element);
-    ScalePositions<T>(static_cast<const T*>(dy.untyped_data()), gate.typed_data(), spread.data(), *shape,
+    ScalePositions<T>(static_cast<const T*>(dy.untyped_data()), gate.typed_data(), spread, *shape,
                       static_cast<T*>(dx->untyped_data()));
   });
   return ffi::Error::Success();
