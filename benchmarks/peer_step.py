@@ -37,6 +37,8 @@ flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'],
                   'Compute dtype: Keras mixed_bfloat16 policy, torch CPU autocast (weights stay float32).')
 flags.DEFINE_integer('steps', 10, 'Timed steps.')
 flags.DEFINE_integer('warmup', 2, 'Untimed steps first (the first one traces and compiles).')
+flags.DEFINE_boolean('blocks_from_stdin', False, 'Time blocks of --steps, one per line read from stdin, until it '
+                     'closes (how benchmarks.peers interleaves frameworks).')
 flags.DEFINE_enum('keras_jit_compile', 'auto', ['auto', 'true', 'false'],
                   "Keras's compile(jit_compile=...). 'auto' is what a Keras user gets: XLA on JAX; on a "
                   'CPU-only TensorFlow, a tf.function graph without XLA (Keras turns XLA off there).')
@@ -150,18 +152,23 @@ def main(argv):
         print(json.dumps({**header, 'skipped': f'{type(error).__name__}: {error}'}))
         return
     setup_seconds = time.perf_counter() - start
-    times = []
-    for _ in range(FLAGS.warmup + FLAGS.steps):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    train = times[FLAGS.warmup:]
+
+    def time_steps(count):
+        times = []
+        for _ in range(count):
+            start = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - start)
+        return times
+
+    warmup = time_steps(FLAGS.warmup)
+    train = records.timed_steps(time_steps, FLAGS.steps, FLAGS.blocks_from_stdin)
     print(json.dumps({
-        **header, 'steps': FLAGS.steps, 'warmup': FLAGS.warmup,
+        **header, 'steps': len(train), 'warmup': FLAGS.warmup,
         'train_images_per_sec': round(FLAGS.batch_size / float(np.median(train)), 2),
         'train_step_s': records.summary(train),
         'setup_seconds': round(setup_seconds, 2),
-        'first_step_seconds': round(times[0], 2),  # Tracing and compilation, where there is any.
+        'first_step_seconds': round(warmup[0], 2),  # Tracing and compilation, where there is any.
         'peak_rss_mb': round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
         **details, 'versions': versions(), 'python': platform.python_version(), 'cpus': os.cpu_count(),
         'load_average_1min': round(os.getloadavg()[0], 1)}))

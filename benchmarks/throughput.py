@@ -27,6 +27,8 @@ flags.DEFINE_enum('head', 'model', ['model', 'gap'], "'model': the registered mo
 flags.DEFINE_integer('num_classes', 4, 'Classes of the head.')
 flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'Compute dtype (parameters stay float32).')
 flags.DEFINE_integer('steps', 10, 'Timed steps of each kind.')
+flags.DEFINE_boolean('blocks_from_stdin', False, 'Time the train step in blocks of --steps, one per line read from '
+                     'stdin, until it closes (how benchmarks.peers interleaves frameworks); then the eval step.')
 
 # Model options that make each family's head GAP → dense (name prefix: options).
 GAP_HEAD = {
@@ -59,13 +61,13 @@ def main(argv):
     batch = {'image': rng.integers(0, 256, (batch_size, size, size, 3), np.uint8),
              'label': rng.integers(0, FLAGS.num_classes, batch_size).astype(np.int32)}
     bare = common.BareSteps(config, batch, FLAGS.num_classes)
-    train = common.seconds(bare.train, FLAGS.steps)
+    train = records.timed_steps(lambda steps: common.seconds(bare.train, steps), FLAGS.steps, FLAGS.blocks_from_stdin)
     evaluation = common.seconds(bare.eval, FLAGS.steps)
     train_images_per_sec = batch_size / float(np.median(train))
     flops_per_image = bare.train_flops / batch_size
     print(json.dumps({
         'model': FLAGS.model, 'image_size': size, 'batch_size': batch_size, 'head': FLAGS.head,
-        'num_classes': FLAGS.num_classes, 'dtype': FLAGS.dtype, 'steps': FLAGS.steps,
+        'num_classes': FLAGS.num_classes, 'dtype': FLAGS.dtype, 'steps': len(train),
         'train_images_per_sec': round(train_images_per_sec, 2),
         'eval_images_per_sec': round(batch_size / float(np.median(evaluation)), 2),
         'train_step_s': records.summary(train), 'eval_step_s': records.summary(evaluation),
