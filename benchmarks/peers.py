@@ -74,15 +74,16 @@ class Worker:
     closes its stdin and returns its record: the JSON line it ends with and a status, ok,
     skipped (a peer not installed) or failed (with the end of its output)."""
 
-    def __init__(self, framework: str, argv: list[str], timeout: float, env: dict | None = None):
-        self.framework, self.timeout, self.start = framework, timeout, time.perf_counter()
+    def __init__(self, argv: list[str], timeout: float, env: dict | None = None):
+        self.timeout, self.start = timeout, time.perf_counter()
         self.blocks_images_per_sec, self.final, self.error = [], None, None
         self.stderr = tempfile.TemporaryFile(mode='w+')  # A file: a chatty library never fills a pipe and stalls.
         self.process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr,
                                         text=True, env=env)
         # Its stdout lines, read by a thread so that waiting for one can time out; None at the end.
         self.lines, self.output = queue.Queue(), []
-        threading.Thread(target=self._read_stdout, daemon=True).start()
+        self.reader = threading.Thread(target=self._read_stdout, daemon=True)
+        self.reader.start()
 
     def _read_stdout(self):
         for line in self.process.stdout:
@@ -145,6 +146,8 @@ class Worker:
                 return json.loads(line)
 
     def _output_tail(self) -> str:
+        """The last lines of its stdout and stderr, once it has exited."""
+        self.reader.join(timeout=5)  # Its last lines may still be on their way through the reader.
         self.stderr.seek(0)
         return '\n'.join((''.join(self.output) + self.stderr.read()).strip().splitlines()[-15:])
 
@@ -162,7 +165,7 @@ def run_case(model: str, image_size: int) -> list[dict]:
                 env = dict(os.environ)
                 if framework.startswith('keras-'):
                     env['KERAS_BACKEND'] = framework.removeprefix('keras-')  # Fixed when keras is first imported.
-                workers[framework] = Worker(framework, command(framework, model, image_size), FLAGS.timeout, env)
+                workers[framework] = Worker(command(framework, model, image_size), FLAGS.timeout, env)
             images_per_sec = workers[framework].block(FLAGS.batch_size)
             if images_per_sec is not None:
                 print(f'{model}@{image_size} block {turn + 1} {framework}: {images_per_sec:.1f} images/s',

@@ -98,7 +98,7 @@ def fake_worker(tmp_path, name, code=0):
 
 
 def test_worker_times_blocks_until_finished(tmp_path):
-    worker = peers.Worker('torch', fake_worker(tmp_path, 'torch'), timeout=60)
+    worker = peers.Worker(fake_worker(tmp_path, 'torch'), timeout=60)
     assert worker.block(batch_size=16) == round(16 / 0.375, 2)
     assert worker.block(batch_size=16) == round(16 / 0.75, 2)
     record = worker.finish()
@@ -107,7 +107,7 @@ def test_worker_times_blocks_until_finished(tmp_path):
 
 
 def test_worker_failing_midway_is_failed_with_its_output(tmp_path):
-    worker = peers.Worker('torch', fake_worker(tmp_path, 'torch', code=3), timeout=60)
+    worker = peers.Worker(fake_worker(tmp_path, 'torch', code=3), timeout=60)
     assert worker.block(batch_size=16) == 42.67
     assert worker.block(batch_size=16) is None and worker.block(batch_size=16) is None
     record = worker.finish()
@@ -115,11 +115,11 @@ def test_worker_failing_midway_is_failed_with_its_output(tmp_path):
 
 
 def test_worker_skipped_or_timed_out(tmp_path):
-    skipped = peers.Worker('torch', [sys.executable, '-c', 'print(\'{"skipped": "ImportError: torch"}\')'], 60)
+    skipped = peers.Worker([sys.executable, '-c', 'print(\'{"skipped": "ImportError: torch"}\')'], 60)
     assert skipped.block(batch_size=16) is None
     assert skipped.finish() == {'wall_seconds': pytest.approx(0, abs=60), 'status': 'skipped',
                                 'result': {'skipped': 'ImportError: torch'}}
-    stuck = peers.Worker('torch', [sys.executable, '-c', 'import time; time.sleep(60)'], timeout=1)
+    stuck = peers.Worker([sys.executable, '-c', 'import time; time.sleep(60)'], timeout=1)
     assert stuck.block(batch_size=16) is None
     assert stuck.finish()['error'] == 'timed out after 1 s'
 
