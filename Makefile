@@ -3,11 +3,13 @@ PYTHON_BOOT ?= python3.11
 VENV := .venv
 PYTHON := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
+# The test runner and the test references (Keras, TensorFlow, libtpu, nbclient): `make test` only.
+TEST_INSTALLED := $(VENV)/.installed-test
 # The peer frameworks of `make peers` only (benchmarks/requirements.txt): PyTorch is large.
 PEERS_INSTALLED := $(VENV)/.installed-peers
-# allflax's XLA:CPU kernels, one XLA FFI library (allflax/models/cpu_kernels.py).
-CPU_KERNELS := allflax/models/_cpu_kernels.so
-CPU_KERNEL_SOURCES := allflax/models/onednn_conv.cc allflax/models/activation_kernels.cc
+# allflax's XLA:CPU kernels, one XLA FFI library (allflax/cpu/kernels.py).
+CPU_KERNELS := allflax/cpu/_cpu_kernels.so
+CPU_KERNEL_SOURCES := allflax/cpu/onednn_conv.cc allflax/cpu/activation_kernels.cc
 
 .PHONY: demo test peers clean
 
@@ -17,6 +19,10 @@ $(INSTALLED): requirements.txt
 	$(PYTHON) -m pip install --quiet --upgrade pip
 	$(PYTHON) -m pip install --quiet -r requirements.txt
 	touch $(INSTALLED)
+
+$(TEST_INSTALLED): requirements-test.txt $(INSTALLED)
+	$(PYTHON) -m pip install --quiet -r requirements-test.txt
+	touch $(TEST_INSTALLED)
 
 # Written under another name first: a failed build never leaves a library that looks built.
 # -fno-trapping-math lets GCC vectorise the batch-norm loops' float comparisons.
@@ -31,10 +37,10 @@ $(CPU_KERNELS): $(CPU_KERNEL_SOURCES) $(INSTALLED)
 demo: $(INSTALLED) $(CPU_KERNELS)
 	$(PYTHON) main.py --config=configs/vgg19_mhsa.py:demo --workdir=runs/vgg19_mhsa_demo
 
-test: $(INSTALLED) $(CPU_KERNELS)
+test: $(TEST_INSTALLED) $(CPU_KERNELS)
 	$(PYTHON) -m pytest tests -q
 
-$(PEERS_INSTALLED): benchmarks/requirements.txt $(INSTALLED)
+$(PEERS_INSTALLED): benchmarks/requirements.txt $(TEST_INSTALLED)
 	$(PYTHON) -m pip install --quiet -r benchmarks/requirements.txt
 	touch $(PEERS_INSTALLED)
 

@@ -8,11 +8,13 @@
 """
 import json
 import os
+import sys
 
 from absl import app, flags, logging
 from ml_collections import ConfigDict, config_flags
 
-from allflax import compare, montecarlo, platform, predict, report, train
+from allflax import compare, evaluate, montecarlo, predict, runtime, train
+from allflax.training import run_guard
 from configs import common
 
 FLAGS = flags.FLAGS
@@ -50,10 +52,26 @@ def _require(name: str):
         raise app.UsageError(f'--{name} is required for --mode={FLAGS.mode}')
 
 
+# Errors whose message says all a user needs: printed as one line, without a traceback.
+_ONE_LINE_ERRORS = (train.Interrupted, train.Diverged, run_guard.WorkdirBusyError, run_guard.ResumeMismatchError,
+                    run_guard.ConfigError, FileNotFoundError)
+# A run stopped by a signal exits as the signal would have: 128 + its number.
+_SIGNAL_EXIT_CODES = {'SIGTERM': 143, 'SIGINT': 130}
+
+
 def main(argv):
+    try:
+        _run(argv)
+    except _ONE_LINE_ERRORS as error:
+        print(f'error: {error}', file=sys.stderr)
+        code = next((c for name, c in _SIGNAL_EXIT_CODES.items() if str(error).startswith(name)), 1)
+        sys.exit(code if isinstance(error, train.Interrupted) else 1)
+
+
+def _run(argv):
     if len(argv) > 1:
         raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
-    platform.initialize()
+    runtime.initialize()
     if FLAGS.mode == 'compare':
         _require('workdirs')
         result = compare.compare(FLAGS.workdirs, FLAGS.split, FLAGS.output_dir)
@@ -68,8 +86,8 @@ def main(argv):
             summary = montecarlo.run(FLAGS.config, FLAGS.workdir)
             print(json.dumps({name: summary['metrics'][name] for name in ('accuracy', 'f1_macro')}))
     elif FLAGS.mode == 'eval':
-        values = report.evaluate_with_report(_config_of_run(FLAGS.workdir), FLAGS.workdir,
-                                             split_name=FLAGS.split, checkpoint_step=FLAGS.checkpoint_step)
+        values = evaluate.evaluate(_config_of_run(FLAGS.workdir), FLAGS.workdir, split_name=FLAGS.split,
+                                   checkpoint_step=FLAGS.checkpoint_step)
         logging.info('accuracy %.4f at step %d', values['accuracy'], values['checkpoint_step'])
         print(json.dumps({k: values[k] for k in ('accuracy', 'f1_macro', 'roc_auc', 'checkpoint_step')}))
     else:

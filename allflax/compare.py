@@ -6,12 +6,12 @@ right and the other wrong, and paired bootstrap intervals of the differences.
 """
 import csv
 import dataclasses
-import json
 import os
 
 import numpy as np
 
-from allflax import metrics, report, stats
+from allflax import files
+from allflax.evaluation import html, metrics, stats
 
 SCORES = ('accuracy', 'balanced_accuracy', 'f1_macro', 'f1_weighted', 'roc_auc', 'cohen_kappa')
 
@@ -83,8 +83,7 @@ def compare(workdirs: list[str], split_name: str = 'test', output_dir: str = '.'
                       'resampled': 'images' if patients is None else 'patients'},
     }
     os.makedirs(output_dir, exist_ok=True)
-    with open(os.path.join(output_dir, 'compare.json'), 'w') as f:
-        json.dump(result, f, indent=1)
+    files.write_json(os.path.join(output_dir, 'compare.json'), result)
     _write_html(result, os.path.join(output_dir, 'compare.html'))
     return result
 
@@ -92,19 +91,19 @@ def compare(workdirs: list[str], split_name: str = 'test', output_dir: str = '.'
 def _write_html(result: dict, path: str):
     a, b = result['a'], result['b']
     mcnemar = result['mcnemar']
-    rows = [[name, report.number(result['scores'][a][name]), report.number(result['scores'][b][name])]
+    rows = [[name, html.number(result['scores'][a][name]), html.number(result['scores'][b][name])]
             for name in SCORES]
-    differences = [[name, report.number(d['difference']), report.interval(d['ci95'])]
+    differences = [[name, html.number(d['difference']), html.interval(d['ci95'])]
                    for name, d in result['difference_a_minus_b'].items()]
     body = ''.join([
-        report.table(None, [['A', a], ['B', b], ['Split', f'{result["split"]}: {result["num_examples"]} images']]),
-        '<h2>Scores</h2>', report.table(['Metric', 'A', 'B'], rows),
+        html.table(None, [['A', a], ['B', b], ['Split', f'{result["split"]}: {result["num_examples"]} images']]),
+        '<h2>Scores</h2>', html.table(['Metric', 'A', 'B'], rows),
         '<h2>McNemar exact test</h2>',
-        report.table(['Only A right', 'Only B right', 'p (two-sided)'],
+        html.table(['Only A right', 'Only B right', 'p (two-sided)'],
                      [[mcnemar['only_a_correct'], mcnemar['only_b_correct'], f'{mcnemar["p_value"]:.4g}']]),
         '<p class="note">Under "equally accurate", the images exactly one run gets right split '
         '50:50 between them; p is the exact binomial probability of a split at least this uneven.</p>',
-        '<h2>Difference A − B</h2>', report.table(['Metric', 'A − B', '95 % interval'], differences),
+        '<h2>Difference A − B</h2>', html.table(['Metric', 'A − B', '95 % interval'], differences),
         f'<p class="note">Paired percentile bootstrap, {result["bootstrap"]["samples"]} resamples of '
         f'{result["bootstrap"]["resampled"]}, both runs scored on each resample.</p>'])
-    report.write_page(path, 'Comparison of two runs', body)
+    html.write_page(path, 'Comparison of two runs', body)

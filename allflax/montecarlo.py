@@ -11,7 +11,8 @@ import os
 import ml_collections
 from absl import logging
 
-from allflax import report, stats, train
+from allflax import files, train
+from allflax.evaluation import plots, stats
 
 METRICS = ('accuracy', 'balanced_accuracy', 'f1_weighted', 'f1_macro', 'precision_macro',
            'recall_macro', 'specificity_macro', 'roc_auc', 'cohen_kappa', 'ece')
@@ -56,18 +57,17 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         'metrics': summarize(results),
         'per_iteration': {name: [r[name] for r in results] for name in METRICS},
     }
-    with open(os.path.join(workdir, 'montecarlo.json'), 'w') as f:
-        json.dump(summary, f, indent=1)
+    files.write_json(os.path.join(workdir, 'montecarlo.json'), summary)
     plot(summary['per_iteration'], os.path.join(workdir, 'montecarlo.png'))
     return summary
 
 
 def plot(per_iteration: dict[str, list], path: str) -> str:
     names = [name for name in METRICS if name != 'ece']  # ECE's scale (near 0) is another axis's.
-    figure, axes = report.plt.subplots(figsize=(1.1 * len(names) + 2, 4))
+    figure, axes = plots.plt.subplots(figsize=(1.1 * len(names) + 2, 4))
     axes.boxplot([[v for v in per_iteration[name] if v is not None] for name in names])
     axes.set_xticks(range(1, len(names) + 1))
     axes.set_xticklabels(names, rotation=30, ha='right')
     axes.set(ylabel='Test score', title=f'Monte Carlo validation: {len(per_iteration["accuracy"])} iterations')
     axes.grid(axis='y', alpha=0.3)
-    return report.save_figure(figure, path)
+    return plots.save_figure(figure, path)

@@ -13,9 +13,10 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from allflax import calibration, evaluate, interpret
+from allflax import evaluate, files
 from allflax.data import preprocess
 from allflax.data.dataset import Split
+from allflax.evaluation import calibration, inference, interpret
 
 IMAGE_EXTENSIONS = ('.bmp', '.jpg', '.jpeg', '.png', '.tif', '.tiff')
 
@@ -78,22 +79,22 @@ def predict(config: ml_collections.ConfigDict, workdir: str, input_pattern: str,
     stem = os.path.splitext(output)[0]
     for path, reason in errors:
         print(f'unreadable: {path}: {reason}', file=sys.stderr)
-    errors_path = evaluate.write_csv(stem + '.errors.csv', ['path', 'reason'], errors)
+    errors_path = files.write_csv(stem + '.errors.csv', ['path', 'reason'], errors)
     summary = {'output': output, 'predicted': len(readable), 'unreadable': len(errors), 'errors': errors_path,
                'checkpoint_step': restored.step}
     if not tiles:
-        evaluate.write_csv(output, ['path', 'predicted_class', *class_names], [])
+        files.write_csv(output, ['path', 'predicted_class', *class_names], [])
         return summary
     split = Split(np.stack(tiles), np.full(len(tiles), -1, np.int32), np.full(len(tiles), '', str), tuple(readable))
-    logits = evaluate.predict_logits(restored.eval_step, restored.state, split, config.batch_size,
-                                     restored.mesh, tta=config.eval.tta)
+    logits = inference.predict_logits(restored.eval_step, restored.state, split, config.batch_size,
+                                      restored.mesh, tta=config.eval.tta)
     probabilities = calibration.probabilities(logits, saved_temperature(config, workdir, restored.step))
     predicted = probabilities.argmax(axis=1)
-    evaluate.write_csv(output, ['path', 'predicted_class', *class_names],
+    files.write_csv(output, ['path', 'predicted_class', *class_names],
                        ([path, class_names[p], *map(repr, row)]
                         for path, p, row in zip(readable, predicted, probabilities.tolist())))
     if gradcam:
-        explanation = interpret.explain_split(restored, config, split)
+        explanation = evaluate.explainer(config, restored)(split)
         names = [f'{i:04d}_{interpret.slug(os.path.splitext(os.path.basename(path))[0])}'
                  f'_pred-{interpret.slug(class_names[p])}' for i, (path, p) in enumerate(zip(readable, predicted))]
         images = [interpret.display_rgb(tile, config.data.preprocess) for tile in tiles]

@@ -4,8 +4,10 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 
-def make_mesh() -> Mesh:
-    return Mesh(np.asarray(jax.devices()), ('data',))
+def make_mesh(devices=None) -> Mesh:
+    """Over `devices` (default: every device of every process), e.g. a TPU topology's to compile
+    ahead of time."""
+    return Mesh(np.asarray(jax.devices() if devices is None else devices), ('data',))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

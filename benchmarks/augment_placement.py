@@ -17,7 +17,8 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from allflax import platform
+from allflax import runtime
+from allflax.cpu import memory
 from allflax.data import augment
 from benchmarks import common, records
 
@@ -83,8 +84,8 @@ def host_images_per_second(tiles: np.ndarray, params) -> list[float]:
 
 def main(argv):
     del argv
-    platform.keep_freed_memory()  # As main.py does.
-    platform.quiet_library_logs()
+    memory.keep_freed_memory()  # As main.py does.
+    runtime.quiet_library_logs()
     config = FLAGS.config
     with config.unlocked():
         config.data.augment = augment.AUGMENTATIONS

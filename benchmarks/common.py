@@ -8,9 +8,10 @@ import jax
 import ml_collections
 import numpy as np
 
-from allflax import platform, sharding, steps
+from allflax import runtime, sharding
+from allflax import train
 from allflax.data import augment
-from allflax.models import cpu_conv
+from allflax.models import ops
 from tests import fake_trees
 
 # The fake C-NMC tree the benchmarks read when no data.dir is given: 600 cells of 450 px,
@@ -42,7 +43,7 @@ def machine() -> dict:
 def seconds(run: Callable[[int], object], repeats: int) -> list[float]:
     """Wall seconds of `run(i)` for i in 0..repeats-1, each after `run` has finished (blocked)."""
     times = []
-    with platform.setup_objects_frozen():  # As main.py's loop.
+    with runtime.setup_objects_frozen():  # As main.py's loop.
         for index in range(repeats):
             start = time.perf_counter()
             jax.block_until_ready(run(index))
@@ -70,22 +71,21 @@ class BareSteps:
 
     def __init__(self, config: ml_collections.ConfigDict, batch: dict[str, np.ndarray], num_classes: int):
         mesh = sharding.make_mesh()
-        built = steps.setup(config, num_classes, config.total_steps, mesh)
+        built = train.build(config, num_classes, config.total_steps, mesh)
         self.state = built.state
         self.batch = sharding.put_batch(batch, sharding.batch_sharding(mesh))
 
         def lower_train_step():
-            return steps.make_train_step(built.parts, built.tx, built.schedule, config, mesh,
-                                         built.state_sharding).lower(self.state, self.batch)
+            return train.make_train_step(config, built, mesh).lower(self.state, self.batch)
 
         start = time.perf_counter()
         self._train = lower_train_step().compile()
         self.compile_seconds = time.perf_counter() - start
         # The nominal FLOPs, every convolution counted as a direct one: XLA's cost analysis sees
         # neither the oneDNN custom calls nor what Winograd saves.
-        with cpu_conv.xla_only():
+        with ops.portable_only():
             self.train_flops = lower_train_step().cost_analysis()['flops']
-        self._eval = steps.make_eval_step(built.parts, config, mesh, built.state_sharding)
+        self._eval = train.make_eval_step(config, built, mesh)
         jax.block_until_ready((self.train(0), self.eval(0)))  # Warm-up; compiles the eval step.
 
     def train(self, _):

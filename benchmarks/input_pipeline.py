@@ -13,7 +13,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from allflax import platform, sharding
+from allflax import runtime, sharding
 from allflax.data import pipeline
 from benchmarks import common, records
 
@@ -41,7 +41,7 @@ def pipeline_images_per_second(split, local_batch_size: int, seed: int, num_work
 
 def main(argv):
     del argv
-    platform.quiet_library_logs()
+    runtime.quiet_library_logs()
     config = common.with_data(FLAGS.config, FLAGS.fake_tree_dir)
     local_batch_size = sharding.check_batch_size(config.batch_size, sharding.make_mesh())
     split = pipeline.load(config).splits['train']

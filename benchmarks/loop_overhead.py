@@ -16,7 +16,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from allflax import platform, sharding, train
+from allflax import runtime, sharding, train
 from allflax.data import pipeline
 from benchmarks import common, records
 
@@ -52,7 +52,7 @@ def bare_images_per_second(config, batch, num_classes: int) -> list[float]:
 
 def main(argv):
     del argv
-    platform.initialize()
+    runtime.initialize()
     config = common.with_data(FLAGS.config, FLAGS.fake_tree_dir)
     with config.unlocked():
         config.total_steps = FLAGS.steps

@@ -7,15 +7,19 @@ already on the device, after warm-up. Prints one JSON line.
 --head=gap gives every model the head the peer frameworks' benchmarks get: global average
 pooling → one dense layer (no hidden layer, no dropout, no attention). flops_per_image is XLA's
 cost analysis of the train step (forward, backward, update) over the batch size, with every
-convolution counted as a direct one (`cpu_conv.xla_only`): the nominal FLOPs, whichever kernels run.
+convolution counted as a direct one (`ops.portable_only`): the nominal FLOPs, whichever kernels run.
+memory is the device allocator's peak and limit in bytes (None where the device keeps no
+statistics, as on the CPU).
 """
 import json
 import resource
 
+import jax
 import numpy as np
 from absl import app, flags
 
-from allflax import platform
+from allflax import runtime
+from allflax.cpu import memory
 from benchmarks import common, records
 from configs import common as configs_common
 
@@ -50,11 +54,17 @@ def make_config():
     return config
 
 
+def device_memory() -> dict | None:
+    """Peak bytes in use and the limit of the first device's allocator, as far as it reports them."""
+    stats = jax.devices()[0].memory_stats()
+    return {key: stats[key] for key in ('peak_bytes_in_use', 'bytes_limit') if key in stats} if stats else None
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
-    platform.keep_freed_memory()  # As main.py does.
-    platform.quiet_library_logs()  # No persistent compile cache: compile_seconds stays a real compile.
+    memory.keep_freed_memory()  # As main.py does.
+    runtime.quiet_library_logs()  # No persistent compile cache: compile_seconds stays a real compile.
     config = make_config()
     rng = np.random.default_rng(0)
     size, batch_size = FLAGS.image_size, FLAGS.batch_size
@@ -74,7 +84,8 @@ def main(argv):
         'compile_seconds': round(bare.compile_seconds, 2),
         'peak_rss_mb': round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
         'flops_per_image': round(flops_per_image),
-        'achieved_gflops': round(flops_per_image * train_images_per_sec / 1e9, 2), **common.machine()}))
+        'achieved_gflops': round(flops_per_image * train_images_per_sec / 1e9, 2), 'memory': device_memory(),
+        **common.machine()}))
 
 
 if __name__ == '__main__':

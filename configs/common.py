@@ -6,8 +6,11 @@ DEMO = dict(image_size=64, batch_size=16, total_steps=800, num_images=2400, num_
             eval_every_steps=200, checkpoint_every_steps=200, log_every_steps=20)
 # `:gpu` and `:tpu`: bfloat16 compute and a global batch that keeps the accelerator busy (one
 # 80 GB GPU; a v2-8/v3-8 TPU, 32 per core). The learning rate stays the recipe's.
-ACCELERATORS = {'gpu': dict(dtype='bfloat16', batch_size=128),
-                'tpu': dict(dtype='bfloat16', batch_size=256)}
+# `max_device_batch`: more images per device than this are taken as micro-batches of a step
+# (gradient accumulation: the same update), e.g. 256 on one v5e chip's 16 GiB
+# (`python -m allflax.tpu_check` measures what fits).
+ACCELERATORS = {'gpu': dict(dtype='bfloat16', batch_size=128, max_device_batch=128),
+                'tpu': dict(dtype='bfloat16', batch_size=256, max_device_batch=64)}
 
 
 def base_config(*, model: str, data: str, image_size: int, batch_size: int, num_epochs: int,
@@ -18,7 +21,9 @@ def base_config(*, model: str, data: str, image_size: int, batch_size: int, num_
     config.model = ml_collections.ConfigDict()
     config.model.name = model
     config.model.options = ml_collections.ConfigDict()  # Passed to models.create as keywords.
-    config.model.init_from = ''  # Directory written by `python -m allflax.weights`.
+    # '' (from scratch), 'imagenet' (Keras's ImageNet weights for the backbone, fetched and converted
+    # once: the papers' setting), or a directory written by `python -m allflax.models.keras_weights`.
+    config.model.init_from = ''
     config.model.freeze_backbone_steps = 0
 
     config.data = ml_collections.ConfigDict()
@@ -60,6 +65,7 @@ def base_config(*, model: str, data: str, image_size: int, batch_size: int, num_
     config.data.std = (0.229, 0.224, 0.225)
 
     config.batch_size = batch_size  # Global, over all devices and hosts.
+    config.max_device_batch = 0  # > 0: a device's larger share of a batch runs as micro-batches.
     config.num_epochs = num_epochs
     config.total_steps = 0  # > 0 overrides num_epochs.
     config.dtype = 'float32'  # Compute dtype; parameters stay float32.
@@ -107,8 +113,8 @@ def apply_args(config: ml_collections.ConfigDict, arg: str | None,
     """
     for name in filter(None, (arg or '').split(',')):
         if name in ACCELERATORS:
-            config.dtype = ACCELERATORS[name]['dtype']
-            config.batch_size = ACCELERATORS[name]['batch_size']
+            for key, value in ACCELERATORS[name].items():
+                config[key] = value
             continue
         if name != 'demo':
             raise ValueError(f'unknown config arg {name!r}; known: demo, {", ".join(ACCELERATORS)}')

@@ -14,6 +14,6 @@ def get_config(arg: str | None = None):
     config.data.augment = ('flip', 'rot90', 'rotate', 'crop', 'color', 'blur', 'hed')
     # The demo trains from scratch on 64-px tiles for 800 steps, too short for the regularisers of
     # the full run: with flip and rot90 only, test accuracy was 0.899 with drop-connect 0.2 and
-    # 0.925 without (README, "EfficientNetV2 demo").
+    # 0.925 without (benchmarks/RESULTS.md, "EfficientNetV2 demo").
     return common.apply_args(config, arg, demo_overrides={
         'data.augment': ('flip', 'rot90'), 'model.options.drop_connect_rate': 0.0})

@@ -2,11 +2,17 @@ import os
 import platform
 import sys
 
-import jax
-import pytest
+# libtpu (a test requirement, to compile for TPU topologies) would make every JAX process here
+# look for a TPU first: tests run on the CPU, and compile for TPUs through topologies only.
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
 
-from allflax.models import cpu_kernels
-from configs import vgg19_mhsa
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+from allflax.cpu import kernels as cpu_kernels  # noqa: E402
+from allflax.data import pipeline  # noqa: E402
+from configs import vgg19_mhsa  # noqa: E402
 
 
 @pytest.fixture(scope='session', autouse=True)
@@ -73,6 +79,31 @@ def make_tiny_config(synthetic_cache):
 def tiny_config(make_tiny_config):
     """The VGG19+MHSA recipe shrunk to seconds: 32-px images, a few steps."""
     return make_tiny_config()
+
+
+@pytest.fixture
+def at_batch(monkeypatch):
+    """`at_batch(n, action)` runs `action()` when the training loop fetches its n-th batch (from 1);
+    without an action it interrupts the loop there (KeyboardInterrupt). `at_batch.restore()` puts
+    the plain loop back."""
+    original = pipeline.DevicePrefetcher.__next__
+
+    def interrupt():
+        raise KeyboardInterrupt('simulated interruption')
+
+    def install(n, action=interrupt):
+        calls = {'n': 0}
+
+        def next_batch(self):
+            calls['n'] += 1
+            if calls['n'] == n:
+                action()
+            return original(self)
+
+        monkeypatch.setattr(pipeline.DevicePrefetcher, '__next__', next_batch)
+
+    install.restore = lambda: monkeypatch.setattr(pipeline.DevicePrefetcher, '__next__', original)
+    return install
 
 
 def pytest_configure(config):

@@ -10,7 +10,7 @@ import sys
 import jax
 import numpy as np
 
-from allflax import sharding, steps
+from allflax import sharding, train
 from allflax.data.sources import synthetic
 
 
@@ -23,9 +23,8 @@ def main(cache_dir: str, config_name: str):
     data = synthetic.load('synthetic_all4', num_images=24, image_size=32, num_patients=8, seed=0,
                           cache_dir=cache_dir)
     mesh = sharding.make_mesh()
-    built = steps.setup(config, 4, config.total_steps, mesh)
-    train_step = steps.make_train_step(built.parts, built.tx, built.schedule, config, mesh,
-                                       built.state_sharding)
+    built = train.build(config, 4, config.total_steps, mesh)
+    train_step = train.make_train_step(config, built, mesh)
     state, losses = built.state, []
     for step in range(3):
         rows = slice(8 * step, 8 * step + 8)

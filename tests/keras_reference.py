@@ -1,5 +1,5 @@
 """Shared by the parity tests: real Keras models with every weight randomised, loaded through
-`allflax.weights.load_keras`, must give the same outputs as ours."""
+`allflax.models.keras_weights.load_keras`, must give the same outputs as ours."""
 import os
 
 os.environ.setdefault('KERAS_BACKEND', 'tensorflow')
@@ -9,7 +9,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from allflax import weights  # noqa: E402
+from allflax.models import keras_weights  # noqa: E402
 
 # Jitted: one compile beats eager op-by-op dispatch on a 2-core machine.
 forward = nnx.jit(lambda model, images: model(images))
@@ -45,7 +45,7 @@ def assert_matches_keras(model, keras_model, height: int, width: int, tmp_path):
     assert [name for name, _ in model.keras_layers()] == weighted_keras_layers(keras_model)
     path = str(tmp_path / 'reference.weights.h5')
     keras_model.save_weights(path)
-    report = weights.load_keras(model, path)
+    report = keras_weights.load_keras(model, path)
     assert (report.missing, report.unexpected) == ([], [])
     images = np.random.default_rng(1).normal(size=(2, height, width, 3)).astype(np.float32)
     expected = keras_model(images, training=False).numpy()

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from allflax.models import cpu_kernels
+from allflax.cpu import kernels as cpu_kernels
 from allflax.models.attention import SqueezeExcitation
 
 

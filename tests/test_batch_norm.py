@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from allflax.models import batch_norm, cpu_kernels
+from allflax.models import batch_norm
+from allflax.cpu import kernels as cpu_kernels
 
 
 def relative_error(got, want):

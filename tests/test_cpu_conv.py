@@ -10,8 +10,12 @@ import pytest
 from flax import nnx
 from jax import lax
 
-from allflax import models, sharding, steps
-from allflax.models import cpu_conv, cpu_kernels, onednn
+from allflax import models, sharding
+from allflax.models import ops
+from allflax import train
+from allflax.cpu import conv as cpu_conv
+from allflax.cpu import kernels as cpu_kernels
+from allflax.cpu import onednn
 
 # nnx.Conv's dimension numbers for NHWC inputs and HWIO kernels.
 NHWC = lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1), out_spec=(0, 3, 1, 2))
@@ -158,7 +162,7 @@ def test_bfloat16_inputs_stay_bfloat16_and_close(size, channels, with_onednn, in
 def test_vgg_layers_go_through_the_dispatcher():
     """VGG19 at 64 px, batch 16, on CPU: Winograd where it measured faster (benchmarks/RESULTS.md)."""
     vgg = nnx.eval_shape(lambda: models.create('vgg19', 4, include_top=False, image_size=64))
-    assert all(getattr(vgg, name).conv_general_dilated is cpu_conv.conv_general_dilated
+    assert all(getattr(vgg, name).conv_general_dilated is ops.conv_general_dilated
                for name in vgg.layer_names if not name.endswith('_pool'))
     tiles = {(size, width): cpu_conv._winograd_tile(size, size, width)
              for size, width in [(64, 64), (32, 64), (32, 128), (16, 128), (16, 256), (8, 256), (8, 512), (4, 512)]}
@@ -172,12 +176,12 @@ def test_conv_relu_is_relu_of_the_layer(size, channels, features, dtype, toleran
     """VGG's fused layer: nnx.relu(conv(x))'s values and its gradients wrt input, kernel and bias,
     with oneDNN (bias and ReLU inside the kernel) and without it."""
     conv = nnx.Conv(channels, features, (3, 3), padding='SAME', dtype=dtype, rngs=nnx.Rngs(0),
-                    bias_init=nnx.initializers.normal(0.5), conv_general_dilated=cpu_conv.conv_general_dilated)
+                    bias_init=nnx.initializers.normal(0.5), conv_general_dilated=ops.conv_general_dilated)
     images, _, cotangent = random_case(2, *size, channels, (3, 3, channels, features), 1)
     graphdef, params = nnx.split(conv)
 
     def fused(params, x):
-        return cpu_conv.conv_relu(nnx.merge(graphdef, params), x.astype(dtype))
+        return ops.conv_relu(nnx.merge(graphdef, params), x.astype(dtype))
 
     def linear(params, x):
         kernel, bias = params['kernel'][...], params['bias'][...]
@@ -254,9 +258,9 @@ def test_float32_kernel_with_bfloat16_inputs(size, kernel_shape, strides, groups
 
 def test_promote_keeping_kernel_casts_all_but_a_float32_kernel():
     inputs, kernel, bias = jnp.ones((1, 2, 2, 3)), jnp.ones((1, 1, 3, 4)), jnp.ones(4)
-    got = cpu_conv.promote_keeping_kernel((inputs, kernel, bias), dtype=jnp.bfloat16)
+    got = ops.promote_keeping_kernel((inputs, kernel, bias), dtype=jnp.bfloat16)
     assert [array.dtype for array in got] == [jnp.bfloat16, jnp.float32, jnp.bfloat16]
-    got = cpu_conv.promote_keeping_kernel((inputs, kernel.astype(jnp.float16), None), dtype=jnp.bfloat16)
+    got = ops.promote_keeping_kernel((inputs, kernel.astype(jnp.float16), None), dtype=jnp.bfloat16)
     assert [array.dtype for array in got[:2]] == [jnp.bfloat16, jnp.bfloat16] and got[2] is None
 
 
@@ -267,7 +271,7 @@ def test_bfloat16_without_cpu_arithmetic_says_so(tiny_config, monkeypatch, caplo
     with tiny_config.unlocked():
         tiny_config.dtype = dtype
     with caplog.at_level('WARNING'):
-        steps.setup(tiny_config, 2, 2, sharding.make_mesh())
+        train.build(tiny_config, 2, 2, sharding.make_mesh())
     warned = [record.getMessage() for record in caplog.records if 'bfloat16 arithmetic' in record.getMessage()]
     if dtype == 'bfloat16' and kernels_built and not bfloat16_convolutions:
         assert len(warned) == 1 and '--config.dtype=float32' in warned[0]

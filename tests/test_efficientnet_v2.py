@@ -8,7 +8,7 @@ import pytest  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from allflax import models  # noqa: E402
-from allflax.models import cpu_conv  # noqa: E402
+from allflax.models import ops  # noqa: E402
 
 NUM_CLASSES = 5
 KERAS_MODELS = {'efficientnetv2_b0': keras.applications.EfficientNetV2B0,
@@ -90,14 +90,17 @@ def test_head_of_features_is_the_forward_pass(b0):
 
 
 def test_depthwise_layers_use_the_shifted_formulation_on_cpu(b0, kernels_built):
-    """The switch happens inside nnx.Conv (cpu_conv), so the kernel keeps its (k, k, 1, C) layout;
+    """The switch happens inside nnx.Conv (ops, then allflax.cpu.conv where lowered for CPU), so the kernel keeps its (k, k, 1, C) layout;
     1×1 convolutions run through oneDNN (its custom VJP) where the library is built, else as dots.
     Fresh lambdas: make_jaxpr reuses a function's trace, and the route is chosen while tracing."""
-    assert b0.block4a.dwconv2.conv_general_dilated is cpu_conv.conv_general_dilated
+    assert b0.block4a.dwconv2.conv_general_dilated is ops.conv_general_dilated
     assert b0.block4a.dwconv2.kernel.shape == (3, 3, 1, 192)
 
     def primitives(layer, channels):
-        return {eqn.primitive.name for eqn in jax.make_jaxpr(lambda x: layer(x))(jnp.ones((1, 8, 8, channels))).eqns}
+        """Of the program lowered for CPU: the `cpu` branch (the first) of the hook's platform_dependent."""
+        jaxpr = jax.make_jaxpr(lambda x: layer(x))(jnp.ones((1, 8, 8, channels)))
+        (choice,) = [eqn for eqn in jaxpr.eqns if eqn.primitive.name == 'cond']
+        return {eqn.primitive.name for eqn in choice.params['branches'][0].jaxpr.eqns}
 
     assert 'conv_general_dilated' not in primitives(b0.block4a.dwconv2, 192)
     pointwise = primitives(b0.block4a.expand_conv, 48)

@@ -19,6 +19,7 @@ import main
 from allflax import compare, evaluate, montecarlo, train
 from allflax.data import pipeline
 from allflax.data.dataset import Dataset, Split
+from allflax.evaluation import inference, results
 
 PLOTS = ('confusion_matrix.png', 'roc.png', 'pr.png', 'calibration.png', 'training_curves.png')
 
@@ -107,14 +108,15 @@ def test_eval_with_test_time_augmentation_and_temperature_scaling(tiny_run, tmp_
     small = Dataset({name: Split(split.images[:8], split.labels[:8], split.patients[:8])
                      for name, split in dataset.splits.items()}, dataset.class_names)
     output = str(tmp_path / 'tta')
-    values, predictions = evaluate.evaluate_state(restored.eval_step, restored.state, small, 'test', config,
-                                                  restored.mesh, output, restored.step)
+    values, predictions = results.evaluate_state(restored.eval_step, restored.state, small, 'test', restored.mesh,
+                                                 output, options=config.eval, batch_size=config.batch_size,
+                                                 seed=config.seed, checkpoint_step=restored.step)
     assert values['tta'] and predictions.logits.shape == (8, 8, 4)
     # The eight views of an image are the eight views of its mirror image: the same average.
     mirrored = Dataset({'test': Split(small.splits['test'].images[:, :, ::-1], small.splits['test'].labels,
                                       small.splits['test'].patients)}, dataset.class_names)
-    logits = evaluate.predict_logits(restored.eval_step, restored.state, mirrored.splits['test'], 8,
-                                     restored.mesh, tta=True)
+    logits = inference.predict_logits(restored.eval_step, restored.state, mirrored.splits['test'], 8,
+                                      restored.mesh, tta=True)
     np.testing.assert_allclose(np.sort(logits, axis=1), np.sort(predictions.logits, axis=1), rtol=1e-4, atol=1e-5)
     calibration = values['calibration']
     assert calibration['temperature'] == predictions.temperature > 0

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from allflax import evaluate, interpret
+from allflax.evaluation import inference
+from allflax.evaluation import interpret
 from allflax.models.attention import MultiHeadSelfAttention, SqueezeExcitation
 
 
@@ -98,7 +99,7 @@ def test_overlay_and_dihedral_views():
     assert blended.shape == (16, 16, 3)
     assert blended[1, 14, 0] > blended[14, 1, 0] and blended[1, 14, 2] < blended[14, 1, 2]  # Jet: hot is red.
     tiles = np.arange(2 * 3 * 3 * 1).reshape(2, 3, 3, 1)
-    views = evaluate.dihedral_views(tiles)
+    views = inference.dihedral_views(tiles)
     assert len({v.tobytes() for v in map(np.ascontiguousarray, views)}) == 8
     np.testing.assert_array_equal(views[0], tiles)
     assert any(np.array_equal(v, np.rot90(tiles, axes=(1, 2))) for v in views)

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from allflax import losses
+from allflax.training import losses
 
 
 def numpy_focal_loss(logits, labels, alpha, gamma):

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from allflax import metrics
+from allflax.evaluation import metrics
 
 NAMES = ('Benign', 'Early Pre-B', 'Pre-B', 'Pro-B')
 

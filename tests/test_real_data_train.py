@@ -6,7 +6,8 @@ import os
 from absl import flags
 
 import fake_trees
-from allflax import checkpoints, train
+from allflax import train
+from allflax.training import checkpoints
 from configs import efficientnetv2_b3_se, vgg19_mhsa
 
 SIZE = 32

@@ -4,7 +4,7 @@ import pytest
 import scipy.stats
 from sklearn import metrics as skm
 
-from allflax import calibration, metrics, stats
+from allflax.evaluation import calibration, metrics, stats
 
 NAMES = ('Benign', 'Early Pre-B', 'Pre-B', 'Pro-B')
 

@@ -3,7 +3,7 @@ import glob
 
 import pytest
 
-from allflax import summary_writer
+from allflax.training import summary_writer
 
 
 def test_crc32c_known_value():

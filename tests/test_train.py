@@ -8,8 +8,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from allflax import checkpoints, evaluate, train
-from allflax.data import pipeline
+from allflax import evaluate, train
+from allflax.training import checkpoints
 
 
 def _read_jsonl(path):
@@ -23,24 +23,15 @@ def _final_params(workdir, step):
     return ocp.StandardCheckpointer().restore(path)['params']
 
 
-def test_interrupted_run_resumes_to_the_same_result(tiny_config, tmp_path, monkeypatch):
+def test_interrupted_run_resumes_to_the_same_result(tiny_config, tmp_path, at_batch):
     straight = str(tmp_path / 'straight')
     expected = train.train_and_evaluate(tiny_config, straight)
 
     resumed = str(tmp_path / 'resumed')
-    original_next = pipeline.DevicePrefetcher.__next__
-    calls = {'n': 0}
-
-    def interrupt_at_step_5(self):
-        calls['n'] += 1
-        if calls['n'] == 5:
-            raise KeyboardInterrupt('simulated interruption')
-        return original_next(self)
-
-    monkeypatch.setattr(pipeline.DevicePrefetcher, '__next__', interrupt_at_step_5)
+    at_batch(5)
     with pytest.raises(KeyboardInterrupt):
         train.train_and_evaluate(tiny_config, resumed)
-    monkeypatch.setattr(pipeline.DevicePrefetcher, '__next__', original_next)
+    at_batch.restore()
     assert checkpoints.Checkpointer(os.path.join(resumed, 'checkpoints')).latest_step() == 4
     assert not os.path.exists(os.path.join(resumed, 'eval'))
 
@@ -56,7 +47,7 @@ def test_interrupted_run_resumes_to_the_same_result(tiny_config, tmp_path, monke
     # A separate evaluation, configured from config.json, restores the last checkpoint.
     with open(os.path.join(straight, 'config.json')) as f:
         saved_config = ml_collections.ConfigDict(json.load(f))
-    values = evaluate.evaluate(saved_config, straight)
+    values = evaluate.evaluate(saved_config, straight, with_report=False)
     assert values == expected and values['checkpoint_step'] == 6
     with open(os.path.join(straight, 'eval', 'test', 'metrics.json')) as f:
         assert json.load(f)['accuracy'] == expected['accuracy']
@@ -88,4 +79,4 @@ def test_checkpoint_round_trip_keeps_latest_and_best(tmp_path):
 
 def test_eval_without_checkpoint_says_train_first(tiny_config, tmp_path):
     with pytest.raises(FileNotFoundError, match='train first'):
-        evaluate.evaluate(tiny_config, str(tmp_path / 'empty'))
+        evaluate.evaluate(tiny_config, str(tmp_path / 'empty'), with_report=False)

@@ -12,7 +12,8 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from allflax import models, weights  # noqa: E402
+from allflax import models  # noqa: E402
+from allflax.models import keras_weights  # noqa: E402
 from keras_reference import keras_layers_of, randomize_keras_weights, relative_error, write_tf_keras2_h5  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -34,7 +35,7 @@ def b0_notop(tmp_path_factory):
 def b0_loaded(b0_notop):
     """Our EfficientNetV2-B0 with a 3-class head, and the report of loading the notop file into it."""
     model = models.create('efficientnetv2_b0', 3)
-    return model, weights.load_keras(model, b0_notop[1])
+    return model, keras_weights.load_keras(model, b0_notop[1])
 
 
 def fresh_b0():
@@ -62,7 +63,7 @@ def test_keras3_file_loads_like_the_legacy_file(b0_notop, b0_loaded, tmp_path):
     path = str(tmp_path / 'b0_notop.weights.h5')
     keras_model.save_weights(path)
     model = fresh_b0()
-    report = weights.load_keras(model, path)
+    report = keras_weights.load_keras(model, path)
     assert report.missing == ['predictions'] and report.unexpected == []
     legacy = dict(nnx.to_flat_state(nnx.state(b0_loaded[0], (nnx.Param, nnx.BatchStat))))
     for path, variable in nnx.to_flat_state(nnx.state(model, (nnx.Param, nnx.BatchStat))):
@@ -72,10 +73,10 @@ def test_keras3_file_loads_like_the_legacy_file(b0_notop, b0_loaded, tmp_path):
 
 def test_params_round_trip_into_a_model_with_another_head(b0_loaded, tmp_path):
     source, _ = b0_loaded
-    weights.save_params(source, str(tmp_path / 'params'), model_name='efficientnetv2_b0')
+    keras_weights.save_params(source, str(tmp_path / 'params'), model_name='efficientnetv2_b0')
     target = models.create('efficientnetv2_b0', 4, seed=1)
     fresh_head = np.asarray(target.predictions.kernel[...])
-    report = weights.init_from(target, str(tmp_path / 'params'))
+    report = keras_weights.init_from(target, str(tmp_path / 'params'))
     assert sorted(report.missing) == sorted(report.unexpected) == ['predictions/bias', 'predictions/kernel']
     assert 'stem_bn/mean' in report.loaded and 'block6h/dwconv2/kernel' in report.loaded
     np.testing.assert_array_equal(target.predictions.kernel[...], fresh_head)
@@ -95,7 +96,7 @@ def test_shape_mismatch_names_the_weight_and_leaves_the_model_untouched(tmp_path
     before = np.asarray(model.stem_conv.kernel[...])
     with pytest.raises(ValueError, match=r"'block4a_dwconv2' weight 'depthwise_kernel'.*"
                                          r"expects shape \(3, 3, 192, 1\), file has \(3, 3, 8, 1\)"):
-        weights.load_keras(model, path)
+        keras_weights.load_keras(model, path)
     np.testing.assert_array_equal(model.stem_conv.kernel[...], before)
 
 
@@ -106,7 +107,7 @@ def test_unexpected_layers_are_reported(tmp_path):
                               ('aux_dense', {'aux_dense/kernel:0': np.zeros((4, 2), np.float32)})],
                        full_model=True)
     model = fresh_b0()
-    report = weights.load_keras(model, path)
+    report = keras_weights.load_keras(model, path)
     assert report.loaded == ['stem_conv'] and report.unexpected == ['aux_dense']
     assert 'top_bn' in report.missing
     np.testing.assert_array_equal(model.stem_conv.kernel[...], kernel)
@@ -118,17 +119,17 @@ def test_files_that_are_not_keras_weights_are_rejected(tmp_path):
     with h5py.File(other, 'w') as file:
         file['images'] = np.zeros((2, 2))
     with pytest.raises(ValueError, match='other.h5 is an HDF5 file but not a Keras weight file'):
-        weights.load_keras(model, other)
+        keras_weights.load_keras(model, other)
     text = tmp_path / 'notes_notop.h5'
     text.write_text('not hdf5')
     with pytest.raises(ValueError, match='notes_notop.h5 is not an HDF5 file'):
-        weights.load_keras(model, str(text))
+        keras_weights.load_keras(model, str(text))
     unrelated = str(tmp_path / 'unrelated.h5')
     write_tf_keras2_h5(unrelated, [('dense_7', {'dense_7/kernel:0': np.zeros((4, 2), np.float32)})])
     with pytest.raises(ValueError, match='no layer matches the model'):
-        weights.load_keras(model, unrelated)
+        keras_weights.load_keras(model, unrelated)
     with pytest.raises(ValueError, match='not a params checkpoint written by save_params'):
-        weights.init_from(model, str(tmp_path))
+        keras_weights.init_from(model, str(tmp_path))
 
 
 def test_cli_converts_a_notop_file(tmp_path):
@@ -139,7 +140,7 @@ def test_cli_converts_a_notop_file(tmp_path):
                                                       'block1_conv1_b_1:0': np.ones(64, np.float32)})])
     output = str(tmp_path / 'params')
     result = subprocess.run(
-        [sys.executable, '-m', 'allflax.weights', '--model=vgg19', f'--keras={keras_file}', f'--output={output}',
+        [sys.executable, '-m', 'allflax.models.keras_weights', '--model=vgg19', f'--keras={keras_file}', f'--output={output}',
          '--image_size=32'],
         cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
@@ -147,6 +148,6 @@ def test_cli_converts_a_notop_file(tmp_path):
     assert 'loaded 1' in result.stdout and 'block5_conv4' in result.stdout and 'fc1' not in result.stdout
     # Every variable is restored, so an abstract model comes back whole (and without compiling initialisers).
     model = nnx.eval_shape(lambda: models.create('vgg19', 0, include_top=False, image_size=32))
-    report = weights.init_from(model, output)
+    report = keras_weights.init_from(model, output)
     assert report.missing == [] and report.unexpected == []
     np.testing.assert_array_equal(model.block1_conv1.kernel[...], kernel)

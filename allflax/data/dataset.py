@@ -1,10 +1,12 @@
 """What every data source hands the input pipeline: patient-wise splits of uint8 tiles."""
 import dataclasses
-import json
 import os
 from collections.abc import Sequence
 
 import numpy as np
+
+from allflax import files
+
 
 @dataclasses.dataclass(frozen=True)
 class Split:
@@ -34,9 +36,4 @@ def default_cache_dir(config) -> str:
 def write_splits_json(workdir: str, summary: dict, skipped: Sequence[str] = ()) -> str:
     """Writes `workdir/splits.json`: per split its size, patients and class counts, and the
     files skipped as unreadable."""
-    os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, 'splits.json')
-    with open(path + '.tmp', 'w') as f:
-        json.dump({**summary, 'skipped': list(skipped)}, f, indent=1)
-    os.replace(path + '.tmp', path)
-    return path
+    return files.write_json(os.path.join(workdir, 'splits.json'), {**summary, 'skipped': list(skipped)})

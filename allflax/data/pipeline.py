@@ -38,7 +38,7 @@ def load(config: ml_collections.ConfigDict, workdir: str | None = None) -> Datas
         splits={name: Split(generated.images[idx], generated.labels[idx], generated.patients[idx])
                 for name, idx in indices.items()},
         class_names=tuple(generated.class_names))
-    if workdir is not None and jax.process_index() == 0:
+    if workdir is not None:
         write_splits_json(workdir, splits.describe(indices, generated.labels, generated.patients,
                                                    generated.class_names))
     return dataset

@@ -2,7 +2,6 @@
 refuse or skip unreadable images, split, record the split."""
 import os
 
-import jax
 import ml_collections
 import numpy as np
 from absl import logging
@@ -54,7 +53,7 @@ def load_real(config: ml_collections.ConfigDict, workdir: str | None = None) -> 
     summary = splits.describe(indices, labels, patients, listing.class_names)
     if not listing.has_patients or data.split == 'random':
         summary['near_duplicates'] = _near_duplicates(prepared.hashes, indices, paths)
-    if workdir is not None and jax.process_index() == 0:
+    if workdir is not None:
         write_splits_json(workdir, summary, sorted(os.path.join(listing.root, path) for path in skipped))
     return Dataset(
         splits={name: Split(cache.TileReader(prepared.directory, split_indices), labels[split_indices],

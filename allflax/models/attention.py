@@ -1,11 +1,9 @@
 """Attention blocks added on top of convolutional backbones."""
-import functools
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from allflax.models import cpu_kernels
+from allflax.models import ops
 
 
 class MultiHeadSelfAttention(nnx.Module):
@@ -61,53 +59,10 @@ class SqueezeExcitation(nnx.Module):
 
     def gates(self, features: jax.Array) -> jax.Array:
         """The per-channel weights in (0, 1), shape (N, 1, 1, C): what interpretation reports."""
-        return self._gates_of_context(features.mean(axis=(1, 2), keepdims=True))
+        return self.gates_of_context(features.mean(axis=(1, 2), keepdims=True))
 
-    def _gates_of_context(self, context: jax.Array) -> jax.Array:
+    def gates_of_context(self, context: jax.Array) -> jax.Array:
         return nnx.sigmoid(self.expand(nnx.swish(self.reduce(context))))
 
     def __call__(self, features: jax.Array) -> jax.Array:
-        if features.ndim == 4 and cpu_kernels.fits(features):
-            graphdef, params = nnx.split(self)
-            return _squeeze_excite(graphdef, features, params)
-        return features * self.gates(features)
-
-
-# On CPU with allflax's kernels, the two passes over the feature map each way (channel mean, then
-# scaling; gate gradient, then input gradient) are activation_kernels.cc's, vectorised, instead of
-# XLA:CPU's reductions and bfloat16 conversions (about a tenth of a B3 step); the gate network
-# in between stays the module's own layers, differentiated by JAX.
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _squeeze_excite(graphdef, features, params):
-    return _squeeze_excite_fwd(graphdef, features, params)[0]
-
-
-def _gates(graphdef, params, mean, dtype):
-    """(N, C) float32 gates of the float32 channel means, computed as the module computes them."""
-    module = nnx.merge(graphdef, params)
-    return module._gates_of_context(mean.astype(dtype)[:, None, None, :])[:, 0, 0, :].astype(jnp.float32)
-
-
-def _squeeze_excite_fwd(graphdef, features, params):
-    channels = jax.ShapeDtypeStruct((features.shape[0], features.shape[3]), jnp.float32)
-    mean = cpu_kernels.call('allflax_ChannelMean', channels, features)
-    gates = _gates(graphdef, params, mean, features.dtype)
-    out = cpu_kernels.call('allflax_ScaleChannels', jax.ShapeDtypeStruct(features.shape, features.dtype),
-                           features, gates)
-    return out, (features, params, mean)
-
-
-def _squeeze_excite_bwd(graphdef, residuals, cotangent):
-    features, params, mean = residuals
-    cotangent = cotangent.astype(features.dtype)
-    # The gate network is tiny: its forward pass is redone here rather than kept.
-    gates, pullback = jax.vjp(lambda params, mean: _gates(graphdef, params, mean, features.dtype), params, mean)
-    d_gates = cpu_kernels.call('allflax_GateGradient', jax.ShapeDtypeStruct(gates.shape, jnp.float32),
-                               cotangent, features)
-    d_params, d_mean = pullback(d_gates)
-    d_features = cpu_kernels.call('allflax_ScaledInputGradient', jax.ShapeDtypeStruct(features.shape, features.dtype),
-                                  cotangent, gates, d_mean)
-    return d_features, d_params
-
-
-_squeeze_excite.defvjp(_squeeze_excite_fwd, _squeeze_excite_bwd)
+        return ops.squeeze_excite(self, features)

@@ -9,19 +9,17 @@ the activations several times more; EfficientNetV2's step is mostly these passes
 (benchmarks/RESULTS.md). Statistics and arithmetic run in float32 whatever the input dtype;
 the output has the input's dtype.
 
-On CPU, where allflax's kernels are built (cpu_kernels.py), both passes run as one FFI call
-each (activation_kernels.cc): the same maths, vectorised and without XLA:CPU's scalar bfloat16
-conversions. Elsewhere they are the JAX functions below.
+In programs lowered for CPU, where allflax's kernels are built, both passes run as one kernel
+call each (allflax/cpu/batch_norm.py): the same maths. Elsewhere they are the JAX functions below.
 """
 import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 from jax import lax
 
-from allflax.models import cpu_kernels
+from allflax.models import ops
 
 
 def norm(bn: nnx.BatchNorm, x: jax.Array, swish: bool = False) -> jax.Array:
@@ -56,32 +54,29 @@ def _train_norm(x, scale, bias, epsilon, swish):
 
 
 def _train_norm_fwd(x, scale, bias, epsilon, swish):
-    if cpu_kernels.fits(x):
-        statistic = jax.ShapeDtypeStruct(scale.shape, jnp.float32)
-        y, mean, var = cpu_kernels.call('allflax_batch_norm_Forward',
-                                        (jax.ShapeDtypeStruct(x.shape, x.dtype), statistic, statistic),
-                                        x, scale, bias, epsilon=np.float32(epsilon), swish=swish)
-        return (y, mean, var), (x, mean, var, scale, bias)
+    y, mean, var = ops.batch_norm_forward(_forward, x, scale, bias, epsilon, swish)
+    return (y, mean, var), (x, mean, var, scale, bias)
+
+
+def _forward(x, scale, bias, epsilon, swish):
     mean, var = _moments(x)
     inverse_std = lax.rsqrt(var + epsilon)
     z = (x.astype(jnp.float32) - mean) * (inverse_std * scale) + bias
     y = z * jax.nn.sigmoid(z) if swish else z
-    return (y.astype(x.dtype), mean, var), (x, mean, var, scale, bias)
+    return y.astype(x.dtype), mean, var
 
 
 def _train_norm_bwd(epsilon, swish, residuals, cotangents):
     x, mean, var, scale, bias = residuals
-    if cpu_kernels.fits(x):
-        gradient = jax.ShapeDtypeStruct(scale.shape, jnp.float32)
-        return tuple(cpu_kernels.call('allflax_batch_norm_Backward',
-                                      (jax.ShapeDtypeStruct(x.shape, x.dtype), gradient, gradient),
-                                      x, cotangents[0].astype(x.dtype), mean, var, scale, bias,
-                                      epsilon=np.float32(epsilon), swish=swish))
+    return ops.batch_norm_backward(_backward, x, cotangents[0], mean, var, scale, bias, epsilon, swish)
+
+
+def _backward(x, d_y, mean, var, scale, bias, epsilon, swish):
     inverse_std = lax.rsqrt(var + epsilon)
     axes = tuple(range(x.ndim - 1))
     count = x.size // x.shape[-1]
     normalised = (x.astype(jnp.float32) - mean) * inverse_std
-    d_z = cotangents[0].astype(jnp.float32)
+    d_z = d_y.astype(jnp.float32)
     if swish:
         z = normalised * scale + bias
         sigmoid = jax.nn.sigmoid(z)

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from allflax.models import batch_norm, cpu_conv, register
+from allflax.models import batch_norm, ops, register
 from allflax.models.attention import SqueezeExcitation
 
 
@@ -81,14 +81,14 @@ def round_repeats(repeats: int, depth_coefficient: float) -> int:
 def _conv_and_norm(dtype, param_dtype, rngs):
     """Layer factories with Keras's EfficientNet settings: TF 'SAME' padding, no conv bias.
 
-    Convolutions go through `cpu_conv.conv_general_dilated`: on CPU, some 3×3 ones by Winograd,
+    Convolutions go through `ops.conv_general_dilated`: on CPU, some 3×3 ones by Winograd,
     the rest through oneDNN (without it: 1×1 ones as dots, depthwise ones as shifted
     multiply-adds, XLA's elsewhere). Batch norms run through `batch_norm.norm`.
     """
     conv = functools.partial(nnx.Conv, padding='SAME', use_bias=False, kernel_init=CONV_INIT,
                              dtype=dtype, param_dtype=param_dtype, rngs=rngs,
-                             conv_general_dilated=cpu_conv.conv_general_dilated,
-                             promote_dtype=cpu_conv.promote_keeping_kernel)
+                             conv_general_dilated=ops.conv_general_dilated,
+                             promote_dtype=ops.promote_keeping_kernel)
     norm = functools.partial(nnx.BatchNorm, epsilon=BN_EPSILON, momentum=BN_MOMENTUM,
                              dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     return conv, norm

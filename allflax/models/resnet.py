@@ -2,6 +2,9 @@
 
 Layer attributes carry the Keras layer names (`conv1_conv`, `conv2_block1_0_bn`,
 `predictions`, ...) so that weight import maps names one to one.
+
+ResNet101 is paper 1's baseline, compared on accuracy, not speed: it keeps flax's own layers and
+none of `allflax.models.ops`' platform hooks, so its numerics are XLA's everywhere.
 """
 import functools
 

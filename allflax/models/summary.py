@@ -10,7 +10,7 @@ Two multiply-add counts of the inference forward pass at batch 1:
     products with padding (3×3 convolutions on a 14×14 map lose 9 %) and adds the
     elementwise work, so it reads lower: 18.97 G for VGG19.
 Nothing is initialised or run: the model is built abstractly, traced and compiled, with every
-convolution as XLA's (`cpu_conv.xla_only`: on CPU the models compute some convolutions as
+convolution as XLA's (`ops.portable_only`: on CPU the models compute some convolutions as
 elementwise products, dots or Winograd transforms, which would hide or shrink their count).
 """
 import math
@@ -22,7 +22,7 @@ from flax import nnx
 from jax.extend import core as jax_core
 
 from allflax import models
-from allflax.models import cpu_conv
+from allflax.models import ops
 
 
 def summarize(name: str, image_size: int, *, num_classes: int = 1000, include_top: bool = True,
@@ -37,7 +37,7 @@ def summarize(name: str, image_size: int, *, num_classes: int = 1000, include_to
         return nnx.merge(graphdef, state)(images)
 
     images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
-    with cpu_conv.xla_only():
+    with ops.portable_only():
         xla_cost = jax.jit(forward).lower(state, images).compile().cost_analysis()
         jaxpr = jax.make_jaxpr(forward)(state, images).jaxpr
     return {'model': name, 'image_size': image_size, 'params': models.count_params(model),

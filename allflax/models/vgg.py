@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from allflax.models import cpu_conv, register
+from allflax.models import ops, register
 from allflax.models.attention import MultiHeadSelfAttention
 
 # Convolutions per block; every block ends in a 2×2 max-pool.
@@ -43,11 +43,11 @@ class VGG(nnx.Module):
                  attention_heads: int, attention_dropout: float, dtype, param_dtype, rngs: nnx.Rngs):
         if image_size % 32:
             raise ValueError(f'VGG needs an image size divisible by 32 (five 2×2 pools), got {image_size}')
-        # On CPU, cpu_conv picks each convolution's kernel (Winograd or oneDNN); see conv_relu below.
+        # In programs lowered for CPU, ops picks each convolution's kernel (Winograd or oneDNN); see conv_relu below.
         conv = functools.partial(nnx.Conv, kernel_size=(3, 3), padding='SAME', kernel_init=CONV_INIT,
                                  dtype=dtype, param_dtype=param_dtype, rngs=rngs,
-                                 conv_general_dilated=cpu_conv.conv_general_dilated,
-                                 promote_dtype=cpu_conv.promote_keeping_kernel)
+                                 conv_general_dilated=ops.conv_general_dilated,
+                                 promote_dtype=ops.promote_keeping_kernel)
         dense = functools.partial(nnx.Linear, kernel_init=DENSE_INIT, dtype=dtype,
                                   param_dtype=param_dtype, rngs=rngs)
         self.dtype = dtype
@@ -101,7 +101,7 @@ class VGG(nnx.Module):
             if name.endswith('_pool'):
                 x = max_pool_2x2(x)
             else:
-                x = cpu_conv.conv_relu(getattr(self, name), x)
+                x = ops.conv_relu(getattr(self, name), x)
             if name == self.attention_after:
                 x = self.attention(x)
         return x

@@ -38,11 +38,12 @@ import dataclasses
 import hashlib
 import json
 import os
-import tempfile
 import zipfile
 
 import cv2
 import numpy as np
+
+from allflax import files
 
 # Bump whenever rendering changes, so cached files from older code are not reused.
 GENERATOR_VERSION = 2
@@ -377,15 +378,7 @@ def load(name: str, *, num_images: int, image_size: int, num_patients: int, seed
     if cached is not None:
         return cached
     data = generate(name, **args)
-    os.makedirs(cache_dir, exist_ok=True)
-    # Write next to the target and rename, so a partial file is never seen as valid.
-    with tempfile.NamedTemporaryFile(dir=cache_dir, prefix=os.path.basename(path), suffix=".tmp",
-                                     delete=False) as tmp:
-        try:
-            np.savez(tmp, images=data.images, labels=data.labels, patients=data.patients,
-                     class_names=np.array(data.class_names))
-        except BaseException:
-            os.unlink(tmp.name)
-            raise
-    os.replace(tmp.name, path)
+    with files.atomic_open(path, 'wb') as f:
+        np.savez(f, images=data.images, labels=data.labels, patients=data.patients,
+                 class_names=np.array(data.class_names))
     return data

@@ -1,4 +1,4 @@
-"""Process-wide settings (allflax/platform.py), each checked in a fresh Python process."""
+"""Process-wide settings (allflax/runtime.py, allflax/cpu/memory.py), each checked in a fresh Python process."""
 import json
 import os
 import subprocess
@@ -11,8 +11,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # (/proc/self/stat, field 10) once warm, after keep_freed_memory() or without it.
 _FAULTS_PER_CALL = '''
 import json, sys
-from allflax import platform
-kept = platform.keep_freed_memory() if sys.argv[1] == 'keep' else None
+from allflax.cpu import memory
+kept = memory.keep_freed_memory() if sys.argv[1] == 'keep' else None
 import jax, jax.numpy as jnp
 
 def minor_faults():
@@ -30,7 +30,7 @@ before = minor_faults()
 for _ in range(10):
     step(x, w).block_until_ready()
 print(json.dumps({'kept': kept, 'faults_per_call': (minor_faults() - before) / 10,
-                  'late': platform.keep_freed_memory()}))
+                  'late': memory.keep_freed_memory()}))
 '''
 
 
@@ -59,13 +59,13 @@ def test_keep_freed_memory_stops_page_faults_of_the_step_temporaries():
 _FROZEN = '''
 import gc, json
 import flax.nnx, jax
-from allflax import platform
+from allflax import runtime
 
 class Node:
     pass
 
 out = {'tracked_before': len(gc.get_objects())}
-with platform.setup_objects_frozen():
+with runtime.setup_objects_frozen():
     out['frozen'] = gc.get_freeze_count()
     out['tracked_inside'] = len(gc.get_objects())
     cycle = Node()

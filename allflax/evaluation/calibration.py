@@ -2,8 +2,7 @@
 scaling, which makes them so without changing any prediction."""
 import numpy as np
 import scipy.optimize
-
-from allflax import steps
+import scipy.special
 
 NUM_BINS = 15
 # log T is searched in [log 0.05, log 20]: wide enough for any network worth calibrating.
@@ -11,11 +10,12 @@ _LOG_TEMPERATURE_BOUNDS = (np.log(0.05), np.log(20.0))
 
 
 def probabilities(view_logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    """Class probabilities from logits of shape (examples, views, classes): the training
-    probabilities (`steps.probabilities`) of each view's logits / temperature, averaged over
-    the views (one view, or the eight of test-time augmentation)."""
-    scaled = np.asarray(view_logits, np.float32) / np.float32(temperature)
-    return np.asarray(steps.probabilities(scaled), np.float64).mean(axis=1)
+    """Class probabilities from logits of shape (examples, views, classes), averaged over the views
+    (one view, or the eight of test-time augmentation). The models are trained with a sigmoid per
+    class (focal loss), so each view's probabilities are its logits / temperature through the
+    sigmoid, normalised to sum to 1."""
+    scores = scipy.special.expit(np.asarray(view_logits, np.float32) / np.float32(temperature))
+    return (scores / scores.sum(axis=-1, keepdims=True)).astype(np.float64).mean(axis=1)
 
 
 def reliability(labels: np.ndarray, probabilities: np.ndarray, num_bins: int = NUM_BINS) -> dict:

@@ -6,7 +6,7 @@ weights, as TF-Keras 2 (or, for VGG, Keras 1) wrote them. `save_params` keeps th
 result as an Orbax checkpoint and `init_from` restores it into a model whose head
 may differ.
 
-  python -m allflax.weights --model=resnet101 \\
+  python -m allflax.models.keras_weights --model=resnet101 \\
       --keras=resnet101_weights_tf_dim_ordering_tf_kernels_notop.h5 --output=weights/resnet101
 """
 import dataclasses

@@ -10,12 +10,10 @@ import re
 import cv2
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from flax import nnx
 
-from allflax import evaluate, sharding
-from allflax.data import augment
+from allflax import files
 from allflax.models.attention import MultiHeadSelfAttention, SqueezeExcitation
 
 OVERLAY_OPACITY = 0.45  # Of the heat map over the image.
@@ -62,25 +60,6 @@ def explain(model: nnx.Module, images: jax.Array) -> dict[str, jax.Array]:
         out['se_gates'] = block.gates(features)[:, 0, 0, :].astype(jnp.float32)
     out['logits'], out['gradcam'] = gradcam(model, features)
     return out
-
-
-def make_explain_step(parts, config: ml_collections.ConfigDict, mesh, state_sharding):
-    """Jitted `explain_step(state, uint8 images) -> explain(...)`, normalising as the eval step does."""
-    dtype = jnp.dtype(config.dtype)
-
-    def explain_step(state, images):
-        model = nnx.merge(parts.eval_graph, state.params, state.batch_stats, parts.rng_state)
-        return explain(model, augment.normalize(images, config.data.mean, config.data.std, dtype))
-
-    batch = sharding.batch_sharding(mesh)
-    return jax.jit(explain_step, in_shardings=(state_sharding, batch), out_shardings=batch)
-
-
-def explain_split(restored: 'evaluate.Restored', config: ml_collections.ConfigDict, split) -> dict[str, np.ndarray]:
-    """`explain` of every image of `split`, batched over the mesh, on the host."""
-    explain_step = make_explain_step(restored.built.parts, config, restored.mesh, restored.built.state_sharding)
-    return evaluate.map_batches(lambda images, put: explain_step(restored.state, put(images)),
-                                split, config.batch_size, restored.mesh)
 
 
 def select_examples(labels: np.ndarray, probabilities: np.ndarray, count: int) -> np.ndarray:
@@ -135,7 +114,7 @@ def write_panels(directory: str, images: list[np.ndarray], explanation: dict[str
     for i, (image, name) in enumerate(zip(images, names)):
         heatmaps = [explanation['gradcam'][i]] + ([explanation['attention'][i]] if 'attention' in explanation else [])
         path = os.path.join(directory, f'{name}.png')
-        if jax.process_index() == 0:
+        if files.is_writer():
             cv2.imwrite(path, cv2.cvtColor(panel(image, heatmaps), cv2.COLOR_RGB2BGR))
         paths.append(path)
     return paths

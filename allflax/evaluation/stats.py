@@ -7,7 +7,7 @@ not independent. Every resample is scored at once, by the metrics' batched code.
 import numpy as np
 import scipy.stats
 
-from allflax import metrics
+from allflax.evaluation import metrics
 
 INTERVAL_METRICS = ('accuracy', 'f1_weighted', 'f1_macro', 'roc_auc')
 LEVEL = 0.95

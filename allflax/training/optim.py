@@ -5,22 +5,22 @@ import ml_collections
 import optax
 
 
-def learning_rate_schedule(config: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
-    warmup_steps = max(1, int(config.optimizer.warmup_fraction * total_steps))
+def learning_rate_schedule(optimizer: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
+    """Linear warmup over `optimizer.warmup_fraction` of the steps, then cosine decay to 0."""
+    warmup_steps = max(1, int(optimizer.warmup_fraction * total_steps))
     return optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=config.optimizer.learning_rate, warmup_steps=warmup_steps,
+        init_value=0.0, peak_value=optimizer.learning_rate, warmup_steps=warmup_steps,
         decay_steps=max(total_steps, warmup_steps + 1))
 
 
-def make_optimizer(config: ml_collections.ConfigDict, schedule: optax.Schedule,
-                   pretrained_paths: frozenset[str] = frozenset()) -> optax.GradientTransformation:
-    """AdamW after clipping the global gradient norm (VGG without batch norm spikes early on);
-    pretrained variables stay frozen for `model.freeze_backbone_steps` steps."""
-    opt = config.optimizer
+def make_optimizer(opt: ml_collections.ConfigDict, schedule: optax.Schedule,
+                   pretrained_paths: frozenset[str] = frozenset(), freeze_steps: int = 0) -> optax.GradientTransformation:
+    """AdamW (the `optimizer` section) after clipping the global gradient norm (VGG without batch
+    norm spikes early on); pretrained variables stay frozen for `freeze_steps` steps."""
     return optax.chain(
         optax.clip_by_global_norm(opt.grad_clip_norm) if opt.grad_clip_norm else optax.identity(),
         optax.adamw(schedule, b1=opt.b1, b2=opt.b2, weight_decay=opt.weight_decay),
-        freeze_for_steps(pretrained_paths, config.model.freeze_backbone_steps))
+        freeze_for_steps(pretrained_paths, freeze_steps))
 
 
 def variable_path(tree_path) -> str:

@@ -5,6 +5,7 @@ CRC-32C of the payload) of `Event` protocol buffers; scalars need only a few of 
 fields, encoded here by hand, so training never imports TensorFlow (seconds and hundreds
 of MB) or needs the `tensorboard` package.
 """
+import json
 import os
 import socket
 import struct
@@ -102,3 +103,20 @@ class SummaryWriter:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+class MetricsLog:
+    """Appends each record to `workdir/metrics.jsonl` and to TensorBoard, from process 0 only."""
+
+    def __init__(self, workdir: str):
+        self._path = os.path.join(workdir, 'metrics.jsonl')
+        self._tensorboard = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+
+    def write(self, record: dict):
+        if jax.process_index() == 0:
+            with open(self._path, 'a') as f:
+                f.write(json.dumps(record) + '\n')
+        self._tensorboard.write(record)
+
+    def close(self):
+        self._tensorboard.close()

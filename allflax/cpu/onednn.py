@@ -1,5 +1,5 @@
 """oneDNN convolutions for XLA:CPU, called through XLA's FFI (the kernels: onednn_conv.cc, in the
-library cpu_kernels.py loads). allflax/models/cpu_conv.py decides where they are used.
+library cpu_kernels.py loads). allflax/cpu/conv.py decides where they are used.
 """
 import functools
 
@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from allflax.models import cpu_kernels
+from allflax.cpu import kernels as cpu_kernels
 
 
 def _call(name, operands, results, strides, padding, groups):

@@ -6,7 +6,7 @@ each example was drawn) are scored by the same code as the point estimate.
 """
 import numpy as np
 
-from allflax import calibration
+from allflax.evaluation import calibration
 
 
 def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: int,

@@ -1,14 +1,11 @@
-"""Convolutions that XLA:CPU runs slowly, rewritten for it; a drop-in `conv_general_dilated`.
+"""XLA:CPU's convolutions where it runs them slowly, computed another way; lax.conv_general_dilated's
+signature. `allflax.models.ops` calls these when a program is lowered for CPU only.
 
-nnx.Conv takes `conv_general_dilated=conv_general_dilated`, so layers and their weights stay
-nnx.Conv's (Keras import unchanged) while the computation is chosen at trace time:
-
-- on any backend but CPU: `lax.conv_general_dilated`;
 - dense 3×3, stride 1, SAME, float32, at mid and low resolution with enough channels:
   Winograd F(4, 3) or F(2, 3) — small constant transforms around batched matmuls, fewer
   multiplications than any direct convolution; `_winograd_tile` says where it is used;
 - everything else in float32 or bfloat16, where the oneDNN kernels are built
-  (allflax/models/cpu_kernels.py): oneDNN's convolution, forward and both gradients, 1.1–4× XLA:CPU's
+  (allflax/cpu/kernels.py): oneDNN's convolution, forward and both gradients, 1.1–4× XLA:CPU's
   speed per layer in float32 and 2.4–5.5× in bfloat16 (1×1 ones too: level with XLA's dot on
   AVX-512, 1.3–1.7× it on AVX2); bfloat16 computes in float32 where oneDNN has no bfloat16
   kernels for the CPU (AVX2 alone);
@@ -17,23 +14,20 @@ nnx.Conv's (Keras import unchanged) while the computation is chosen at trace tim
   (XLA:CPU's grouped convolution is 6–40× slower), Winograd in bfloat16 too, and
   `lax.conv_general_dilated` for the rest.
 
-Layers pass `promote_dtype=promote_keeping_kernel` too: the kernel reaches the convolution in
-its parameter dtype, and oneDNN rounds a float32 kernel to bfloat16 within the layout reorder it
-does anyway (XLA:CPU's conversions run as scalar loops); every other route casts it itself.
+The kernel may arrive in float32 with bfloat16 inputs: oneDNN rounds it within the layout reorder
+it does anyway (XLA:CPU's conversions run as scalar loops); every other route casts it itself.
 
 benchmarks/RESULTS.md has the measurements behind each choice.
 """
-import contextlib
 import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
-from flax.nnx.nn import dtypes
 from jax import lax
 
-from allflax.models import cpu_kernels, onednn
+from allflax.cpu import kernels as cpu_kernels
+from allflax.cpu import onednn
 
 # Winograd F(m, 3) (Lavin & Gray 2016): Y = Aᵀ[(G g Gᵀ) ⊙ (Bᵀ d B)]A for an (m + 2)² input tile d.
 _WINOGRAD = {
@@ -48,20 +42,6 @@ _WINOGRAD = {
                          [0, 1, -1, 8, -8, 1]], np.float64)),
 }
 _NHWC = lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1), out_spec=(0, 3, 1, 2))
-_xla_only = False
-
-
-@contextlib.contextmanager
-def xla_only():
-    """Within it, `conv_general_dilated` traces every convolution as `lax.conv_general_dilated`
-    (e.g. to count a model's nominal multiply-adds). It acts when a function is traced: a jitted
-    function traced before keeps its cached trace."""
-    global _xla_only
-    previous, _xla_only = _xla_only, True
-    try:
-        yield
-    finally:
-        _xla_only = previous
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
@@ -69,7 +49,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
                          precision=None, preferred_element_type=None, **kwargs):
     """`lax.conv_general_dilated`, with XLA:CPU's slow cases (NHWC/HWIO, 2-D) computed another way."""
     out_dtype = preferred_element_type or lhs.dtype
-    if lhs.dtype == jnp.bfloat16 and out_dtype == lhs.dtype and not _xla_only and bfloat16_computes_in_float32():
+    if lhs.dtype == jnp.bfloat16 and out_dtype == lhs.dtype and bfloat16_computes_in_float32():
         return conv_general_dilated(lhs.astype(jnp.float32), rhs.astype(jnp.float32), window_strides, padding,
                                     lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count,
                                     batch_group_count, precision, **kwargs).astype(lhs.dtype)
@@ -98,17 +78,7 @@ def bfloat16_computes_in_float32() -> bool:
     """Whether bfloat16 convolutions here take the float32 routes (bfloat16 in and out): on a CPU
     without bfloat16 arithmetic (AVX2 alone), where the kernels are built but oneDNN has no
     bfloat16 convolutions. A bfloat16 step then runs no faster than a float32 one."""
-    return jax.default_backend() == 'cpu' and cpu_kernels.available() and not cpu_kernels.bfloat16_convolutions()
-
-
-def promote_keeping_kernel(args, /, *, dtype=None, inexact=True):
-    """nnx.Conv's `promote_dtype` for `conv_general_dilated`: inputs and bias cast to `dtype` as flax's,
-    a float32 kernel kept in float32 (the convolution rounds it as flax would have)."""
-    inputs, kernel, bias = args
-    if dtype is None or kernel.dtype != jnp.float32:
-        return dtypes.promote_dtype(args, dtype=dtype, inexact=inexact)
-    inputs, bias = dtypes.promote_dtype((inputs, bias), dtype=dtype, inexact=inexact)
-    return inputs, kernel, bias
+    return cpu_kernels.available() and not cpu_kernels.bfloat16_convolutions()
 
 
 def _route(lhs, rhs, strides, padding, groups, out_dtype):
@@ -119,8 +89,6 @@ def _route(lhs, rhs, strides, padding, groups, out_dtype):
     strides, taps = tuple(strides), rhs.shape[:2]
     pads = lax.padtype_to_pads(lhs.shape[1:3], taps, strides, padding) if isinstance(padding, str) else padding
     pads = tuple(tuple(pad) for pad in pads)
-    if _xla_only or jax.default_backend() != 'cpu':
-        return 'xla', pads
     same = list(pads) == _same_padding(lhs.shape[1:3], taps, strides)  # The rewrites below pad as XLA's 'SAME'.
     channels = lhs.shape[3]
     depthwise = groups == channels and rhs.shape[2] == 1 and rhs.shape[3] == channels
@@ -139,27 +107,17 @@ def _route(lhs, rhs, strides, padding, groups, out_dtype):
     return ('shifted' if same and depthwise else 'xla'), pads
 
 
-def conv_relu(conv: nnx.Conv, inputs: jax.Array) -> jax.Array:
-    """`nnx.relu(conv(inputs))`; where `conv` would run oneDNN's convolution, the bias and the ReLU
-    run inside it (forward: no separate pass over the output; backward: the bias gradient comes
-    with the kernel gradient instead of XLA's reduction of the output gradient)."""
-    fused = (conv.conv_general_dilated is conv_general_dilated and conv.use_bias and conv.mask is None
-             and isinstance(conv.padding, str)
-             and inputs.ndim == 4 and conv.feature_group_count == 1 and conv.preferred_element_type is None
-             and all(d == 1 for d in (*_pair(conv.input_dilation), *_pair(conv.kernel_dilation))))
-    if fused:
-        inputs, kernel, bias = conv.promote_dtype((inputs, conv.kernel[...], conv.bias[...]), dtype=conv.dtype)
-        strides = _pair(conv.strides)
-        route, pads = _route(inputs, kernel, strides, conv.padding, 1, inputs.dtype)
-        if route == 'onednn':
-            return onednn.conv_bias_relu(inputs, kernel, bias, strides, pads)
-    return nnx.relu(conv(inputs))
-
-
-def _pair(value):
-    """nnx.Conv's per-axis setting (None, an int, or one per axis) as a pair."""
-    value = 1 if value is None else value
-    return (value, value) if isinstance(value, int) else tuple(value)
+def conv_bias_relu(inputs: jax.Array, kernel: jax.Array, bias: jax.Array, strides: tuple[int, int],
+                   padding: str) -> jax.Array:
+    """`relu(conv(inputs) + bias)` of a dense NHWC/HWIO convolution (inputs and bias promoted as
+    nnx.Conv promotes them); where oneDNN's convolution would run, the bias and the ReLU run inside
+    it (forward: no separate pass over the output; backward: the bias gradient comes with the
+    kernel gradient instead of XLA's reduction of the output gradient)."""
+    route, pads = _route(inputs, kernel, strides, padding, 1, inputs.dtype)
+    if route == 'onednn':
+        return onednn.conv_bias_relu(inputs, kernel, bias, strides, pads)
+    out = conv_general_dilated(inputs, kernel, strides, padding, dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    return jax.nn.relu(out + bias.astype(out.dtype))
 
 
 def _same_padding(sizes, taps, strides):

@@ -1,0 +1,180 @@
+"""ImageNet weights for `--config.model.init_from=imagenet`: Keras's published backbone files.
+
+The file for a model's backbone (the "notop" file: the head is ours) is downloaded once,
+checked against the hash Keras lists, and converted once into a params checkpoint that
+`keras_weights.init_from` restores into the model by path and shape. Offline, the error
+names the URL and the manual route through the `keras_weights` CLI.
+"""
+import contextlib
+import dataclasses
+import hashlib
+import http.client
+import os
+import shutil
+import tempfile
+import urllib.request
+
+from absl import logging
+from flax import nnx
+
+from allflax import models
+from allflax.models import keras_weights
+
+BASE_URL_ENV = 'ALLFLAX_KERAS_WEIGHTS_URL'
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightFile:
+    url: str
+    file_hash: str  # md5 (32 hex digits) or sha256 (64), chosen by length as keras.utils.get_file does.
+
+    @property
+    def file_name(self) -> str:
+        return self.url.rpartition('/')[2]
+
+
+_KERAS = 'https://storage.googleapis.com/tensorflow/keras-applications/'
+# Keras 3.15.1, keras/src/applications/: vgg16.py and vgg19.py (WEIGHTS_PATH_NO_TOP and its
+# get_file hash), resnet.py and efficientnet_v2.py (BASE_WEIGHTS_PATH + the notop file name,
+# WEIGHTS_HASHES[...][1]). Keyed by the registered name of the backbone.
+KERAS_WEIGHTS: dict[str, WeightFile] = {
+    'vgg16': WeightFile(_KERAS + 'vgg16/vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5',
+                        '6d6bbae143d832006294945121d1f1fc'),
+    'vgg19': WeightFile(_KERAS + 'vgg19/vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5',
+                        '253f8cb515780f3b799900260a226db6'),
+    'resnet50': WeightFile(_KERAS + 'resnet/resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5',
+                           '4d473c1dd8becc155b73f8504c6f6626'),
+    'resnet101': WeightFile(_KERAS + 'resnet/resnet101_weights_tf_dim_ordering_tf_kernels_notop.h5',
+                            '88cf7a10940856eca736dc7b7e228a21'),
+    'efficientnetv2_b0': WeightFile(_KERAS + 'efficientnet_v2/efficientnetv2-b0_notop.h5',
+                                    '893217f2bb855e2983157299931e43ff'),
+    'efficientnetv2_b1': WeightFile(_KERAS + 'efficientnet_v2/efficientnetv2-b1_notop.h5',
+                                    '0e80663031ca32d657f9caa404b6ec37'),
+    'efficientnetv2_b2': WeightFile(_KERAS + 'efficientnet_v2/efficientnetv2-b2_notop.h5',
+                                    '1dfe2e7a5d45b6632553a8961ea609eb'),
+    'efficientnetv2_b3': WeightFile(_KERAS + 'efficientnet_v2/efficientnetv2-b3_notop.h5',
+                                    'f6abf7b5849ac99a89b50dd3fd532856'),
+    'efficientnetv2_s': WeightFile(_KERAS + 'efficientnet_v2/efficientnetv2-s_notop.h5',
+                                   'af0682fb74e8c54910f2d4393339c070'),
+}
+# The paper models: a published backbone under a head (and attention) of their own, whose
+# variable paths are the backbone's (tests/test_imagenet.py checks it).
+_BACKBONES = {'vgg19_mhsa': 'vgg19', 'efficientnetv2_b3_se': 'efficientnetv2_b3'}
+
+
+class WeightsUnavailableError(RuntimeError):
+    """The weight file could not be fetched and verified; the message says how to do it by hand."""
+
+
+def backbone_of(model_name: str) -> str:
+    """The registered backbone whose Keras ImageNet file initialises `model_name`."""
+    backbone = _BACKBONES.get(model_name, model_name)
+    if backbone not in KERAS_WEIGHTS:
+        with_weights = sorted(KERAS_WEIGHTS.keys() | _BACKBONES.keys())
+        raise ValueError(f'model {model_name!r} has no published ImageNet weights; models with them: '
+                         f'{", ".join(with_weights)}')
+    return backbone
+
+
+def fetch(url: str, file_hash: str, destination: str, *, model: str, timeout: float = 60) -> str:
+    """Downloads `url` to `destination` unless a file with `file_hash` is there already.
+
+    The download streams into a `.partial` file in the same folder, hashed as it comes,
+    and only a verified file takes the final name, so an interrupted or corrupt download
+    is never used. `model` names the backbone in the error's manual route.
+    """
+    if os.path.exists(destination):
+        if _hash_file(destination, file_hash) == file_hash.lower():
+            return destination
+        logging.warning('%s does not match hash %s; fetching it again', destination, file_hash)
+        os.remove(destination)
+    folder = os.path.dirname(os.path.abspath(destination))
+    os.makedirs(folder, exist_ok=True)
+    # A unique name: processes sharing the cache must not write into one file.
+    handle, partial = tempfile.mkstemp(dir=folder, prefix=os.path.basename(destination) + '.', suffix='.partial')
+    logging.info('Fetching %s', url)
+    try:
+        hasher = _hasher(file_hash)
+        with os.fdopen(handle, 'wb') as file, urllib.request.urlopen(url, timeout=timeout) as response:
+            received, length = 0, response.headers.get('Content-Length')
+            while chunk := response.read(1 << 20):
+                hasher.update(chunk)
+                file.write(chunk)
+                received += len(chunk)
+        # http.client returns a short body without an error when the connection drops.
+        if length is not None and received != int(length):
+            raise WeightsUnavailableError(_unavailable(url, file_hash, model, f'the connection closed after '
+                                                       f'{received} of {length} bytes'))
+        if hasher.hexdigest() != file_hash.lower():
+            raise WeightsUnavailableError(_unavailable(url, file_hash, model,
+                                                       f'the download has hash {hasher.hexdigest()}'))
+        os.replace(partial, destination)
+    except (OSError, http.client.HTTPException) as error:  # URLError and timeouts are OSErrors.
+        reason = f'{type(error).__name__}: {error}'
+        raise WeightsUnavailableError(_unavailable(url, file_hash, model, reason)) from error
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(partial)
+    return destination
+
+
+def _hasher(file_hash: str):
+    return hashlib.sha256() if len(file_hash) == 64 else hashlib.md5()
+
+
+def _hash_file(path: str, file_hash: str) -> str:
+    hasher = _hasher(file_hash)
+    with open(path, 'rb') as file:
+        while chunk := file.read(1 << 20):
+            hasher.update(chunk)
+    return hasher.hexdigest()
+
+
+def _unavailable(url: str, file_hash: str, model: str, reason: str) -> str:
+    output = f'weights/{model}'
+    return (f'cannot fetch the ImageNet weights {url} ({"sha256" if len(file_hash) == 64 else "md5"} '
+            f'{file_hash}): {reason}.\nDownload the file yourself from {url}, check its hash, convert it with\n'
+            f'  python -m {keras_weights.__name__} --model={model} --keras=<downloaded file> --output={output}\n'
+            f'and set --config.model.init_from={output}')
+
+
+def imagenet_params(model_name: str, cache_dir: str, *, base_url: str | None = None) -> str:
+    """The directory of converted ImageNet params for `model_name`'s backbone, made once.
+
+    `<cache_dir>/keras/` keeps the downloaded file, `<cache_dir>/imagenet/<backbone>` the
+    params; they are converted in a temporary directory renamed into place when complete,
+    so a half-converted directory is never taken as valid. `base_url` (else $ALLFLAX_KERAS_WEIGHTS_URL)
+    replaces the URL up to the file name: a mirror.
+    """
+    backbone = backbone_of(model_name)
+    converted = os.path.join(os.path.abspath(cache_dir), 'imagenet', backbone)
+    if os.path.exists(os.path.join(converted, keras_weights.SIDECAR)):
+        return converted
+    entry = KERAS_WEIGHTS[backbone]
+    base_url = base_url or os.environ.get(BASE_URL_ENV)
+    url = f'{base_url.rstrip("/")}/{entry.file_name}' if base_url else entry.url
+    path = fetch(url, entry.file_hash, os.path.join(cache_dir, 'keras', entry.file_name), model=backbone)
+    # Abstract: every weight comes from the file, so initialising them would be wasted work.
+    model = nnx.eval_shape(lambda: models.create(backbone, 1, include_top=False))
+    report = keras_weights.load_keras(model, path)
+    if report.missing or report.unexpected:
+        raise ValueError(f'{path} does not fit {backbone} without its top:\n{report}')
+    os.makedirs(os.path.dirname(converted), exist_ok=True)
+    staging = tempfile.mkdtemp(dir=os.path.dirname(converted), prefix=f'.{backbone}.')
+    try:
+        keras_weights.save_params(model, staging, model_name=backbone)
+        os.rename(staging, converted)
+    except OSError:
+        if not os.path.exists(os.path.join(converted, keras_weights.SIDECAR)):
+            raise
+        # Another process converted it first.
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    logging.info('Converted %s into %s', path, converted)
+    return converted
+
+
+def resolve_init_from(init_from: str, model_name: str, cache_dir: str) -> str:
+    """The params directory to pass to `keras_weights.init_from`: 'imagenet' means the backbone's
+    published weights; anything else is already a directory."""
+    return imagenet_params(model_name, cache_dir) if init_from == 'imagenet' else init_from

@@ -1,0 +1,114 @@
+"""The compiled steps: pure functions of (state, batch), jitted over the mesh.
+
+Two factories: the train step, and the inference step that every other compiled function is
+(eval logits, Grad-CAM explanations), each passing its body in.
+"""
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from allflax import sharding
+from allflax.data import augment
+from allflax.training import losses
+from allflax.training.state import Setup, TrainState
+
+
+def make_train_step(built: Setup, mesh: Mesh, *, data: ml_collections.ConfigDict,
+                    loss: ml_collections.ConfigDict, dtype: str, seed: int,
+                    accumulation_steps: int = 1) -> Callable:
+    """Returns jitted `train_step(state, batch) -> (state, metrics)`; the state is donated.
+
+    On device: augmentation (`data.augment`, `data.augment_params`) and normalisation
+    (`data.mean`, `data.std`), the model in `dtype`, the focal loss (the `loss` section), the
+    optimiser update. Augmentation and dropout keys derive from `seed` and the step.
+
+    With `accumulation_steps` k > 1 the batch's gradient is the mean of k micro-batches' (each
+    device takes every k-th of its rows), computed one after another: a batch too large for the
+    memory of the devices present takes the same update (batch norm then normalises over each
+    micro-batch, and dropout draws per micro-batch).
+    """
+    dtype = jnp.dtype(dtype)
+    base_key = jax.random.key(seed)
+    alpha = tuple(loss.alpha) if isinstance(loss.alpha, (tuple, list)) else loss.alpha
+    parts, tx, schedule = built.parts, built.tx, built.schedule
+    split_rows = NamedSharding(mesh, PartitionSpec(None, 'data'))
+
+    def loss_fn(params, batch_stats, images, labels, dropout_key):
+        # Fresh variables in this trace: the forward pass updates batch statistics and
+        # reseeding sets keys, and NNX refuses to mutate variables of an outer trace.
+        batch_stats, rng_state = jax.tree.map(jnp.asarray, (batch_stats, parts.rng_state))
+        model = nnx.merge(parts.train_graph, params, batch_stats, rng_state)
+        nnx.reseed(model, default=dropout_key)
+        logits = model(images)
+        value = losses.focal_loss(logits, labels, alpha=alpha, gamma=loss.gamma)
+        return value, (logits, nnx.state(model, nnx.BatchStat))
+
+    gradient_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def accumulated(params, batch_stats, images, labels, dropout_key):
+        """gradient_fn's results over the batch, as the mean over its k micro-batches."""
+        def micro_batches(x):  # (B, ...) -> (k, B / k, ...), micro-batch i = rows i, i + k, ...
+            x = x.reshape(x.shape[0] // accumulation_steps, accumulation_steps, *x.shape[1:]).swapaxes(0, 1)
+            return jax.lax.with_sharding_constraint(x, split_rows)
+
+        def add(carry, micro):
+            total_value, total_grads, batch_stats = carry
+            index, micro_images, micro_labels = micro
+            (value, (logits, batch_stats)), grads = gradient_fn(
+                params, batch_stats, micro_images, micro_labels, jax.random.fold_in(dropout_key, index))
+            return (total_value + value, jax.tree.map(jnp.add, total_grads, grads), batch_stats), logits
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        (value, grads, batch_stats), logits = jax.lax.scan(
+            add, (jnp.zeros((), jnp.float32), zeros, batch_stats),
+            (jnp.arange(accumulation_steps), micro_batches(images), micro_batches(labels)))
+        logits = logits.swapaxes(0, 1).reshape(-1, logits.shape[-1])  # Back in the batch's row order.
+        scale = 1.0 / accumulation_steps
+        return (value * scale, (logits, batch_stats)), jax.tree.map(lambda g: g * scale, grads)
+
+    def train_step(state: TrainState, batch):
+        augment_key, dropout_key = jax.random.split(jax.random.fold_in(base_key, state.step))
+        images = augment.augment(batch['image'], augment_key, tuple(data.augment), data.augment_params)
+        images = augment.normalize(images, data.mean, data.std, dtype)
+        gradients = gradient_fn if accumulation_steps == 1 else accumulated
+        (value, (logits, batch_stats)), grads = gradients(state.params, state.batch_stats, images, batch['label'],
+                                                          dropout_key)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {'loss': value,
+                   'accuracy': jnp.mean(jnp.argmax(logits, -1) == batch['label']),
+                   'learning_rate': schedule(state.step),
+                   # The loop stops at a non-finite step (train.py) before saving its state.
+                   'finite': jnp.isfinite(value) & jnp.isfinite(optax.global_norm(grads))}
+        new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                                  opt_state=opt_state)
+        return new_state, metrics
+
+    batch = sharding.batch_sharding(mesh)
+    return jax.jit(train_step, in_shardings=(built.state_sharding, batch),
+                   out_shardings=(built.state_sharding, sharding.replicated(mesh)), donate_argnums=0)
+
+
+def make_inference_step(body: Callable, built: Setup, mesh: Mesh, *, data: ml_collections.ConfigDict,
+                        dtype: str) -> Callable:
+    """Returns jitted `step(state, uint8 images) -> body(model, normalised images)`, the model in
+    inference mode; every output has the batch axis first and is sharded along it."""
+    dtype = jnp.dtype(dtype)
+    parts = built.parts
+
+    def step(state: TrainState, images):
+        model = nnx.merge(parts.eval_graph, state.params, state.batch_stats, parts.rng_state)
+        return body(model, augment.normalize(images, data.mean, data.std, dtype))
+
+    batch = sharding.batch_sharding(mesh)
+    return jax.jit(step, in_shardings=(built.state_sharding, batch), out_shardings=batch)
+
+
+def logits(model: nnx.Module, images: jax.Array) -> jax.Array:
+    """The eval step's body."""
+    return model(images)

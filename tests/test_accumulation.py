@@ -1,0 +1,42 @@
+"""Gradient accumulation: a batch taken as micro-batches gives the full batch's update."""
+import jax
+import numpy as np
+import pytest
+
+from allflax import sharding, train
+from allflax.training import steps
+
+
+@pytest.mark.parametrize('max_device_batch, expected', [(0, 1), (8, 1), (4, 2), (3, 4), (1, 8)])
+def test_accumulation_steps_divide_the_device_share(tiny_config, max_device_batch, expected):
+    with tiny_config.unlocked():
+        tiny_config.max_device_batch = max_device_batch
+    assert train.accumulation_steps(tiny_config, num_devices=1) == expected  # 8 images on one device.
+
+
+def test_micro_batches_give_the_full_batch_update(tiny_config):
+    """VGG19+MHSA without dropout (no batch norm): the first moment after one step is the
+    gradient's; loss, accuracy and the updated state match the one-batch step."""
+    with tiny_config.unlocked():
+        tiny_config.model.options.dropout_rate = 0.0
+        tiny_config.data.augment = ('flip', 'rot90')
+    mesh = sharding.make_mesh()
+    rng = np.random.default_rng(0)
+    batch = {'image': rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8),
+             'label': rng.integers(0, 4, 8).astype(np.int32)}
+    results = {}
+    for k in (1, 4):
+        built = train.build(tiny_config, 4, 10, mesh, load_pretrained=False)
+        step = steps.make_train_step(built, mesh, data=tiny_config.data, loss=tiny_config.loss,
+                                     dtype=tiny_config.dtype, seed=tiny_config.seed, accumulation_steps=k)
+        state, metrics = step(built.state, sharding.put_batch(batch, sharding.batch_sharding(mesh)))
+        state, _ = step(state, sharding.put_batch(batch, sharding.batch_sharding(mesh)))
+        results[k] = jax.device_get((state, metrics))
+    (full, full_metrics), (micro, micro_metrics) = results[1], results[4]
+    np.testing.assert_allclose(micro_metrics['loss'], full_metrics['loss'], rtol=1e-5)
+    assert micro_metrics['accuracy'] == full_metrics['accuracy']
+    first_moments = [jax.tree.leaves(s.opt_state[1][0].mu) for s in (full, micro)]
+    for a, b in zip(*first_moments):
+        np.testing.assert_allclose(b, a, rtol=2e-4, atol=1e-9)
+    for a, b in zip(jax.tree.leaves(full.params), jax.tree.leaves(micro.params)):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)

@@ -1,0 +1,87 @@
+"""A run survives what users and machines do to it: a signal mid-run, a resume with another
+config, a diverging loss, a second run on the same workdir, values that cannot train."""
+import json
+import os
+import random
+import signal
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from allflax import train
+from allflax.training import run_guard
+
+
+def _params(workdir, step):
+    return ocp.StandardCheckpointer().restore(os.path.join(workdir, 'checkpoints', str(step), 'state'))['params']
+
+
+def test_sigterm_saves_the_step_and_the_rerun_ends_bit_identical(tiny_config, tmp_path, at_batch):
+    handler = signal.getsignal(signal.SIGTERM)
+    straight = str(tmp_path / 'straight')
+    expected = train.train_and_evaluate(tiny_config, straight)
+    interrupted = str(tmp_path / 'interrupted')
+    step = random.Random(os.getpid()).choice([1, 3, 5])  # Off the checkpoint interval of 2.
+    at_batch(step, lambda: os.kill(os.getpid(), signal.SIGTERM))
+    with pytest.raises(train.Interrupted, match=f'SIGTERM at step {step}: saved a checkpoint of step {step}.*rerun'):
+        train.train_and_evaluate(tiny_config, interrupted)
+    at_batch.restore()
+    assert str(step) in os.listdir(os.path.join(interrupted, 'checkpoints'))
+    assert signal.getsignal(signal.SIGTERM) == handler  # Ours is gone with the loop.
+    assert train.train_and_evaluate(tiny_config, interrupted) == expected
+    for a, b in zip(*(jax.tree.leaves(_params(w, tiny_config.total_steps)) for w in (interrupted, straight))):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_resume_with_another_seed_is_refused_before_any_file_changes(tiny_config, tmp_path):
+    workdir = str(tmp_path / 'run')
+    train.train_and_evaluate(tiny_config, workdir)
+    before = {name: open(os.path.join(workdir, name), 'rb').read()
+              for name in ('config.json', 'splits.json', 'metrics.jsonl', os.path.join('eval', 'test', 'metrics.json'))}
+    with tiny_config.unlocked():
+        tiny_config.seed = 1
+        tiny_config.log_every_steps = 3
+    with pytest.raises(run_guard.ResumeMismatchError, match=r'refusing to resume .*\n  seed: 0 -> 1'):
+        train.train_and_evaluate(tiny_config, workdir)
+    assert {name: open(os.path.join(workdir, name), 'rb').read() for name in before} == before
+
+
+def test_a_diverging_loss_stops_without_saving_that_state(tiny_config, tmp_path):
+    with tiny_config.unlocked():
+        tiny_config.optimizer.learning_rate = 1e30
+        tiny_config.optimizer.grad_clip_norm = 0.0
+    workdir = str(tmp_path / 'diverged')
+    with pytest.raises(train.Diverged, match=r'non-finite loss or gradient norm at step \d+.*without saving'):
+        train.train_and_evaluate(tiny_config, workdir)
+    checkpoints = os.path.join(workdir, 'checkpoints')
+    saved = [int(name) for name in os.listdir(checkpoints) if name.isdigit()] if os.path.isdir(checkpoints) else []
+    for step in saved:
+        assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(_params(workdir, step)))
+
+
+def test_a_second_writer_is_refused_naming_the_first(tiny_config, tmp_path):
+    workdir = str(tmp_path / 'busy')
+    os.makedirs(workdir)
+    with open(os.path.join(workdir, run_guard.LOCK_NAME), 'w') as f:
+        json.dump({'host': os.uname().nodename, 'pid': os.getppid(), 'started': 'earlier', 'command': 'x'}, f)
+    with pytest.raises(run_guard.WorkdirBusyError, match=str(os.getppid())):
+        train.train_and_evaluate(tiny_config, workdir)
+    assert sorted(os.listdir(workdir)) == [run_guard.LOCK_NAME]
+
+
+@pytest.mark.parametrize('key, value, message', [
+    ('total_steps', -5, 'total_steps=-5'),
+    ('data.dir', '/somewhere', 'data.dir'),
+])
+def test_values_that_cannot_train_are_named(tiny_config, tmp_path, key, value, message):
+    with tiny_config.unlocked():
+        *parents, name = key.split('.')
+        node = tiny_config
+        for parent in parents:
+            node = node[parent]
+        node[name] = value
+    with pytest.raises(run_guard.ConfigError, match=message):
+        train.train_and_evaluate(tiny_config, str(tmp_path / 'run'))
+    assert not os.path.exists(tmp_path / 'run')
