@@ -14,13 +14,26 @@ def initialize():
     """Freed memory kept in the process, multi-host initialisation where a cluster is detected,
     and a persistent compile cache."""
     memory.keep_freed_memory()
-    if os.environ.get('JAX_COORDINATOR_ADDRESS') or os.environ.get('TPU_WORKER_HOSTNAMES'):
-        jax.distributed.initialize()
+    if any(os.environ.get(name) for name in ('JAX_COORDINATOR_ADDRESS', 'TPU_WORKER_HOSTNAMES', 'ALLFLAX_DISTRIBUTED')):
+        jax.distributed.initialize(**_cluster_from_environment())
     cache_dir = os.environ.get('ALLFLAX_COMPILATION_CACHE',
                                os.path.join(os.path.expanduser('~'), '.cache', 'allflax', 'xla'))
     jax.config.update('jax_compilation_cache_dir', cache_dir)
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
     quiet_library_logs()
+
+
+def _cluster_from_environment() -> dict:
+    """jax.distributed.initialize's arguments named by JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and
+    JAX_PROCESS_ID where set (a GPU cluster without Slurm or Open MPI); JAX detects the rest (TPU
+    slices, Slurm, Open MPI, Kubernetes)."""
+    names = {'coordinator_address': 'JAX_COORDINATOR_ADDRESS', 'num_processes': 'JAX_NUM_PROCESSES',
+             'process_id': 'JAX_PROCESS_ID'}
+    cluster = {key: os.environ[name] for key, name in names.items() if os.environ.get(name)}
+    for key in ('num_processes', 'process_id'):
+        if key in cluster:
+            cluster[key] = int(cluster[key])
+    return cluster
 
 
 @contextlib.contextmanager

@@ -58,13 +58,14 @@ class _ArraySource:
 
 
 def train_dataset(split: Split, *, local_batch_size: int, seed: int, num_workers: int) -> grain.IterDataset:
-    """Endless shuffled batches of this process's shard; reshuffled every epoch by seed."""
+    """Endless shuffled batches, reshuffled every epoch by seed: this process's rows of each global
+    batch. The global batches are the same whatever the number of processes: every process
+    shuffles the whole split alike and takes its own `local_batch_size` rows of each batch."""
     if len(split) < local_batch_size * jax.process_count():
         raise ValueError(f'the train split has {len(split)} images, fewer than one batch '
                          f'({local_batch_size * jax.process_count()}): lower batch_size or add data')
-    dataset = grain.MapDataset.source(_ArraySource(split))
-    dataset = dataset[jax.process_index()::jax.process_count()]
-    dataset = dataset.shuffle(seed=seed).repeat(None).batch(local_batch_size, drop_remainder=True)
+    dataset = grain.MapDataset.source(_ArraySource(split)).shuffle(seed=seed).repeat(None)
+    dataset = dataset.batch(local_batch_size, drop_remainder=True)[jax.process_index()::jax.process_count()]
     dataset = dataset.to_iter_dataset(grain.ReadOptions(num_threads=_READ_THREADS,
                                                         prefetch_buffer_size=PREFETCH_BATCHES))
     if num_workers:
