@@ -1,0 +1,59 @@
+"""`python -m allflax.tpu_check` compiles a recipe's train step for a TPU on this CPU host and
+reports its HBM use, FLOPs and roofline (a subprocess: main.py, imported by other tests, defines
+the same --config flag)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from allflax import tpu_check
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_demo_train_step_on_a_v5e_chip(tmp_path):
+    """The VGG19+MHSA demo's train step at 32 px (20-50 s on 2 shared cores, most of it
+    compiling; the eval step would add a third for no new code path here)."""
+    output = tmp_path / 'check.json'
+    subprocess.run([sys.executable, '-m', 'allflax.tpu_check', '--config=configs/vgg19_mhsa.py:demo',
+                    '--config.data.image_size=32', '--config.batch_size=8', '--topology=v5e:1x1',
+                    '--steps=train', f'--output={output}'],
+                   cwd=ROOT, check=True, capture_output=True, timeout=300)
+    report = json.loads(output.read_text())
+    assert (report['topology'], report['device_kind'], report['chips']) == ('v5e:1x1', 'TPU v5 lite', 1)
+    assert (report['global_batch'], report['per_chip_batch'], report['num_classes']) == (8, 8, 4)
+    assert 'eval' not in report
+    train = report['train']
+    hbm = train['hbm_per_chip_gib']
+    # VGG19+MHSA's 21.2 M float32 weights and AdamW's two moments, 12 bytes each: ~0.24 GiB.
+    assert 0.2 < hbm['arguments'] < 0.3
+    assert 0 < hbm['total'] < train['hbm_capacity_gib'] == 16
+    assert train['fits'] is True
+    # VGG19's forward pass at 224 px is ~39 GFLOP, at 32 px 1/49 of it (~0.8); a train step is
+    # about 3 forward passes (1.9 GFLOP per image measured).
+    assert 1e9 < train['flops_per_image'] < 4e9
+    assert train['bytes_accessed_per_chip'] > 0
+    assert train['roofline']['images_per_second_per_chip'] > 0
+    assert train['compile_seconds'] > 0
+
+
+@pytest.mark.parametrize('topology, devices, chips', [('v5e:2x2', 4, 4), ('v2:2x2', 8, 4), ('v4:2x2x1', 4, 4)])
+def test_topology_devices(topology, devices, chips):
+    """v2 shows a chip's 2 cores as 2 devices; v4 as one (megacore), as JAX does on those hosts."""
+    chip, found = tpu_check.topology_devices(topology)
+    assert chip.name == topology.split(':')[0]
+    assert (len(found), len({tuple(d.coords) for d in found})) == (devices, chips)
+
+
+@pytest.mark.parametrize('topology', ['v7x:2x2', 'v5e', 'v5e:2xa', 'v5e:3x5'])
+def test_unknown_topology_is_refused(topology):
+    with pytest.raises(ValueError, match='TPU topology'):
+        tpu_check.topology_devices(topology)
+
+
+def test_missing_libtpu_says_how_to_install_it(monkeypatch):
+    monkeypatch.setattr(tpu_check.importlib.util, 'find_spec', lambda name: None)
+    with pytest.raises(ValueError, match='pip install -r requirements-test.txt'):
+        tpu_check.topology_devices('v5e:1x1')
