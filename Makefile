@@ -38,7 +38,7 @@ demo: $(INSTALLED) $(CPU_KERNELS)
 	$(PYTHON) main.py --config=configs/vgg19_mhsa.py:demo --workdir=runs/vgg19_mhsa_demo
 
 test: $(TEST_INSTALLED) $(CPU_KERNELS)
-	$(PYTHON) -m pytest tests -q
+	$(PYTHON) -m pytest tests -q -n 2 --dist loadfile
 
 $(PEERS_INSTALLED): benchmarks/requirements.txt $(TEST_INSTALLED)
 	$(PYTHON) -m pip install --quiet -r benchmarks/requirements.txt

@@ -106,10 +106,12 @@ def _compile(step, *args) -> tuple[object, float, float]:
     return compiled, lowered_at - start, time.perf_counter() - lowered_at
 
 
-def _report(compiled, chip: Chip, devices_per_chip: int, per_chip_batch: int) -> dict:
+def _report(compiled, chip: Chip, devices_per_chip: int, per_chip_batch: int, micro_batches: int = 1) -> dict:
     """Per-chip memory, cost and roofline of a program compiled for one device. HBM in use:
     arguments + outputs - aliased (outputs written into donated arguments) + temporaries +
-    generated code, as MaxText's train_compile counts it."""
+    generated code, as MaxText's train_compile counts it. XLA's cost analysis counts a loop's
+    body once: with `micro_batches` (a scan over them), FLOPs and bytes are scaled by their number
+    (which counts the optimiser update, a small part, that many times too)."""
     memory = compiled.memory_analysis()
     parts = {'arguments': memory.argument_size_in_bytes, 'outputs': memory.output_size_in_bytes,
              'aliased': memory.alias_size_in_bytes,  # Outputs in donated argument buffers.
@@ -119,8 +121,8 @@ def _report(compiled, chip: Chip, devices_per_chip: int, per_chip_batch: int) ->
     hbm = {key: value * devices_per_chip / GIB for key, value in parts.items()}
     hbm['total'] = per_device * devices_per_chip / GIB
     cost = compiled.cost_analysis()  # Per device. Its 'optimal_seconds' can be negative: unused.
-    flops = cost['flops'] * devices_per_chip
-    bytes_accessed = cost['bytes accessed'] * devices_per_chip
+    flops = cost['flops'] * devices_per_chip * micro_batches
+    bytes_accessed = cost['bytes accessed'] * devices_per_chip * micro_batches
     compute_s, memory_s = flops / chip.peak_bf16_flops, bytes_accessed / chip.hbm_bytes_per_second
     return {
         'hbm_per_chip_gib': hbm,
@@ -164,14 +166,17 @@ def check(config: ml_collections.ConfigDict, topology: str, steps=('train', 'eva
                       'hbm_gb_per_second': chip.hbm_bytes_per_second / 1e9},
     }
     for name in steps:
+        micro_batches = 1
         if name == 'train':
             step = train.make_train_step(config, built, mesh)
             args = (built.state, {'image': images, 'label': _abstract((global_batch,), jnp.int32, mesh)})
+            micro_batches = train.accumulation_steps(config, len(devices))
         else:
             step, args = train.make_eval_step(config, built, mesh), (built.state, images)
         compiled, lower_s, compile_s = _compile(step, *args)
         result[name] = {'trace_and_lower_seconds': lower_s, 'compile_seconds': compile_s,
-                        **_report(compiled, chip, devices_per_chip, per_chip_batch)}
+                        'micro_batches': micro_batches,
+                        **_report(compiled, chip, devices_per_chip, per_chip_batch, micro_batches)}
     return result
 
 
