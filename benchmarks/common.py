@@ -12,7 +12,7 @@ from allflax import runtime, sharding
 from allflax import train
 from allflax.data import augment
 from allflax.models import ops
-from tests import fake_trees
+from allflax.data.sources import fake_trees
 
 # The fake C-NMC tree the benchmarks read when no data.dir is given: 600 cells of 450 px,
 # the real set's image size, of 12 patients.

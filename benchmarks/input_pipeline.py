@@ -9,7 +9,6 @@ cnmc2019 without data.dir reads a fake C-NMC tree of 600 450-px cells, built onc
 """
 import json
 
-import jax
 from absl import app, flags
 from ml_collections import config_flags
 

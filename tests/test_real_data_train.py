@@ -5,7 +5,7 @@ import os
 
 from absl import flags
 
-import fake_trees
+from allflax.data.sources import fake_trees
 from allflax import train
 from allflax.training import checkpoints
 from configs import efficientnetv2_b3_se, vgg19_mhsa
