@@ -14,7 +14,7 @@ from absl import app, flags, logging
 from ml_collections import ConfigDict, config_flags
 
 from allflax import compare, evaluate, montecarlo, predict, runtime, train
-from allflax.training import run_guard
+from allflax.training import checkpoints, run_guard
 from configs import common
 
 FLAGS = flags.FLAGS
@@ -39,7 +39,7 @@ def _config_of_run(workdir: str) -> ConfigDict:
         return FLAGS.config
     path = os.path.join(workdir, 'config.json')
     if not os.path.exists(path):
-        raise app.UsageError(f'{path} not found: pass --config, or train into {workdir} first')
+        raise FileNotFoundError(f'{path} not found: pass --config, or train into {workdir} first')
     with open(path) as f:
         config = ConfigDict(json.load(f))
     if 'eval' not in config:
@@ -47,14 +47,18 @@ def _config_of_run(workdir: str) -> ConfigDict:
     return config
 
 
+class MissingFlag(ValueError):
+    """A flag this mode needs: said in one line, not after the whole flag help."""
+
+
 def _require(name: str):
     if getattr(FLAGS, name) is None:
-        raise app.UsageError(f'--{name} is required for --mode={FLAGS.mode}')
+        raise MissingFlag(f'--{name} is required for --mode={FLAGS.mode} (python main.py --helpfull lists the flags)')
 
 
 # Errors whose message says all a user needs: printed as one line, without a traceback.
 _ONE_LINE_ERRORS = (train.Interrupted, train.Diverged, run_guard.WorkdirBusyError, run_guard.ResumeMismatchError,
-                    run_guard.ConfigError, FileNotFoundError)
+                    run_guard.ConfigError, FileNotFoundError, MissingFlag, checkpoints.CheckpointError)
 # A run stopped by a signal exits as the signal would have: 128 + its number.
 _SIGNAL_EXIT_CODES = {'SIGTERM': 143, 'SIGINT': 130}
 
@@ -65,7 +69,7 @@ def main(argv):
     except _ONE_LINE_ERRORS as error:
         print(f'error: {error}', file=sys.stderr)
         code = next((c for name, c in _SIGNAL_EXIT_CODES.items() if str(error).startswith(name)), 1)
-        sys.exit(code if isinstance(error, train.Interrupted) else 1)
+        sys.exit(code if isinstance(error, train.Interrupted) else 2 if isinstance(error, MissingFlag) else 1)
 
 
 def _run(argv):
