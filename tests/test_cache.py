@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from absl import flags
 
-import fake_trees
+from allflax.data.sources import fake_trees
 from allflax.data import cache, pipeline, prepared, preprocess
 from configs import vgg19_mhsa
 
