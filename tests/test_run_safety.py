@@ -10,7 +10,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from allflax import train
+from allflax import evaluate, train
 from allflax.training import run_guard
 
 
@@ -85,3 +85,14 @@ def test_values_that_cannot_train_are_named(tiny_config, tmp_path, key, value, m
     with pytest.raises(run_guard.ConfigError, match=message):
         train.train_and_evaluate(tiny_config, str(tmp_path / 'run'))
     assert not os.path.exists(tmp_path / 'run')
+
+
+def test_eval_needs_no_optimizer_state(tiny_config, tmp_path):
+    """Eval restores params and batch statistics only: a run stays evaluable when the optimiser's
+    state no longer matches (here the clip, and with it a state entry, is gone)."""
+    workdir = str(tmp_path / 'run')
+    trained = train.train_and_evaluate(tiny_config, workdir)
+    with tiny_config.unlocked():
+        tiny_config.optimizer.grad_clip_norm = 0.0
+    values = evaluate.evaluate(tiny_config, workdir, with_report=False)
+    assert values['accuracy'] == trained['accuracy'] and values['checkpoint_step'] == tiny_config.total_steps
