@@ -49,6 +49,7 @@ def _config_of_run(workdir: str) -> ConfigDict:
 
 class MissingFlag(ValueError):
     """A flag this mode needs: said in one line, not after the whole flag help."""
+    exit_code = 2  # As absl's usage errors.
 
 
 def _require(name: str):
@@ -59,8 +60,6 @@ def _require(name: str):
 # Errors whose message says all a user needs: printed as one line, without a traceback.
 _ONE_LINE_ERRORS = (train.Interrupted, train.Diverged, run_guard.WorkdirBusyError, run_guard.ResumeMismatchError,
                     run_guard.ConfigError, FileNotFoundError, MissingFlag, checkpoints.CheckpointError)
-# A run stopped by a signal exits as the signal would have: 128 + its number.
-_SIGNAL_EXIT_CODES = {'SIGTERM': 143, 'SIGINT': 130}
 
 
 def main(argv):
@@ -68,8 +67,7 @@ def main(argv):
         _run(argv)
     except _ONE_LINE_ERRORS as error:
         print(f'error: {error}', file=sys.stderr)
-        code = next((c for name, c in _SIGNAL_EXIT_CODES.items() if str(error).startswith(name)), 1)
-        sys.exit(code if isinstance(error, train.Interrupted) else 2 if isinstance(error, MissingFlag) else 1)
+        sys.exit(getattr(error, 'exit_code', 1))  # A signal's code for an interrupted run.
 
 
 def _run(argv):

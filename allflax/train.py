@@ -45,6 +45,15 @@ def make_train_step(config: ml_collections.ConfigDict, built: state.Setup, mesh)
                                  seed=config.seed, accumulation_steps=accumulation_steps(config, mesh.size))
 
 
+def make_eval_step(config: ml_collections.ConfigDict, built: state.Setup, mesh):
+    return steps.make_inference_step(steps.logits, built, mesh, data=config.data, dtype=config.dtype)
+
+
+def total_steps_of(config: ml_collections.ConfigDict, num_train_examples: int) -> int:
+    return state.total_train_steps(total_steps=config.total_steps, num_epochs=config.num_epochs,
+                                   batch_size=config.batch_size, num_train_examples=num_train_examples)
+
+
 def accumulation_steps(config: ml_collections.ConfigDict, num_devices: int) -> int:
     """Micro-batches per step: the fewest that keep each device's share of `batch_size` within
     `max_device_batch` (0: no limit) and divide it evenly."""
@@ -56,7 +65,12 @@ def accumulation_steps(config: ml_collections.ConfigDict, num_devices: int) -> i
 
 
 class Interrupted(RuntimeError):
-    """Training stopped at a signal after saving a checkpoint: rerunning the command resumes it."""
+    """Training stopped at a signal after saving a checkpoint: rerunning the command resumes it.
+    `exit_code` is the signal's, as a shell reports a process it ended (128 + its number)."""
+
+    def __init__(self, signal_name: str, message: str):
+        super().__init__(message)
+        self.exit_code = 128 + signal.Signals[signal_name].value
 
 
 class Diverged(RuntimeError):
@@ -88,7 +102,7 @@ def check_resume(config: ml_collections.ConfigDict, workdir: str):
 def _stop_requests():
     """Within it, the first SIGTERM or SIGINT sets `requested['signal']` for the loop to stop at the
     end of its step; a second one aborts at once. In a multi-process run JAX's preemption service
-    takes SIGTERM and makes every process stop at the same step (`_preempted`)."""
+    takes SIGTERM instead, and the loop asks it for the step at which every process stops."""
     requested = {'signal': None}
     previous = {}
 
@@ -106,15 +120,6 @@ def _stop_requests():
     finally:
         for number, handler in previous.items():
             signal.signal(number, handler)
-
-
-def make_eval_step(config: ml_collections.ConfigDict, built: state.Setup, mesh):
-    return steps.make_inference_step(steps.logits, built, mesh, data=config.data, dtype=config.dtype)
-
-
-def total_steps_of(config: ml_collections.ConfigDict, num_train_examples: int) -> int:
-    return state.total_train_steps(total_steps=config.total_steps, num_epochs=config.num_epochs,
-                                   batch_size=config.batch_size, num_train_examples=num_train_examples)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -161,11 +166,11 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
 
     metrics_log = summary_writer.MetricsLog(workdir)
     progress = tqdm.tqdm(total=total_steps, initial=start_step, unit='step', dynamic_ncols=True,
-                         disable=jax.process_index() != 0)
+                         disable=not files.is_writer())
     pending = []  # Device-side metrics since the last log: fetched only when logging.
     last_log_step, last_log_time = start_step, time.perf_counter()
-    # A full garbage collection of the setup objects would stall a step every ~14 (runtime.py).
     last_saved = start_step
+    # A full garbage collection of the setup objects would stall a step every ~14 (runtime.py).
     with runtime.setup_objects_frozen(), _stop_requests() as stop:
         try:
             for step in range(start_step + 1, total_steps + 1):
@@ -174,15 +179,15 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
                 if jax.process_count() > 1 and not stop['signal'] and \
                         multihost_utils.reached_preemption_sync_point(step):
                     stop['signal'] = 'SIGTERM'  # On some process: all stop at this step.
+                logging_now = step % config.log_every_steps == 0 or step == total_steps
                 saving = step % config.eval_every_steps == 0 or step % config.checkpoint_every_steps == 0
-                if stop['signal'] or saving or step % config.log_every_steps == 0 or step == total_steps:
-                    # The update of a non-finite step is skipped on device; here the run stops
-                    # before logging or saving anything of it.
-                    _check_finite(jax.device_get([m['finite'] for m in pending]), step + 1 - len(pending),
-                                  last_saved, checkpointer.directory)
-                if step % config.log_every_steps == 0 or step == total_steps:
-                    checkpointer.check_for_errors()  # A failed background save stops the run here.
+                if stop['signal'] or saving or logging_now:
+                    # Before anything of a non-finite step is logged or saved, the run stops.
                     host = jax.device_get(pending)
+                    _check_finite([m['finite'] for m in host], step + 1 - len(host), last_saved,
+                                  checkpointer.directory)
+                if logging_now:
+                    checkpointer.check_for_errors()  # A failed background save stops the run here.
                     now = time.perf_counter()
                     record = {'step': step,
                               'train_loss': float(np.mean([m['loss'] for m in host])),
@@ -208,8 +213,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
                     last_saved = step
                 if stop['signal']:
                     checkpointer.wait_until_finished()
-                    raise Interrupted(f'{stop["signal"]} at step {step}: saved a checkpoint of step {step} in '
-                                      f'{checkpointer.directory}; rerun the same command to resume')
+                    raise Interrupted(stop['signal'], f'{stop["signal"]} at step {step}: saved a checkpoint of step '
+                                      f'{step} in {checkpointer.directory}; rerun the same command to resume')
                 if step % config.log_every_steps == 0:
                     # Evaluation and checkpoint time are not training throughput.
                     last_log_time = time.perf_counter()

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from allflax import sharding
+from allflax import sharding, train
 from allflax.data.dataset import Dataset, Split
 from allflax.evaluation import results
 from configs import common
@@ -39,3 +39,8 @@ def test_eval_refuses_non_finite_probabilities(tmp_path):
         results.evaluate_state(lambda state, x: jnp.full((x.shape[0], 2), jnp.nan), None, dataset, 'test',
                                sharding.make_mesh(), str(tmp_path), options=common.eval_config(), batch_size=4,
                                seed=0, checkpoint_step=7)
+
+
+@pytest.mark.parametrize('name, code', [('SIGTERM', 143), ('SIGINT', 130)])
+def test_an_interrupted_run_exits_as_the_signal_would_have(name, code):
+    assert train.Interrupted(name, 'saved').exit_code == code

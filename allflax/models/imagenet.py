@@ -132,7 +132,7 @@ def _hash_file(path: str, file_hash: str) -> str:
 
 def _unavailable(url: str, file_hash: str, model: str, reason: str) -> str:
     output = f'weights/{model}'
-    return (f'cannot fetch the ImageNet weights {url} ({"sha256" if len(file_hash) == 64 else "md5"} '
+    return (f'cannot fetch the ImageNet weights {url} ({_hasher(file_hash).name} '
             f'{file_hash}): {reason}.\nDownload the file yourself from {url}, check its hash, convert it with\n'
             f'  python -m {keras_weights.__name__} --model={model} --keras=<downloaded file> --output={output}\n'
             f'and set --config.model.init_from={output}')

@@ -14,6 +14,8 @@ import orbax.checkpoint as ocp
 from absl import logging
 from orbax.checkpoint.checkpoint_managers import preservation_policy
 
+from allflax import files
+
 
 class CheckpointError(RuntimeError):
     """A checkpoint could not be written, or none could be read."""
@@ -106,7 +108,7 @@ class Checkpointer:
                 logging.warning('checkpoint step %d in %s is unreadable (%s); %s', step, self.directory,
                                 _first_line(error), f'falling back to step {older[0]}' if older else
                                 'no older checkpoint')
-                if set_aside and jax.process_index() == 0:
+                if set_aside and files.is_writer():
                     aside = os.path.join(f'{self.directory}.unreadable', str(step))
                     os.makedirs(os.path.dirname(aside), exist_ok=True)
                     shutil.rmtree(aside, ignore_errors=True)

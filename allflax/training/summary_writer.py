@@ -11,7 +11,7 @@ import socket
 import struct
 import time
 
-import jax
+from allflax import files
 
 _CRC32C_POLYNOMIAL = 0x82F63B78  # Castagnoli, reflected.
 
@@ -78,7 +78,7 @@ class SummaryWriter:
 
     def __init__(self, directory: str):
         self._file = None
-        if jax.process_index() != 0:
+        if not files.is_writer():
             return
         os.makedirs(directory, exist_ok=True)
         name = f'events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}'
@@ -113,7 +113,7 @@ class MetricsLog:
         self._tensorboard = SummaryWriter(os.path.join(workdir, 'tensorboard'))
 
     def write(self, record: dict):
-        if jax.process_index() == 0:
+        if files.is_writer():
             with open(self._path, 'a') as f:
                 f.write(json.dumps(record) + '\n')
         self._tensorboard.write(record)
