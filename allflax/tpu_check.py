@@ -110,8 +110,9 @@ def _report(compiled, chip: Chip, devices_per_chip: int, per_chip_batch: int, mi
     """Per-chip memory, cost and roofline of a program compiled for one device. HBM in use:
     arguments + outputs - aliased (outputs written into donated arguments) + temporaries +
     generated code, as MaxText's train_compile counts it. XLA's cost analysis counts a loop's
-    body once: with `micro_batches` (a scan over them), FLOPs and bytes are scaled by their number
-    (which counts the optimiser update, a small part, that many times too)."""
+    body once: with `micro_batches` (a scan over them, each augmenting its images, running the
+    network and adding its gradient), FLOPs and bytes are scaled by their number, which counts
+    what runs once per step (the augmentation's draws, the optimiser update) that many times."""
     memory = compiled.memory_analysis()
     parts = {'arguments': memory.argument_size_in_bytes, 'outputs': memory.output_size_in_bytes,
              'aliased': memory.alias_size_in_bytes,  # Outputs in donated argument buffers.

@@ -1,10 +1,13 @@
 """The on-device augmentation: each op against what it should do, numpy and scipy references."""
+import functools
+
 import jax
 import numpy as np
 import pytest
 import scipy.ndimage
 
 from allflax.data import augment
+from allflax.tpu import resample as tpu_resample
 from configs import efficientnetv2_b3_se
 
 DEFAULTS = efficientnetv2_b3_se.get_config().data.augment_params.to_dict()
@@ -168,3 +171,64 @@ def test_blur_keeps_flat_images_flat_and_matches_scipy():
 def test_unknown_names_are_refused_with_the_known_ones():
     with pytest.raises(ValueError, match="unknown data.augment \\['sharpen'\\]; known: flip, rot90, rotate"):
         augment.augment(_tiles(), jax.random.key(0), ('flip', 'sharpen'), _params())
+
+
+def _turned_and_cropped_positions(images, seed=0):
+    """Source positions of real draws: any symmetry, turns up to 45°, boxes down to a quarter."""
+    names = ('flip', 'rot90', 'rotate', 'crop')
+    draws = augment.draw(jax.random.key(seed), images.shape, names,
+                         _params(rotation_degrees=45.0, crop_scale=(0.25, 1.0)))
+    return augment._source_coordinates(images.shape, draws)
+
+
+def _bilinear_reference(images, rows, cols):
+    """scipy's linear interpolation, black beyond the edges ('grid-constant': interpolated towards
+    black within a pixel of them)."""
+    return np.stack([np.stack([scipy.ndimage.map_coordinates(image[..., channel].astype(np.float64), [r, c],
+                                                             order=1, mode='grid-constant', cval=0.0)
+                               for channel in range(image.shape[-1])], -1)
+                     for image, r, c in zip(images, np.asarray(rows), np.asarray(cols))])
+
+
+def test_both_resamplers_are_scipys_bilinear_interpolation_with_black_outside():
+    """The portable one (a gather per pixel) and the TPU's (windows weighed on the matrix unit),
+    both run here, at the positions of real draws, edges and outside included."""
+    images = _tiles(count=6, size=40)
+    rows, cols = _turned_and_cropped_positions(images)
+    expected = _bilinear_reference(images, rows, cols)
+    assert (expected == 0).any() and (expected > 0).mean() > 0.5  # Black came in; most did not.
+    floats = images.astype(np.float32)
+    np.testing.assert_allclose(jax.jit(jax.vmap(augment._bilinear))(floats, rows, cols), expected, atol=2e-3)
+    tpu = jax.jit(functools.partial(tpu_resample.bilinear, max_step=1.0, max_degrees=45.0))(floats, rows, cols)
+    np.testing.assert_allclose(tpu, expected, atol=2e-3)
+
+
+def test_a_tiles_window_holds_every_pixel_it_reads():
+    """Turned by 45° and not zoomed, a tile's sources span its window to the last row."""
+    for degrees in (0.0, 15.0, 45.0, 90.0):
+        window = tpu_resample.window_size(1.0, degrees)
+        turn = np.radians(min(degrees, 45.0))
+        span = (tpu_resample.TILE - 1) * (np.cos(turn) + np.sin(turn))
+        assert span + 2 <= window < span + 3  # The span, the bilinear neighbour, rounding up.
+
+
+def test_draws_taken_by_rows_give_those_rows_of_the_batch():
+    """A micro-batch (every 4th image) augmented with its rows of the draws is those rows of the
+    whole batch augmented."""
+    images, names = _tiles(count=8, size=24), augment.AUGMENTATIONS
+    draws = augment.draw(jax.random.key(5), images.shape, names, _params())
+    whole = np.asarray(augment.apply(images, draws, names, _params()))
+    for first in range(4):
+        rows = jax.tree.map(lambda x: x[first::4], draws)
+        np.testing.assert_allclose(augment.apply(images[first::4], rows, names, _params()), whole[first::4],
+                                   atol=1e-3)
+
+
+def test_compiled_and_op_by_op_agree_where_a_position_falls_on_a_whole_pixel():
+    """Image 1's output pixel (88, 159) samples source row 200.99998. Compiled, XLA computed the
+    position in two fused copies that rounded to either side of row 201, and the gather and its
+    weights disagreed: that pixel read row 202 (0 where 236 is right, on a 2-core AMD EPYC)."""
+    names = ('flip', 'rot90', 'rotate', 'crop', 'color')
+    images, key = _tiles(count=8, size=300), jax.random.key(3)
+    compiled = jax.jit(lambda images, key: augment.augment(images, key, names, _params()))(images, key)
+    np.testing.assert_allclose(compiled, augment.augment(images, key, names, _params()), atol=0.05)

@@ -50,34 +50,46 @@ def make_train_step(built: Setup, mesh: Mesh, *, data: ml_collections.ConfigDict
 
     gradient_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-    def accumulated(params, batch_stats, images, labels, dropout_key):
-        """gradient_fn's results over the batch, as the mean over its k micro-batches."""
+    names = tuple(data.augment)
+
+    def model_input(images, draws):
+        return augment.normalize(augment.apply(images, draws, names, data.augment_params), data.mean, data.std, dtype)
+
+    def whole(params, batch_stats, images, draws, labels, dropout_key):
+        return gradient_fn(params, batch_stats, model_input(images, draws), labels, dropout_key)
+
+    def accumulated(params, batch_stats, images, draws, labels, dropout_key):
+        """gradient_fn's results over the batch, as the mean over its k micro-batches, each
+        augmented in its turn (with its rows of the batch's draws): the augmented batch is never
+        in memory at once."""
         def micro_batches(x):  # (B, ...) -> (k, B / k, ...), micro-batch i = rows i, i + k, ...
             x = x.reshape(x.shape[0] // accumulation_steps, accumulation_steps, *x.shape[1:]).swapaxes(0, 1)
             return jax.lax.with_sharding_constraint(x, split_rows)
 
         def add(carry, micro):
             total_value, total_grads, batch_stats = carry
-            index, micro_images, micro_labels = micro
+            index, micro_images, micro_draws, micro_labels = micro
             (value, (logits, batch_stats)), grads = gradient_fn(
-                params, batch_stats, micro_images, micro_labels, jax.random.fold_in(dropout_key, index))
+                params, batch_stats, model_input(micro_images, micro_draws), micro_labels,
+                jax.random.fold_in(dropout_key, index))
             return (total_value + value, jax.tree.map(jnp.add, total_grads, grads), batch_stats), logits
 
         zeros = jax.tree.map(jnp.zeros_like, params)
         (value, grads, batch_stats), logits = jax.lax.scan(
             add, (jnp.zeros((), jnp.float32), zeros, batch_stats),
-            (jnp.arange(accumulation_steps), micro_batches(images), micro_batches(labels)))
+            (jnp.arange(accumulation_steps), micro_batches(images), jax.tree.map(micro_batches, draws),
+             micro_batches(labels)))
         logits = logits.swapaxes(0, 1).reshape(-1, logits.shape[-1])  # Back in the batch's row order.
         scale = 1.0 / accumulation_steps
         return (value * scale, (logits, batch_stats)), jax.tree.map(lambda g: g * scale, grads)
 
     def train_step(state: TrainState, batch):
         augment_key, dropout_key = jax.random.split(jax.random.fold_in(base_key, state.step))
-        images = augment.augment(batch['image'], augment_key, tuple(data.augment), data.augment_params)
-        images = augment.normalize(images, data.mean, data.std, dtype)
-        gradients = gradient_fn if accumulation_steps == 1 else accumulated
-        (value, (logits, batch_stats)), grads = gradients(state.params, state.batch_stats, images, batch['label'],
-                                                          dropout_key)
+        images = batch['image']
+        draws = augment.draw(augment_key, images.shape, names, data.augment_params)
+        gradients = whole if accumulation_steps == 1 else accumulated
+        (value, (logits, batch_stats)), grads = gradients(state.params, state.batch_stats, images, draws,
+                                                          batch['label'], dropout_key)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {'loss': value,
