@@ -4,6 +4,7 @@ the chip's capacity, FLOPs per image and a roofline bound on images/s.
 
   python -m allflax.tpu_check --config=configs/efficientnetv2_b3_se.py:tpu --topology=v5e:1x1 \
       [--steps=train,eval] [--output=benchmarks/tpu_check/b3_v5e.json]
+  python -m allflax.tpu_check --table=benchmarks/tpu_check    # The README's table of those JSONs.
 
 The programs are the ones training runs (`train.make_train_step`, `train.make_eval_step`) over a
 mesh of the topology's devices, with the recipe's global batch split over them.
@@ -28,7 +29,7 @@ from absl import app, flags  # noqa: E402
 from jax.experimental import topologies  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from allflax import runtime, sharding, train  # noqa: E402
+from allflax import files, runtime, sharding, train  # noqa: E402
 from allflax.data.sources import all_aria, all_idb2, cnmc2019, synthetic  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -42,6 +43,7 @@ class Chip:
     peak_bf16_flops: float  # Per chip, per second.
     hbm_bytes_per_second: float  # Per chip.
     chip_config_name: str = 'default'  # libtpu's chip config: 'megacore' shows a chip's 2 cores as one device.
+    cores_in_type_name: int = 1  # Cloud's accelerator types count cores (v2-8: 4 chips) or chips (v5e-8).
 
 
 # Per chip, from Google Cloud's "TPU versions" pages (cloud.google.com/tpu/docs/v3, v4, v5e,
@@ -53,13 +55,14 @@ class Chip:
 # as 10^9 bytes/s. v2 and v3 chips have 2 TensorCores that JAX shows as 2 devices, each with half
 # the chip; v4 and v5p chips also have 2, fused into one device (megacore) as on their hosts.
 CHIPS = {chip.name: chip for chip in (
-    Chip('v2', 'TPU v2', 16, 45e12, 700e9),
-    Chip('v3', 'TPU v3', 32, 123e12, 900e9),
-    Chip('v4', 'TPU v4', 32, 275e12, 1200e9, chip_config_name='megacore'),
+    Chip('v2', 'TPU v2', 16, 45e12, 700e9, cores_in_type_name=2),
+    Chip('v3', 'TPU v3', 32, 123e12, 900e9, cores_in_type_name=2),
+    Chip('v4', 'TPU v4', 32, 275e12, 1200e9, chip_config_name='megacore', cores_in_type_name=2),
     Chip('v5e', 'TPU v5 lite', 16, 197e12, 819e9),
-    Chip('v5p', 'TPU v5', 95, 459e12, 2765e9),
+    Chip('v5p', 'TPU v5', 95, 459e12, 2765e9, cores_in_type_name=2),
     Chip('v6e', 'TPU v6 lite', 32, 918e12, 1638e9),
 )}
+COLAB_TYPES = ('v2-8', 'v5e-1', 'v6e-1')  # Colab's TPU runtimes, as Cloud names them.
 HEADROOM = 0.1  # A step fits if it leaves this fraction of HBM free (fragmentation, runtime buffers).
 # The learning-rate schedule's length changes constants in the program, not its size or cost.
 _SCHEDULE_STEPS = 1000
@@ -181,6 +184,59 @@ def check(config: ml_collections.ConfigDict, topology: str, steps=('train', 'eva
     return result
 
 
+def accelerator_type(chip: str, chips: int) -> str:
+    """Cloud's name for `chips` chips of `chip`: v2:2x2 (4 chips) is a v2-8, v5e:2x4 a v5e-8."""
+    return f'{chip}-{chips * CHIPS[chip].cores_in_type_name}'
+
+
+def table(reports: list[dict]) -> str:
+    """The README's table (markdown) of tpu_check reports: one row per recipe and topology,
+    recipes by name, Colab's TPUs first, then by chip count."""
+    def order(report):
+        name = accelerator_type(report['chip'], report['chips'])
+        colab = COLAB_TYPES.index(name) if name in COLAB_TYPES else len(COLAB_TYPES)
+        return report['model'], colab, report['chips'], name
+
+    lines = ['| recipe `:tpu` | TPU | chips | images per chip per step | train GiB per chip / HBM '
+             '| fits (≥ 10 % free) | train GFLOP per image | roofline train images/s per chip |',
+             '|---|---|---|---|---|---|---|---|']
+    for report in sorted(reports, key=order):
+        train = report['train']
+        name = accelerator_type(report['chip'], report['chips'])
+        micro = train.get('micro_batches', 1)
+        per_chip = report['per_chip_batch']
+        images = f'{per_chip} ({micro} × {per_chip // micro})' if micro > 1 else f'{per_chip}'
+        roofline = train['roofline']
+        lines.append(' | '.join([
+            f'| {report["model"]}', f'{name} (Colab)' if name in COLAB_TYPES else name, str(report['chips']), images,
+            f'{train["hbm_per_chip_gib"]["total"]:.1f} / {train["hbm_capacity_gib"]:g}',
+            'yes' if train['fits'] else '**no**', f'{train["flops_per_image"] / 1e9:.0f}',
+            f'{roofline["images_per_second_per_chip"]:.0f} ({roofline["bound"]}) |']))
+    return '\n'.join(lines)
+
+
+def read_reports(directory: str) -> list[dict]:
+    """Every report (*.json) in `directory`; a file that is not one is named in the error."""
+    try:
+        names = sorted(name for name in os.listdir(directory) if name.endswith('.json'))
+    except OSError as error:
+        raise ValueError(f'cannot list tpu_check reports in {directory}: {error.strerror}') from error
+    if not names:
+        raise ValueError(f'no tpu_check reports (*.json) in {directory}')
+    reports = []
+    for name in names:
+        path = os.path.join(directory, name)
+        try:
+            with open(path) as f:
+                report = json.load(f)
+            report['train']['roofline']
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise ValueError(f'{path} is not a tpu_check report with a train step '
+                             f'({type(error).__name__}: {error}); rerun the check that wrote it') from error
+        reports.append(report)
+    return reports
+
+
 def define_flags():
     """Run as a program only: main.py, which tests import too, defines --config as well."""
     config_flags.DEFINE_config_file('config', None, 'Recipe file, e.g. configs/efficientnetv2_b3_se.py:tpu.',
@@ -189,13 +245,20 @@ def define_flags():
     flags.DEFINE_list('steps', ['train', 'eval'], 'The steps to compile: train, eval or both.')
     flags.DEFINE_integer('num_classes', None, "Default: the number of classes of the config's data set.")
     flags.DEFINE_string('output', None, 'Also write the JSON report here (e.g. benchmarks/tpu_check/<name>.json).')
+    flags.DEFINE_string('table', None, "Instead of compiling: print the README's table of the reports in this folder.")
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+    if FLAGS.table:
+        try:
+            print(table(read_reports(FLAGS.table)))
+        except (OSError, ValueError) as error:
+            raise app.UsageError(str(error)) from error
+        return
     if FLAGS.config is None or FLAGS.topology is None:
-        raise app.UsageError('--config and --topology are required')
+        raise app.UsageError('--config and --topology are required (or --table)')
     runtime.quiet_library_logs()
     try:
         result = check(FLAGS.config, FLAGS.topology, FLAGS.steps, FLAGS.num_classes)
@@ -207,7 +270,7 @@ def main(argv):
     print(text)
     if FLAGS.output:
         os.makedirs(os.path.dirname(FLAGS.output) or '.', exist_ok=True)
-        with open(FLAGS.output, 'w') as f:
+        with files.atomic_open(FLAGS.output) as f:
             f.write(text + '\n')
 
 

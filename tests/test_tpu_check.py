@@ -57,3 +57,23 @@ def test_missing_libtpu_says_how_to_install_it(monkeypatch):
     monkeypatch.setattr(tpu_check.importlib.util, 'find_spec', lambda name: None)
     with pytest.raises(ValueError, match='pip install -r requirements-test.txt'):
         tpu_check.topology_devices('v5e:1x1')
+
+
+def test_table_rows_name_cloud_types_and_say_what_does_not_fit():
+    def report(chip, chips, per_chip, micro, total, fits):
+        return {'model': 'm', 'chip': chip, 'chips': chips, 'per_chip_batch': per_chip,
+                'train': {'micro_batches': micro, 'hbm_per_chip_gib': {'total': total}, 'hbm_capacity_gib': 16,
+                          'fits': fits, 'flops_per_image': 2e10,
+                          'roofline': {'images_per_second_per_chip': 99.6, 'bound': 'memory'}}}
+
+    rows = tpu_check.table([report('v4', 4, 64, 1, 15.0, False), report('v5e', 1, 256, 4, 3.94, True)]).splitlines()[2:]
+    assert rows == ['| m | v5e-1 (Colab) | 1 | 256 (4 × 64) | 3.9 / 16 | yes | 20 | 100 (memory) |',
+                    '| m | v4-8 | 4 | 64 | 15.0 / 16 | **no** | 20 | 100 (memory) |']
+
+
+def test_table_names_a_file_that_is_not_a_report(tmp_path):
+    (tmp_path / 'a.json').write_text('{"model": "m"}')
+    with pytest.raises(ValueError, match=r'a\.json is not a tpu_check report .*rerun the check'):
+        tpu_check.read_reports(str(tmp_path))
+    with pytest.raises(ValueError, match='cannot list tpu_check reports'):
+        tpu_check.read_reports(str(tmp_path / 'missing'))
