@@ -92,8 +92,8 @@ def test_tpu_augmentation_reads_windows_not_pixels():
     def tpu(images, key):
         return augment.augment(images, key, names, params)
 
-    moved = {f.__name__: jax.jit(f).trace(images, jax.random.key(0)).lower().compile().cost_analysis()['bytes accessed']
-             for f in (portable, tpu)}
+    moved = {f.__name__: jax.jit(f).trace(images, jax.random.key(0)).lower().compile().cost_analysis()
+             ['bytes accessed'] for f in (portable, tpu)}
     assert moved['tpu'] * 10 < moved['portable'], moved
 
 

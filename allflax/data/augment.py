@@ -11,9 +11,11 @@ travel as uint8, and the draws depend only on (seed, step), not on the worker co
 
 `data.augment` names the ops; `data.augment_params` sizes them. The geometric ops come first,
 as one bilinear resampling (`rotate`, `crop`) that also does the exact symmetries (`flip`,
-`rot90`), which alone just move pixels. The photometric ops then run in the order named. All draws come from the
-step's key, one sub-key per op, so a run is reproducible and naming another op leaves the
-others' draws unchanged.
+`rot90`), which alone just move pixels; on TPU the resampling is `allflax.tpu.resample`'s. The
+photometric ops then run in the order named. All draws come from the step's key, one sub-key per
+op, so a run is reproducible and naming another op leaves the others' draws unchanged. `draw`
+makes them for the whole batch and `apply` uses them, so that the train step can augment each
+micro-batch in its turn and get the whole batch's images.
 """
 from collections.abc import Mapping
 
@@ -63,7 +65,8 @@ def apply(images: jax.Array, draws: Mapping, names: tuple[str, ...], params: Map
     if 'rotate' in names or 'crop' in names:
         # The symmetry rides along in the resampling's coordinates, at no cost.
         rows, cols = _source_coordinates(images.shape, draws)
-        images = _resample(images.astype(jnp.float32), rows, cols, params['rotation_degrees'] if 'rotate' in names else 0.0)
+        max_degrees = params['rotation_degrees'] if 'rotate' in names else 0.0
+        images = _resample(images.astype(jnp.float32), rows, cols, max_degrees)
     else:
         images = _apply_symmetry(images, draws).astype(jnp.float32)
     for name in names:

@@ -53,7 +53,8 @@ def make_train_step(built: Setup, mesh: Mesh, *, data: ml_collections.ConfigDict
     names = tuple(data.augment)
 
     def model_input(images, draws):
-        return augment.normalize(augment.apply(images, draws, names, data.augment_params), data.mean, data.std, dtype)
+        images = augment.apply(images, draws, names, data.augment_params)
+        return augment.normalize(images, data.mean, data.std, dtype)
 
     def whole(params, batch_stats, images, draws, labels, dropout_key):
         return gradient_fn(params, batch_stats, model_input(images, draws), labels, dropout_key)
