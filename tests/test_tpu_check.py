@@ -78,3 +78,16 @@ def test_table_names_a_file_that_is_not_a_report(tmp_path):
         tpu_check.read_reports(str(tmp_path))
     with pytest.raises(ValueError, match='cannot list tpu_check reports'):
         tpu_check.read_reports(str(tmp_path / 'missing'))
+
+
+def test_the_readme_table_is_the_reports_table():
+    """README.md's TPU table is `python -m allflax.tpu_check --table=benchmarks/tpu_check`, row for
+    row, and every recipe's `:tpu` fits every topology there."""
+    reports = tpu_check.read_reports(os.path.join(ROOT, 'benchmarks', 'tpu_check'))
+    expected = tpu_check.table(reports)
+    with open(os.path.join(ROOT, 'README.md')) as f:
+        assert expected in f.read(), 'README.md: paste the output of python -m allflax.tpu_check --table=benchmarks/tpu_check'
+    assert all(report['train']['fits'] and report['config'].endswith(':tpu') for report in reports)
+    assert {(report['model'], tpu_check.accelerator_type(report['chip'], report['chips'])) for report in reports} == {
+        (model, name) for model in ('vgg19_mhsa', 'efficientnetv2_b3_se')
+        for name in ('v2-8', 'v5e-1', 'v6e-1', 'v5e-8', 'v4-8')}
