@@ -25,7 +25,8 @@ def _run_processes(workdir, cache_dir, *, num_processes, devices_each, preempt_a
     processes = []
     for process_id in range(num_processes):
         run = {'num_processes': num_processes, 'process_id': process_id, 'port': port, 'workdir': workdir,
-               'cache_dir': cache_dir, 'preempt_at': preempt_at if process_id == 0 else None}
+               'cache_dir': cache_dir, 'xla_cache': os.path.join(os.path.dirname(workdir), 'xla_cache'),
+               'preempt_at': preempt_at if process_id == 0 else None}
         processes.append(subprocess.Popen([sys.executable, os.path.join(ROOT, 'tests', 'multiprocess_run.py'),
                                            json.dumps(run)], env=env, stdout=subprocess.PIPE,
                                           stderr=subprocess.PIPE, text=True))
