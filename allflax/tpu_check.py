@@ -254,7 +254,7 @@ def main(argv):
     if FLAGS.table:
         try:
             print(table(read_reports(FLAGS.table)))
-        except (OSError, ValueError) as error:
+        except ValueError as error:  # read_reports names the folder or file it could not use.
             raise app.UsageError(str(error)) from error
         return
     if FLAGS.config is None or FLAGS.topology is None:
