@@ -126,12 +126,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains (resuming from the latest checkpoint in `workdir`) and returns the test metrics."""
     validate(config)
     check_resume(config, workdir)
-    lock = run_guard.WorkdirLock(workdir) if files.is_writer() else contextlib.nullcontext()
-    with lock:
-        return _train_and_evaluate(config, workdir)
+    lock = run_guard.WorkdirLock(workdir) if files.is_writer() else None
+    with lock or contextlib.nullcontext():
+        return _train_and_evaluate(config, workdir, lock)
 
 
-def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, lock: run_guard.WorkdirLock | None) -> dict:
     if files.is_writer():
         with files.atomic_open(os.path.join(workdir, 'config.json')) as f:
             f.write(config.to_json_best_effort(indent=1))
@@ -208,6 +208,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
                     metrics_log.write(val_record)
                     logging.info('step %d: validation accuracy %.4f', step, validation['accuracy'])
                 if validation or step % config.checkpoint_every_steps == 0 or stop['signal']:
+                    if lock:
+                        lock.check()  # Another run took the workdir over: this one must not write it.
                     checkpointer.save(step, train_state, batches.consumed_state,
                                       metrics={'accuracy': validation['accuracy']} if validation else None)
                     last_saved = step

@@ -1,9 +1,12 @@
+import datetime
 import json
 import os
 import socket
 import subprocess
 import sys
+import time
 
+import colab
 import pytest
 
 from allflax.data import sources
@@ -108,9 +111,24 @@ def test_lock_from_another_host_refuses(tmp_path):
 @pytest.mark.parametrize('content', [b'', b'{"host": "x", "pi'])
 def test_empty_or_torn_lock_is_stale(tmp_path, caplog, content):
     _write_lock(tmp_path, content)
+    old = time.time() - run_guard.WorkdirLock.TORN_GRACE_SECONDS - 1
+    os.utime(tmp_path / 'run.lock', (old, old))
+    start = time.monotonic()
     with caplog.at_level('WARNING'), run_guard.WorkdirLock(str(tmp_path)):
         assert _lock_of(str(tmp_path))['pid'] == os.getpid()
+    assert time.monotonic() - start < 1
     assert any('empty or unreadable' in r.getMessage() for r in caplog.records)
+
+
+def test_a_fresh_empty_lock_is_given_its_writers_grace(tmp_path, monkeypatch):
+    """Where link() is refused, a lock is created empty and then written: a fresh empty one may be a
+    writer at work, and is taken over only once older than the grace."""
+    monkeypatch.setattr(run_guard.WorkdirLock, 'TORN_GRACE_SECONDS', 0.5)
+    _write_lock(tmp_path, b'')
+    start = time.monotonic()
+    with run_guard.WorkdirLock(str(tmp_path)):
+        waited = time.monotonic() - start
+    assert 0.4 < waited < 3
 
 
 def test_exit_keeps_a_lock_another_process_owns(tmp_path):
@@ -119,19 +137,107 @@ def test_exit_keeps_a_lock_another_process_owns(tmp_path):
     assert (tmp_path / 'run.lock').read_bytes() == other
 
 
-def test_one_of_many_racing_processes_takes_a_stale_lock_over(tmp_path):
-    _write_lock(tmp_path, _holder(_finished_pid()))
+def _race(workdir):
+    """8 processes try the lock at once: exactly one wins, and holds it until it is told to stop."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    processes = [subprocess.Popen([sys.executable, '-c', CONTENDER, str(tmp_path)], stdout=subprocess.PIPE,
+    processes = [subprocess.Popen([sys.executable, '-c', CONTENDER, str(workdir)], stdout=subprocess.PIPE,
                                   text=True, cwd=root) for _ in range(8)]
-    (tmp_path / 'go').touch()
+    (workdir / 'go').touch()
     outcomes = {process.pid: process.stdout.readline().strip() for process in processes}
     winners = [pid for pid, outcome in outcomes.items() if outcome == 'won']
     assert len(winners) == 1 and sorted(outcomes.values()).count('busy') == 7
-    assert _lock_of(str(tmp_path))['pid'] == winners[0]
-    (tmp_path / 'done').touch()
+    assert _lock_of(str(workdir))['pid'] == winners[0]
+    (workdir / 'done').touch()
     assert [process.wait(timeout=10) for process in processes] == [0] * 8
-    assert sorted(os.listdir(tmp_path)) == ['done', 'go']
+    assert sorted(os.listdir(workdir)) == ['done', 'go']
+
+
+def test_one_of_many_racing_processes_takes_a_stale_lock_over(tmp_path):
+    _write_lock(tmp_path, _holder(_finished_pid()))
+    _race(tmp_path)
+
+
+@pytest.mark.parametrize('stale', [False, True], ids=['free', 'stale'])
+def test_one_of_many_racing_processes_wins_on_a_mount_without_hard_links(tmp_path, stale):
+    """On a FUSE mount that refuses link(), as Colab's Drive: the lock is created exclusively."""
+    with colab.drive_mount(tmp_path / 'drive', tmp_path / 'mnt') as mount:
+        workdir = tmp_path / 'mnt' / 'run'
+        workdir.mkdir()
+        with pytest.raises(OSError):
+            os.link(__file__, os.path.join(mount, 'probe'))
+        if stale:
+            _write_lock(workdir, _holder(_finished_pid()))
+        _race(workdir)
+
+
+def _leased(host, renewed_seconds_ago, lease=60.0, pid=4242):
+    renewed = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(seconds=renewed_seconds_ago)
+    return {**_holder(pid, host=host), 'renewed': renewed.isoformat(), 'lease_seconds': lease}
+
+
+def test_an_expired_lease_from_another_host_is_taken_over_naming_its_holder(tmp_path, caplog):
+    """A Colab runtime reset: the old runtime's lock names another host and is no longer renewed."""
+    _write_lock(tmp_path, _leased('colab-runtime-1', renewed_seconds_ago=90))
+    start = time.monotonic()
+    with caplog.at_level('WARNING'), run_guard.WorkdirLock(str(tmp_path)):
+        assert _lock_of(str(tmp_path))['host'] == socket.gethostname()
+    assert time.monotonic() - start < 1
+    warnings = [r.getMessage() for r in caplog.records if 'taking it over' in r.getMessage()]
+    assert len(warnings) == 1 and 'process 4242 on host colab-runtime-1' in warnings[0]
+    assert 'lease expired 30 s ago' in warnings[0]
+
+
+RENEWER = '''
+import datetime, json, sys, time
+path, period = sys.argv[1], float(sys.argv[2])
+for _ in range(40):
+    time.sleep(period)
+    record = json.load(open(path))
+    record['renewed'] = datetime.datetime.now(datetime.timezone.utc).isoformat()
+    open(path, 'w').write(json.dumps(record))
+'''
+
+
+def test_a_renewed_lease_from_another_host_is_refused(tmp_path):
+    """A live run elsewhere renews its lease while this process watches: refused, file unchanged."""
+    lease = 1.0
+    _write_lock(tmp_path, _leased('tpu-vm-7', renewed_seconds_ago=0, lease=lease))
+    renewer = subprocess.Popen([sys.executable, '-c', RENEWER, str(tmp_path / 'run.lock'), str(lease / 4)])
+    try:
+        start = time.monotonic()
+        with pytest.raises(run_guard.WorkdirBusyError, match='host tpu-vm-7, which this machine cannot check'):
+            run_guard.WorkdirLock(str(tmp_path)).acquire()
+        assert time.monotonic() - start < lease
+    finally:
+        renewer.kill()
+        renewer.wait()
+    assert _lock_of(str(tmp_path))['host'] == 'tpu-vm-7'
+
+
+def test_a_lease_left_unrenewed_is_taken_over_even_with_a_clock_ahead(tmp_path, caplog):
+    """Another host's clock may run ahead: a lease that stays unrenewed for a whole lease while this
+    process watches is over, whatever time it claims."""
+    _write_lock(tmp_path, _leased('fast-clock-host', renewed_seconds_ago=-3600, lease=0.5))
+    start = time.monotonic()
+    with caplog.at_level('WARNING'), run_guard.WorkdirLock(str(tmp_path)):
+        pass
+    assert 0.5 <= time.monotonic() - start < 3
+    assert any('not renewed for 0.5 s while this process watched it' in r.getMessage() for r in caplog.records)
+
+
+def test_the_holder_renews_its_lease_and_learns_when_it_lost_it(tmp_path):
+    with run_guard.WorkdirLock(str(tmp_path), lease_seconds=0.4) as lock:
+        first = _lock_of(str(tmp_path))
+        assert first['lease_seconds'] == 0.4
+        time.sleep(0.35)
+        renewed = _lock_of(str(tmp_path))
+        assert renewed['renewed'] > first['renewed'] and renewed['started'] == first['started']
+        lock.check()
+        _write_lock(tmp_path, _leased('other-host', renewed_seconds_ago=0))  # Taken over meanwhile.
+        time.sleep(0.35)
+        with pytest.raises(run_guard.WorkdirBusyError, match='taken over by process 4242 on other-host'):
+            lock.check()
+    assert _lock_of(str(tmp_path))['host'] == 'other-host'  # Not ours: left alone at release.
 
 
 def test_pending_takeover_refuses(tmp_path):

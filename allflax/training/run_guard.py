@@ -1,7 +1,9 @@
-"""Guards around a training run: one writer per workdir, resumes that refuse a different run, and
-config values rejected before any compilation or data preparation is spent on them."""
+"""Guards around a training run: one writer per workdir (a lease, on any filesystem), resumes that
+refuse a different run, and config values rejected before any compilation or data preparation is
+spent on them."""
 import contextlib
 import datetime
+import errno
 import json
 import logging
 import math
@@ -9,9 +11,19 @@ import os
 import socket
 import sys
 import tempfile
+import threading
+import time
 from collections.abc import Collection
 
 LOCK_NAME = 'run.lock'
+# A run renews its lock's lease every quarter of this; a lease unrenewed for this long is over.
+# Long enough for a network filesystem's hiccups, short enough that a Colab runtime reset (a new
+# host, the old process gone with its machine) waits about a minute before resuming.
+DEFAULT_LEASE_SECONDS = 60.0
+LEASE_ENV = 'ALLFLAX_LOCK_LEASE_SECONDS'
+# What link() raises where a filesystem has no hard links: Drive's FUSE mount ENOSYS, others EPERM
+# or EOPNOTSUPP.
+_NO_LINKS = frozenset({errno.EPERM, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK})
 
 # Settings that do not change the trained result: a resume may change them.
 _FREE_KEYS = frozenset({'log_every_steps', 'eval_every_steps', 'checkpoint_every_steps', 'keep_checkpoints',
@@ -33,18 +45,34 @@ class ConfigError(ValueError):
 
 
 class WorkdirLock:
-    """`<workdir>/run.lock`, naming the process that writes the workdir.
+    """`<workdir>/run.lock`, a lease naming the process that writes the workdir.
 
     Two runs writing one workdir overwrite each other's checkpoints and metrics. The lock records
-    host, pid, start time and command; a lock whose process is gone from this host (or that is empty,
-    its writer killed mid-write) is stale and taken over. A lock from another host is never taken over,
-    since its process cannot be checked from here.
-    """
+    host, pid, start time and command, and the time its holder last renewed it: a thread renews it
+    every quarter of `lease_seconds` while the run goes on. It is taken over, with a warning that
+    names the old holder,
+      - from this host, when its process is gone;
+      - from any host, when its lease expired: by the renewal time it records, or, where clocks may
+        disagree, when it stays unrenewed for a whole lease while this process watches it;
+      - when it is empty or torn and older than `TORN_GRACE_SECONDS` (its writer died mid-write).
+    A lock that names no lease (written before leases) is never taken over from another host.
 
-    def __init__(self, workdir: str):
+    Workdirs on network and FUSE filesystems (Google Drive's mount, GCS FUSE, SMB) may refuse hard
+    links and POSIX locks: the lock is then created with O_EXCL, which those filesystems honour,
+    and written in place, hence the grace for a lock read before its first bytes arrive.
+    """
+    TORN_GRACE_SECONDS = 2.0
+    _POLL_SECONDS = 0.05
+
+    def __init__(self, workdir: str, lease_seconds: float | None = None):
         self.workdir = workdir
         self.path = os.path.join(workdir, LOCK_NAME)
+        self.lease_seconds = lease_seconds or float(os.environ.get(LEASE_ENV, DEFAULT_LEASE_SECONDS))
         self._record = None  # Our lock file's bytes while held.
+        self._lost = None  # Why the lock stopped being ours, once it has.
+        self._guard = threading.Lock()  # Renewal against release.
+        self._stop_renewing = threading.Event()
+        self._renewer = None
 
     def __enter__(self) -> 'WorkdirLock':
         self.acquire()
@@ -57,56 +85,116 @@ class WorkdirLock:
         if self._record is not None:
             return
         os.makedirs(self.workdir, exist_ok=True)
-        record = json.dumps({'host': socket.gethostname(), 'pid': os.getpid(),
-                             'started': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
-                             'command': ' '.join(sys.argv)}).encode()
-        # The lock appears complete or not at all (a hard link of a written file), so an empty lock can
-        # only be a writer that died: os.open(O_EXCL) then write would show others an empty file meanwhile.
-        fd, tmp = tempfile.mkstemp(prefix=LOCK_NAME + '.', suffix='.tmp', dir=self.workdir)
-        try:
-            with os.fdopen(fd, 'wb') as f:
-                f.write(record)
-            while not self._claim(tmp):
-                pass
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(tmp)
+        started = _now()
+        record = self._record_of({'host': socket.gethostname(), 'pid': os.getpid(), 'started': _iso(started),
+                                  'command': ' '.join(sys.argv)}, started)
+        watched = {}  # Lock bytes of another host -> when this process first read them.
+        while not self._claim(record, watched):
+            time.sleep(self._POLL_SECONDS)
         self._record = record
+        self._stop_renewing.clear()
+        self._renewer = threading.Thread(target=self._renew_until_released, name='run.lock lease', daemon=True)
+        self._renewer.start()
 
     def release(self) -> None:
-        """Removes the lock if it is still ours; a second call does nothing."""
-        record, self._record = self._record, None
+        """Stops renewing and removes the lock if it is still ours; a second call does nothing."""
+        self._stop_renewing.set()
+        if self._renewer is not None:
+            self._renewer.join()
+            self._renewer = None
+        with self._guard:
+            record, self._record = self._record, None
         if record is None:
             return
         with contextlib.suppress(FileNotFoundError):
             if self._read()[0] == record:
                 os.remove(self.path)
 
-    def _claim(self, tmp: str) -> bool:
-        """True once the lock is ours; False when it changed under us and must be looked at again."""
+    def check(self) -> None:
+        """Raises WorkdirBusyError if another process took the lock over (this one stopped renewing
+        it for a whole lease, e.g. suspended): it must not write the workdir any more."""
+        if self._lost:
+            raise WorkdirBusyError(self._lost)
+
+    def _record_of(self, fields: dict, renewed: float) -> bytes:
+        return json.dumps({**fields, 'renewed': _iso(renewed), 'lease_seconds': self.lease_seconds}).encode()
+
+    def _claim(self, record: bytes, watched: dict) -> bool:
+        """True once the lock is ours; False to look again."""
+        if self._create(record):
+            return True
+        try:
+            content, inode, modified = self._read()
+        except FileNotFoundError:  # Released meanwhile.
+            return False
+        holder = _parse(content)
+        if holder is None:
+            if time.time() - modified < self.TORN_GRACE_SECONDS:
+                return False  # Its writer may still be writing it.
+            reason = f'{self.path} was empty or unreadable (its writer died while writing it)'
+        elif holder['host'] == socket.gethostname():
+            if _alive(holder['pid']):
+                raise WorkdirBusyError(self._busy_message(holder))
+            reason = f'{self.path} names process {holder["pid"]} on {holder["host"]}, which is no longer running'
+        else:
+            reason = self._expired(holder, content, watched)
+            if reason is None:
+                return False
+        if not self._take_over(record, content, inode):
+            return False
+        logging.warning('%s: taking it over', reason)
+        return True
+
+    def _expired(self, holder: dict, content: bytes, watched: dict) -> str | None:
+        """Why another host's lease is over; None while it may still be renewed (look again);
+        raises WorkdirBusyError for a lease that is renewed, or a lock that names no lease."""
+        lease, renewed = holder.get('lease_seconds'), _parse_time(holder.get('renewed'))
+        if not isinstance(lease, (int, float)) or lease <= 0 or renewed is None:
+            raise WorkdirBusyError(self._busy_message(holder))
+        who = f'{self.path} names process {holder["pid"]} on host {holder["host"]}'
+        silent = _now() - renewed
+        if silent > lease:
+            return f'{who}, whose {lease:g} s lease expired {silent - lease:.0f} s ago'
+        if watched and content not in watched:  # Renewed while we watched: its holder runs.
+            raise WorkdirBusyError(self._busy_message(holder))
+        if not watched:
+            logging.warning('%s, renewed %.0f s ago: waiting up to %.0f s to see whether it is renewed',
+                            who, silent, lease - silent)
+        first_seen = watched.setdefault(content, time.monotonic())
+        if time.monotonic() - first_seen > lease:
+            return f'{who}, not renewed for {lease:g} s while this process watched it'
+        return None
+
+    def _create(self, record: bytes) -> bool:
+        """Writes our lock where there is none: a hard link of a written file, so that it appears
+        whole; where the filesystem refuses links, an exclusive create. False if a lock exists."""
+        tmp = self._write_temporary(record)
         try:
             os.link(tmp, self.path)
             return True
         except FileExistsError:
-            pass
+            return False
+        except OSError as error:
+            if error.errno not in _NO_LINKS:
+                raise
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(tmp)
         try:
-            content, inode = self._read()
-        except FileNotFoundError:  # Released meanwhile.
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
             return False
-        holder = _parse(content)
-        if holder is not None and (holder['host'] != socket.gethostname() or _alive(holder['pid'])):
-            raise WorkdirBusyError(self._busy_message(holder))
-        if not self._take_over(tmp, content, inode):
-            return False
-        if holder is None:
-            logging.warning('%s was empty or unreadable (its writer died while writing it): taking it over',
-                            self.path)
-        else:
-            logging.warning('%s names process %s on %s, which is no longer running: taking it over',
-                            self.path, holder['pid'], holder['host'])
+        with os.fdopen(fd, 'wb') as f:
+            f.write(record)
         return True
 
-    def _take_over(self, tmp: str, content: bytes, inode: int) -> bool:
+    def _write_temporary(self, record: bytes) -> str:
+        fd, tmp = tempfile.mkstemp(prefix=LOCK_NAME + '.', suffix='.tmp', dir=self.workdir)
+        with os.fdopen(fd, 'wb') as f:
+            f.write(record)
+        return tmp
+
+    def _take_over(self, record: bytes, content: bytes, inode: int) -> bool:
         """Replaces the stale lock by ours; `run.lock.takeover`, created exclusively, makes this one
         process's job when several find the same stale lock."""
         claim = self.path + '.takeover'
@@ -119,24 +207,54 @@ class WorkdirLock:
                 f'{claim}.') from None
         try:
             try:
-                if self._read() != (content, inode):  # Released and taken by a live process since.
+                if self._read()[:2] != (content, inode):  # Released and taken by a live process since.
                     return False
             except FileNotFoundError:
                 return False
-            os.replace(tmp, self.path)
+            os.replace(self._write_temporary(record), self.path)
             return True
         finally:
             os.remove(claim)
 
-    def _read(self) -> tuple[bytes, int]:
+    def _renew_until_released(self) -> None:
+        while not self._stop_renewing.wait(self.lease_seconds / 4):
+            with self._guard:
+                if self._record is None or self._lost:
+                    return
+                try:
+                    self._renew()
+                except OSError as error:  # A network filesystem's hiccup: the next renewal may pass.
+                    logging.warning('could not renew %s: %s', self.path, error)
+
+    def _renew(self) -> None:
+        try:
+            content = self._read()[0]
+        except FileNotFoundError:
+            content = b''
+        if content != self._record:
+            holder = _parse(content)
+            by = f'process {holder["pid"]} on {holder["host"]}' if holder else 'another process'
+            self._lost = (f'{self.path} was taken over by {by} while this run held it: stopping, so that two '
+                          f'runs do not write {self.workdir}')
+            logging.error('%s', self._lost)
+            return
+        record = self._record_of({k: v for k, v in json.loads(content).items()
+                                  if k not in ('renewed', 'lease_seconds')}, _now())
+        os.replace(self._write_temporary(record), self.path)
+        self._record = record
+
+    def _read(self) -> tuple[bytes, int, float]:
         with open(self.path, 'rb') as f:
-            return f.read(), os.fstat(f.fileno()).st_ino
+            status = os.fstat(f.fileno())
+            return f.read(), status.st_ino, status.st_mtime
 
     def _busy_message(self, holder: dict) -> str:
         where = ('this host' if holder['host'] == socket.gethostname()
                  else f'host {holder["host"]}, which this machine cannot check')
+        lease = (f'; it renews a {holder["lease_seconds"]:g} s lease, last at {holder["renewed"]}'
+                 if 'lease_seconds' in holder else '')
         return (f'{self.workdir} is in use by process {holder["pid"]} on {where}, running since '
-                f'{holder.get("started", "?")}: {holder.get("command", "?")}\n'
+                f'{holder.get("started", "?")}{lease}: {holder.get("command", "?")}\n'
                 f'Wait for it to finish, or train into another --workdir. If that process is certainly gone '
                 f'(e.g. its machine crashed), delete {self.path}.')
 
@@ -151,6 +269,21 @@ def _parse(content: bytes) -> dict | None:
             and isinstance(record.get('pid'), int) and record['pid'] > 0):
         return None
     return record
+
+
+def _now() -> float:
+    return time.time()
+
+
+def _iso(seconds: float) -> str:
+    return datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc).isoformat(timespec='milliseconds')
+
+
+def _parse_time(text) -> float | None:
+    try:
+        return datetime.datetime.fromisoformat(text).timestamp()
+    except (TypeError, ValueError):
+        return None
 
 
 def _alive(pid: int) -> bool:
