@@ -14,6 +14,7 @@ from absl import app, flags, logging
 from ml_collections import ConfigDict, config_flags
 
 from allflax import compare, evaluate, montecarlo, predict, runtime, train
+from allflax.models import imagenet
 from allflax.training import checkpoints, run_guard
 from configs import common
 
@@ -41,7 +42,11 @@ def _config_of_run(workdir: str) -> ConfigDict:
     if not os.path.exists(path):
         raise FileNotFoundError(f'{path} not found: pass --config, or train into {workdir} first')
     with open(path) as f:
-        config = ConfigDict(json.load(f))
+        try:
+            config = ConfigDict(json.load(f))
+        except json.JSONDecodeError as error:
+            raise run_guard.ConfigError(f'{path} is not valid JSON ({error}): restore it, or pass --config '
+                                        f'with the recipe the run was trained with') from None
     if 'eval' not in config:
         config.eval = common.eval_config()
     return config
@@ -59,7 +64,8 @@ def _require(name: str):
 
 # Errors whose message says all a user needs: printed as one line, without a traceback.
 _ONE_LINE_ERRORS = (train.Interrupted, train.Diverged, run_guard.WorkdirBusyError, run_guard.ResumeMismatchError,
-                    run_guard.ConfigError, FileNotFoundError, MissingFlag, checkpoints.CheckpointError)
+                    run_guard.ConfigError, FileNotFoundError, MissingFlag, checkpoints.CheckpointError,
+                    imagenet.WeightsUnavailableError)
 
 
 def main(argv):

@@ -1,6 +1,8 @@
-"""Process-wide settings: multi-host start, compile cache, garbage collection, library logs."""
+"""Process-wide settings: the platforms JAX may use, multi-host start, compile cache, garbage
+collection, library logs."""
 import contextlib
 import gc
+import glob
 import logging
 import os
 
@@ -10,17 +12,46 @@ from absl import logging as absl_logging
 from allflax.cpu import memory
 
 
+# Device files of accelerators JAX has backends for: TPU VMs (/dev/accel*, or VFIO groups on
+# v5p/v6e), NVIDIA GPUs, AMD GPUs (ROCm's /dev/kfd).
+ACCELERATOR_DEVICE_FILES = ('/dev/accel*', '/dev/vfio/[0-9]*', '/dev/nvidia[0-9]*', '/dev/kfd')
+
+
 def initialize():
-    """Freed memory kept in the process, multi-host initialisation where a cluster is detected,
-    and a persistent compile cache."""
+    """The platforms JAX may use, freed memory kept in the process, multi-host initialisation
+    where a cluster is detected, and a persistent compile cache."""
+    select_platforms()
     memory.keep_freed_memory()
-    if any(os.environ.get(name) for name in ('JAX_COORDINATOR_ADDRESS', 'TPU_WORKER_HOSTNAMES', 'ALLFLAX_DISTRIBUTED')):
+    if is_multi_host(os.environ):
         jax.distributed.initialize(**_cluster_from_environment())
     cache_dir = os.environ.get('ALLFLAX_COMPILATION_CACHE',
                                os.path.join(os.path.expanduser('~'), '.cache', 'allflax', 'xla'))
     jax.config.update('jax_compilation_cache_dir', cache_dir)
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
     quiet_library_logs()
+
+
+def select_platforms() -> str | None:
+    """On a host without accelerator devices, JAX runs on the CPU alone (unless JAX_PLATFORMS says
+    otherwise): with libtpu installed (a test requirement, or a TPU image's), JAX would first try a
+    TPU and print libtpu's discovery errors. Call before JAX starts a backend; returns what it set."""
+    if os.environ.get('JAX_PLATFORMS') or jax.config.jax_platforms:
+        return None
+    if any(glob.glob(pattern) for pattern in ACCELERATOR_DEVICE_FILES):
+        return None  # JAX's own discovery, which finds the accelerator.
+    jax.config.update('jax_platforms', 'cpu')
+    return 'cpu'
+
+
+def is_multi_host(environ) -> bool:
+    """Whether this process is one of several that train together: a coordinator is named
+    (JAX_COORDINATOR_ADDRESS, a GPU cluster), ALLFLAX_DISTRIBUTED asks JAX to detect the cluster
+    (Slurm, Open MPI, Kubernetes), or TPU_WORKER_HOSTNAMES lists several hosts (a TPU pod slice).
+    Colab's single-host TPU runtimes set TPU_WORKER_HOSTNAMES=localhost: one host, nothing to
+    coordinate (jax.distributed would wait for a coordinator that never comes)."""
+    if environ.get('JAX_COORDINATOR_ADDRESS') or environ.get('ALLFLAX_DISTRIBUTED'):
+        return True
+    return len([host for host in environ.get('TPU_WORKER_HOSTNAMES', '').split(',') if host.strip()]) > 1
 
 
 def _cluster_from_environment() -> dict:

@@ -17,11 +17,12 @@ import tqdm
 from absl import logging
 from jax.experimental import multihost_utils
 
-from allflax import files, runtime, sharding
+from allflax import files, models, runtime, sharding
 from allflax.cpu import conv as cpu_conv
-from allflax.data import pipeline, sources
+from allflax.data import augment, pipeline, sources
 from allflax.data.dataset import default_cache_dir
 from allflax.evaluation import inference, results
+from allflax.models import imagenet
 from allflax.training import checkpoints, run_guard, state, steps, summary_writer
 from configs import common
 
@@ -79,7 +80,8 @@ class Diverged(RuntimeError):
 
 def validate(config: ml_collections.ConfigDict):
     """Rejects config values that cannot train (run_guard.validate_config), naming each one."""
-    run_guard.validate_config(config, synthetic_names=sources.synthetic.CLASS_NAMES, real_names=sources.REAL)
+    run_guard.validate_config(config, synthetic_names=sources.synthetic.CLASS_NAMES, real_names=sources.REAL,
+                              model_names=models.names(), augment_names=augment.AUGMENTATIONS)
 
 
 def check_resume(config: ml_collections.ConfigDict, workdir: str):
@@ -126,6 +128,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains (resuming from the latest checkpoint in `workdir`) and returns the test metrics."""
     validate(config)
     check_resume(config, workdir)
+    if config.model.init_from == 'imagenet':
+        # Fetched before the workdir is written: offline, the run stops here saying how to get them.
+        imagenet.imagenet_params(config.model.name, default_cache_dir(config))
     lock = run_guard.WorkdirLock(workdir) if files.is_writer() else None
     with lock or contextlib.nullcontext():
         return _train_and_evaluate(config, workdir, lock)

@@ -336,7 +336,7 @@ def test_negative_total_steps_is_named():
     config.total_steps = -5
     with pytest.raises(run_guard.ConfigError) as error:
         _validate(config)
-    assert str(error.value) == ('invalid config:\n  total_steps=-5 must be >= 0 (0 trains for num_epochs); '
+    assert str(error.value) == ('invalid config: total_steps=-5 must be >= 0 (0 trains for num_epochs); '
                                 'set --config.total_steps')
 
 

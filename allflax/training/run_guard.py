@@ -355,12 +355,19 @@ def _show(value) -> str:
     return 'absent' if value is _ABSENT else repr(value)
 
 
-def validate_config(config, *, synthetic_names: Collection[str], real_names: Collection[str]) -> None:
+# The networks downsample by 32 (VGG's five pools, EfficientNetV2's and ResNet's strides), and the
+# synthetic sets draw cells no smaller.
+MIN_IMAGE_SIZE = 32
+
+
+def validate_config(config, *, synthetic_names: Collection[str], real_names: Collection[str],
+                    model_names: Collection[str] = (), augment_names: Collection[str] = ()) -> None:
     """Raises ConfigError naming every invalid value of an ml_collections config, before a run spends
     minutes compiling or preparing data for it. Keys the config lacks (older runs) are not checked.
 
     `synthetic_names` and `real_names` are the data sets of allflax.data.sources (synthetic.CLASS_NAMES
-    and REAL), passed in so that this module stays free of their image libraries.
+    and REAL), `model_names` the registered models and `augment_names` the augmentation ops, passed
+    in so that this module stays free of JAX and the image libraries; empty: not checked.
     """
     problems = []
 
@@ -375,7 +382,15 @@ def validate_config(config, *, synthetic_names: Collection[str], real_names: Col
     for key in ('log_every_steps', 'eval_every_steps', 'checkpoint_every_steps'):
         check(key, lambda v: v >= 1, 'must be >= 1 step')
     check('keep_checkpoints', lambda v: v >= 1, 'must be >= 1')
-    check('data.image_size', lambda v: v >= 1, 'must be >= 1 pixel')
+    check('data.image_size', lambda v: v >= MIN_IMAGE_SIZE, f'must be >= {MIN_IMAGE_SIZE} pixels (the networks '
+          f'downsample by {MIN_IMAGE_SIZE})')
+    if model_names:
+        check('model.name', lambda v: v in model_names, f'is not a model: use one of {", ".join(model_names)}')
+    if augment_names:
+        check('data.augment', lambda v: not set(v) - set(augment_names),
+              f'names an unknown op: use some of {", ".join(augment_names)}')
+    check('model.init_from', lambda v: v in ('', 'imagenet') or os.path.isdir(v),
+          "must be '' (from scratch), 'imagenet', or a directory written by python -m allflax.models.keras_weights")
     check('data.num_workers', lambda v: v >= 0, 'must be >= 0 (0 reads in the main process)')
     check('data.split', lambda v: v in ('patient', 'official', 'random'), 'must be patient, official or random')
     check('data.split_fractions', lambda v: all(f >= 0 for f in v.values()) and math.isclose(
@@ -398,6 +413,8 @@ def validate_config(config, *, synthetic_names: Collection[str], real_names: Col
     elif name is not _ABSENT and name not in synthetic_names and name not in real_names:
         problems.append(f'data.name={name!r} is unknown: set --config.data.name to one of '
                         f'{", ".join([*synthetic_names, *real_names])}')
+    if len(problems) == 1:
+        raise ConfigError(f'invalid config: {problems[0]}')
     if problems:
         raise ConfigError('invalid config:\n' + '\n'.join(f'  {line}' for line in problems))
 
