@@ -85,3 +85,41 @@ def test_setup_objects_frozen_leaves_them_out_of_collections_until_the_end():
     assert gc_state['tracked_inside'] < 1_000  # Inside, only what came after.
     assert gc_state['collected_inside'] >= 1  # Garbage made inside is still collected.
     assert gc_state['frozen_after'] == 0 and gc_state['tracked_after'] >= 0.99 * gc_state['frozen']  # Back in.
+
+
+@pytest.mark.parametrize('environment, multi_host', [
+    ({}, False),
+    ({'COLAB_TPU_1VM': '1', 'TPU_WORKER_HOSTNAMES': 'localhost', 'TPU_ACCELERATOR_TYPE': 'v5litepod-1'}, False),
+    ({'TPU_WORKER_HOSTNAMES': 't1v-n-0,t1v-n-1'}, True),
+    ({'JAX_COORDINATOR_ADDRESS': '10.0.0.2:1234'}, True),
+    ({'ALLFLAX_DISTRIBUTED': '1'}, True),
+], ids=['plain', 'colab_tpu', 'pod_slice', 'coordinator', 'detect'])
+def test_only_a_cluster_of_several_hosts_starts_jax_distributed(environment, multi_host):
+    from allflax import runtime
+    assert runtime.is_multi_host(environment) is multi_host
+
+
+# What a CPU run prints before its first step, with Colab's TPU variables set and JAX left to choose.
+_CPU_START = '''
+import json
+from allflax import runtime
+runtime.initialize()
+import jax
+print(json.dumps({'platform': jax.devices()[0].platform, 'processes': jax.process_count()}))
+'''
+
+
+@pytest.mark.skipif(any(os.path.exists(path) for path in ('/dev/accel0', '/dev/nvidia0')),
+                    reason='this host has an accelerator: JAX is right to look for it')
+def test_a_cpu_host_starts_quietly_with_colab_variables(tmp_path):
+    """libtpu is installed (a test requirement): on a host without TPU devices, JAX is kept on the
+    CPU before it looks for one, so none of libtpu's discovery errors is printed, and Colab's
+    single-host variables start no jax.distributed (which would wait for a coordinator)."""
+    environment = {key: value for key, value in os.environ.items() if key != 'JAX_PLATFORMS'}
+    environment.update({'COLAB_TPU_1VM': '1', 'TPU_WORKER_HOSTNAMES': 'localhost',
+                        'TPU_ACCELERATOR_TYPE': 'v5litepod-1', 'ALLFLAX_COMPILATION_CACHE': str(tmp_path)})
+    result = subprocess.run([sys.executable, '-c', _CPU_START], cwd=ROOT, capture_output=True, text=True,
+                            env=environment, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == {'platform': 'cpu', 'processes': 1}
+    assert 'TPU' not in result.stderr and 'libtpu' not in result.stderr, result.stderr
