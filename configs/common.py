@@ -9,8 +9,11 @@ DEMO = dict(image_size=64, batch_size=16, total_steps=800, num_images=2400, num_
 # `max_device_batch`: more images per device than this are taken as micro-batches of a step
 # (gradient accumulation: the same update), e.g. 256 on one v5e chip's 16 GiB
 # (`python -m allflax.tpu_check` measures what fits).
-ACCELERATORS = {'gpu': dict(dtype='bfloat16', batch_size=128, max_device_batch=128),
-                'tpu': dict(dtype='bfloat16', batch_size=256, max_device_batch=64)}
+# `checkpoint_every_steps`: a disconnect (Colab) loses at most ~10 minutes of a run, at a tenth of
+# the slowest Colab TPU's roofline (benchmarks/RESULTS.md, "Checkpoints on Colab"); on the
+# synthetic sets' 300-500 steps the first checkpoint comes before half of the run.
+ACCELERATORS = {'gpu': dict(dtype='bfloat16', batch_size=128, max_device_batch=128, checkpoint_every_steps=100),
+                'tpu': dict(dtype='bfloat16', batch_size=256, max_device_batch=64, checkpoint_every_steps=100)}
 
 
 def base_config(*, model: str, data: str, image_size: int, batch_size: int, num_epochs: int,
