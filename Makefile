@@ -11,7 +11,7 @@ PEERS_INSTALLED := $(VENV)/.installed-peers
 CPU_KERNELS := allflax/cpu/_cpu_kernels.so
 CPU_KERNEL_SOURCES := allflax/cpu/onednn_conv.cc allflax/cpu/activation_kernels.cc
 
-.PHONY: demo test peers clean
+.PHONY: demo test pyversions peers clean
 
 $(INSTALLED): requirements.txt requirements-cpu.txt
 	command -v $(PYTHON_BOOT) >/dev/null || { echo "need $(PYTHON_BOOT) (or run: make PYTHON_BOOT=python3 ...)"; exit 1; }
@@ -39,6 +39,16 @@ demo: $(INSTALLED) $(CPU_KERNELS)
 
 test: $(TEST_INSTALLED) $(CPU_KERNELS)
 	$(PYTHON) -m pytest tests -q -n 2 --dist loadfile
+
+# Colab's Pythons and others newer than the venv's: every pin resolves to wheels for them (promise,
+# a tensorflow-datasets dependency, is published as source only). Asks the package registry.
+PYTHON_VERSIONS := 3.12 3.13
+pyversions: $(TEST_INSTALLED)
+	@for version in $(PYTHON_VERSIONS); do \
+	  $(VENV)/bin/uv pip compile --quiet --python-version $$version --python-platform x86_64-manylinux_2_35 \
+	    --only-binary :all: --no-binary promise requirements.txt requirements-cpu.txt requirements-test.txt \
+	    -o /dev/null || exit 1; \
+	  echo "the pinned requirements resolve to wheels for Python $$version"; done
 
 $(PEERS_INSTALLED): benchmarks/requirements.txt $(TEST_INSTALLED)
 	$(PYTHON) -m pip install --quiet -r benchmarks/requirements.txt

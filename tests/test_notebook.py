@@ -222,8 +222,11 @@ def test_colab_runtime_rehearsal_drive_reset_and_resume(tmp_path, monkeypatch):
     assert run.returncode == 0, run.stderr[-3000:]
     uninterrupted = json.loads((reference / 'eval' / 'test' / 'metrics.json').read_text())
     resumed = test_metrics['vgg19_mhsa']
-    for name in ('accuracy', 'f1_macro', 'roc_auc', 'nll', 'ci95', 'num_examples'):
+    for name in ('accuracy', 'f1_macro', 'roc_auc', 'nll', 'num_examples'):
         assert resumed[name] == pytest.approx(uninterrupted[name], abs=1e-6), name
+    assert resumed['ci95'].keys() == uninterrupted['ci95'].keys()
+    for name, interval in uninterrupted['ci95'].items():
+        assert resumed['ci95'][name] == pytest.approx(interval, abs=1e-6), name
     transcript.append('test metrics, resumed vs uninterrupted: ' + ', '.join(
         f'{name} {resumed[name]:.6f} vs {uninterrupted[name]:.6f}' for name in ('accuracy', 'f1_macro', 'roc_auc', 'nll')))
     print('\n'.join(['', 'Colab rehearsal:', *transcript]))
