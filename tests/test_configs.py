@@ -39,3 +39,30 @@ def test_demo_overrides_apply_only_to_the_demo():
     assert 'hed' in full.data.augment and 'drop_connect_rate' not in full.model.options
     assert demo.data.augment == ('flip', 'rot90') and demo.model.options.drop_connect_rate == 0.0
     assert demo.total_steps == common.DEMO['total_steps']
+
+
+# A tenth of the roofline: what a real step reaches is below it (data loading, the host, the
+# roofline's perfect overlap), by less than this for convolution networks on TPU.
+_FRACTION_OF_ROOFLINE = 0.1
+
+
+@pytest.mark.parametrize('accelerator', sorted(common.ACCELERATORS))
+def test_a_disconnect_loses_at_most_ten_minutes_and_a_synthetic_run_checkpoints_before_its_half(accelerator):
+    """Colab can disconnect at any time: at a tenth of each Colab TPU's roofline (benchmarks/tpu_check),
+    the checkpoints of `:tpu` and `:gpu` come at most ~10 minutes apart, and on the default synthetic
+    sets (300-500 steps) the first one comes before half of the run."""
+    from allflax import tpu_check
+    reports = [report for report in tpu_check.read_reports('benchmarks/tpu_check')
+               if tpu_check.accelerator_type(report['chip'], report['chips']) in tpu_check.COLAB_TYPES]
+    assert len(reports) == 2 * len(tpu_check.COLAB_TYPES)
+    for report in reports:
+        config = {recipe.get_config().model.name: recipe for recipe in RECIPES}[report['model']].get_config(accelerator)
+        images_per_second = _FRACTION_OF_ROOFLINE * report['train']['roofline']['images_per_second_per_chip'] * \
+            report['chips']
+        steps_in_ten_minutes = 600 * images_per_second / config.batch_size
+        assert config.checkpoint_every_steps <= steps_in_ten_minutes, report['topology']
+    for recipe in RECIPES:
+        config = recipe.get_config(accelerator)
+        train_images = int(config.data.split_fractions.train * config.data.num_images)
+        total = config.num_epochs * (train_images // config.batch_size)
+        assert config.checkpoint_every_steps < total / 2, (recipe.__name__, total)
