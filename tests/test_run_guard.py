@@ -198,6 +198,16 @@ for _ in range(40):
 '''
 
 
+def test_a_live_process_of_this_host_that_stopped_renewing_loses_its_lease(tmp_path, caplog):
+    """A process of this host that has not renewed its lease for a whole lease is hung, or its pid
+    was reused: the lease is over all the same."""
+    _write_lock(tmp_path, _leased(socket.gethostname(), renewed_seconds_ago=120, pid=os.getppid()))
+    with caplog.at_level('WARNING'), run_guard.WorkdirLock(str(tmp_path)):
+        assert _lock_of(str(tmp_path))['pid'] == os.getpid()
+    assert any(f'process {os.getppid()} on host {socket.gethostname()}, whose 60 s lease expired 60 s ago' in
+               r.getMessage() for r in caplog.records)
+
+
 def test_a_renewed_lease_from_another_host_is_refused(tmp_path):
     """A live run elsewhere renews its lease while this process watches: refused, file unchanged."""
     lease = 1.0

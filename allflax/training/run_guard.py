@@ -133,9 +133,10 @@ class WorkdirLock:
                 return False  # Its writer may still be writing it.
             reason = f'{self.path} was empty or unreadable (its writer died while writing it)'
         elif holder['host'] == socket.gethostname():
-            if _alive(holder['pid']):
+            reason = _lease_expired(self.path, holder)  # A live pid unrenewed for a lease: hung, or reused.
+            if reason is None and _alive(holder['pid']):
                 raise WorkdirBusyError(self._busy_message(holder))
-            reason = f'{self.path} names process {holder["pid"]} on {holder["host"]}, which is no longer running'
+            reason = reason or f'{self.path} names process {holder["pid"]} on {holder["host"]}, which is no longer running'
         else:
             reason = self._expired(holder, content, watched)
             if reason is None:
@@ -148,13 +149,14 @@ class WorkdirLock:
     def _expired(self, holder: dict, content: bytes, watched: dict) -> str | None:
         """Why another host's lease is over; None while it may still be renewed (look again);
         raises WorkdirBusyError for a lease that is renewed, or a lock that names no lease."""
-        lease, renewed = holder.get('lease_seconds'), _parse_time(holder.get('renewed'))
-        if not isinstance(lease, (int, float)) or lease <= 0 or renewed is None:
+        lease, renewed = _lease_of(holder)
+        if lease is None:
             raise WorkdirBusyError(self._busy_message(holder))
+        reason = _lease_expired(self.path, holder)
+        if reason:
+            return reason
         who = f'{self.path} names process {holder["pid"]} on host {holder["host"]}'
         silent = _now() - renewed
-        if silent > lease:
-            return f'{who}, whose {lease:g} s lease expired {silent - lease:.0f} s ago'
         if watched and content not in watched:  # Renewed while we watched: its holder runs.
             raise WorkdirBusyError(self._busy_message(holder))
         if not watched:
@@ -269,6 +271,23 @@ def _parse(content: bytes) -> dict | None:
             and isinstance(record.get('pid'), int) and record['pid'] > 0):
         return None
     return record
+
+
+def _lease_of(holder: dict) -> tuple[float | None, float | None]:
+    """(lease seconds, last renewal as a Unix time) of a lock's record; (None, None) without a lease."""
+    lease, renewed = holder.get('lease_seconds'), _parse_time(holder.get('renewed'))
+    if not isinstance(lease, (int, float)) or lease <= 0 or renewed is None:
+        return None, None
+    return float(lease), renewed
+
+
+def _lease_expired(path: str, holder: dict) -> str | None:
+    """Why the lease of `holder` is over by the time it records, or None."""
+    lease, renewed = _lease_of(holder)
+    if lease is None or _now() - renewed <= lease:
+        return None
+    return (f'{path} names process {holder["pid"]} on host {holder["host"]}, whose {lease:g} s lease expired '
+            f'{_now() - renewed - lease:.0f} s ago')
 
 
 def _now() -> float:
