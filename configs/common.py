@@ -11,6 +11,10 @@ DEMO = dict(image_size=64, batch_size=16, total_steps=800, num_images=2400, num_
 # (`python -m allflax.tpu_check` measures what fits).
 ACCELERATORS = {'gpu': dict(dtype='bfloat16', batch_size=128, max_device_batch=128),
                 'tpu': dict(dtype='bfloat16', batch_size=256, max_device_batch=64)}
+# After `gpu`, for GPUs that need other settings (`:gpu,t4`). A T4 (Turing) has no bfloat16 tensor
+# cores; its float16 ones would need dynamic loss scaling, which the train step does not have, so
+# it computes in float32 (8.1 TFLOP/s), in micro-batches that fit its 15 GiB.
+GPU_VARIANTS = {'t4': dict(dtype='float32', max_device_batch=64)}
 
 
 def base_config(*, model: str, data: str, image_size: int, batch_size: int, num_epochs: int,
@@ -112,12 +116,12 @@ def apply_args(config: ml_collections.ConfigDict, arg: str | None,
     on top of DEMO's run size.
     """
     for name in filter(None, (arg or '').split(',')):
-        if name in ACCELERATORS:
-            for key, value in ACCELERATORS[name].items():
+        if name in ACCELERATORS or name in GPU_VARIANTS:
+            for key, value in {**ACCELERATORS, **GPU_VARIANTS}[name].items():
                 config[key] = value
             continue
         if name != 'demo':
-            raise ValueError(f'unknown config arg {name!r}; known: demo, {", ".join(ACCELERATORS)}')
+            raise ValueError(f'unknown config arg {name!r}; known: demo, {", ".join([*ACCELERATORS, *GPU_VARIANTS])}')
         config.data.image_size = DEMO['image_size']
         config.data.num_images = DEMO['num_images']
         config.data.num_patients = DEMO['num_patients']
