@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Both paper recipes on one NVIDIA GPU, bfloat16, at their real image sizes, the model's own head:
 # images/s (train, eval), the allocator's peak memory and MFU, as a table
-# (benchmarks/accelerator_report.py). Under 5 minutes on an H200, compiles included.
+# (benchmarks/accelerator_report.py), beside what `python -m allflax.aot_check` predicted for the
+# same GPU without one (benchmarks/gpu_check: train GiB, roofline images/s; n/a for a GPU or batch
+# not there). Under 5 minutes on an H200, compiles included.
 #
 #   bash benchmarks/accelerator_check.sh
 #   BATCH_VGG=256 STEPS=30 RESULTS_DIR=/tmp/out bash benchmarks/accelerator_check.sh
@@ -111,6 +113,6 @@ run efficientnetv2_b3_se --model=efficientnetv2_b3_se --image_size=300 --batch_s
 
 cat "$results"
 echo
-"$PYTHON" -m benchmarks.accelerator_report "$results" || failed=1
+"$PYTHON" -m benchmarks.accelerator_report --predictions=benchmarks/gpu_check "$results" || failed=1
 say "JSON lines and logs in $RESULTS_DIR"
 exit "$failed"
