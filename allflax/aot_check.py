@@ -322,11 +322,10 @@ def tpu_table(reports: list[dict]) -> str:
 
 
 def gpu_table(reports: list[dict]) -> str:
-    """One row per recipe and GPU host, recipes by name, Colab's GPUs first, then by GPU count
-    and memory."""
+    """One row per recipe and GPU host, recipes by name, then by GPU count and in the order of
+    `gpu_targets.GPUS` (Colab's first)."""
     def order(report):
-        colab = gpu_targets.COLAB.index(report['chip']) if report['chip'] in gpu_targets.COLAB else 9
-        return report['model'], colab, report['chips'], report['chip_spec']['hbm_gib']
+        return report['model'], report['chips'], list(gpu_targets.GPUS).index(report['chip'])
 
     lines = ['| recipe | GPU | GPUs | compute | images per GPU per step | train GiB per GPU / memory '
              '| fits (≥ 10 % of JAX\'s 75 % free) | train GFLOP per image | roofline train images/s per GPU |',
