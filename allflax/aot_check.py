@@ -30,10 +30,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 from absl import app, flags  # noqa: E402
+from jax._src.lib import _jax  # noqa: E402  XLA's HLO cost analysis, as Lowered.cost_analysis calls it.
 from jax.experimental import topologies  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
-
-from jax._src.lib import _jax  # noqa: E402  XLA's HLO cost analysis, as Lowered.cost_analysis calls it.
 
 from allflax import files, runtime, sharding, train  # noqa: E402
 from allflax.data.sources import all_aria, all_idb2, cnmc2019, synthetic  # noqa: E402
