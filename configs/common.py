@@ -8,7 +8,7 @@ DEMO = dict(image_size=64, batch_size=16, total_steps=800, num_images=2400, num_
 # 80 GB GPU; a v2-8/v3-8 TPU, 32 per core). The learning rate stays the recipe's.
 # `max_device_batch`: more images per device than this are taken as micro-batches of a step
 # (gradient accumulation: the same update), e.g. 256 on one v5e chip's 16 GiB
-# (`python -m allflax.tpu_check` measures what fits).
+# (`python -m allflax.aot_check` measures what fits).
 ACCELERATORS = {'gpu': dict(dtype='bfloat16', batch_size=128, max_device_batch=128),
                 'tpu': dict(dtype='bfloat16', batch_size=256, max_device_batch=64)}
 # After `gpu`, for GPUs that need other settings (`:gpu,t4`). A T4 (Turing) has no bfloat16 tensor

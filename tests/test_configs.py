@@ -39,3 +39,9 @@ def test_demo_overrides_apply_only_to_the_demo():
     assert 'hed' in full.data.augment and 'drop_connect_rate' not in full.model.options
     assert demo.data.augment == ('flip', 'rot90') and demo.model.options.drop_connect_rate == 0.0
     assert demo.total_steps == common.DEMO['total_steps']
+
+
+def test_a_t4_computes_in_float32_in_micro_batches():
+    """`:gpu,t4`: a T4 has no bfloat16 tensor cores; the batch stays the recipe's `:gpu` batch."""
+    config = vgg19_mhsa.get_config('gpu,t4')
+    assert (config.dtype, config.batch_size, config.max_device_batch) == ('float32', 128, 64)
