@@ -45,8 +45,10 @@ class Gpu:
 #   1,410 MHz boost.
 # - H100 (SXM5): NVIDIA H100 datasheet: BF16/FP16 1,979 and TF32 989 TFLOPS with sparsity,
 #   80 GB HBM3 at 3.35 TB/s; Hopper whitepaper: 132 SMs of 128 FP32 cores, 50 MB L2, 1,980 MHz.
+# - H200 (SXM): NVIDIA H200 datasheet: the H100's peaks, 141 GB HBM3e at 4.8 TB/s; the same GH100
+#   chip as the H100 SXM5 (132 SMs, 50 MB L2).
 # memory_mib: nvidia-smi's memory.total on those cards (Colab's T4, L4 and A100 runtimes; the SXM
-# A100 80 GB and H100 80 GB HBM3).
+# A100 80 GB, H100 80 GB HBM3 and H200).
 GPUS = {gpu.name: gpu for gpu in (
     Gpu('t4', 'Tesla T4', 15360, {'float16': 65e12, 'float32': 8.1e12}, 320e9, (7, 5), 40, 64, 4 * 2 ** 20, 1.59),
     Gpu('l4', 'NVIDIA L4', 23034, {'bfloat16': 121e12, 'float16': 121e12, 'float32': 60e12}, 300e9, (8, 9), 58,
@@ -57,6 +59,8 @@ GPUS = {gpu.name: gpu for gpu in (
         2039e9, (8, 0), 108, 64, 40 * 2 ** 20, 1.41),
     Gpu('h100', 'NVIDIA H100 80GB HBM3', 81559, {'bfloat16': 989e12, 'float16': 989e12, 'float32': 494e12},
         3350e9, (9, 0), 132, 128, 50 * 2 ** 20, 1.98),
+    Gpu('h200', 'NVIDIA H200', 143771, {'bfloat16': 989e12, 'float16': 989e12, 'float32': 494e12},
+        4800e9, (9, 0), 132, 128, 50 * 2 ** 20, 1.98),
 )}
 COLAB = ('t4', 'l4', 'a100-40gb')  # Colab's GPU runtimes.
 # Per compute capability, from the CUDA C++ Programming Guide's table of technical specifications:
@@ -75,6 +79,11 @@ def parse(topology: str) -> tuple[Gpu, int]:
         raise ValueError(f"unknown GPU target {topology!r}: expected '[<count>x]<gpu>' such as t4 or 8xh100, "
                          f"with gpu one of {', '.join(GPUS)} (TPU topologies are '<chip>:<shape>', e.g. v5e:1x1)")
     return GPUS[match.group(2)], count
+
+
+def by_device_kind(device_kind: str) -> Gpu | None:
+    """The GPU that JAX names `device_kind` on a real one ('NVIDIA H100 80GB HBM3'), if known."""
+    return next((gpu for gpu in GPUS.values() if gpu.device_kind == device_kind), None)
 
 
 def target_config(gpu: Gpu) -> str:
