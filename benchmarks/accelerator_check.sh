@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # Both paper recipes on one NVIDIA GPU, bfloat16, at their real image sizes, the model's own head:
 # images/s (train, eval), the allocator's peak memory and MFU, as a table
-# (benchmarks/accelerator_report.py). Under 5 minutes on an H200, compiles included.
+# (benchmarks/accelerator_report.py), beside what `python -m allflax.aot_check` predicts for the
+# same GPU and batch compiling without it (train GiB, roofline images/s): compiled here on the CPU
+# for a GPU that allflax/gpu/targets.py knows (AOT=0 skips it), else the README table's JSON
+# (benchmarks/gpu_check), else n/a. Under 5 minutes on an H200, compiles included, plus the two
+# ahead-of-time compiles (about 2 minutes on 2 CPU cores).
 #
 #   bash benchmarks/accelerator_check.sh
 #   BATCH_VGG=256 STEPS=30 RESULTS_DIR=/tmp/out bash benchmarks/accelerator_check.sh
@@ -109,8 +113,30 @@ run() {  # name, then benchmarks.throughput flags.
 run vgg19_mhsa --model=vgg19_mhsa --image_size=224 --batch_size="$BATCH_VGG"
 run efficientnetv2_b3_se --model=efficientnetv2_b3_se --image_size=300 --batch_size="$BATCH_B3"
 
+# The prediction the README's table would make for this GPU, at this commit and these batches: the
+# recipe's `:gpu` train step (B3+SE's with all of paper 2's augmentation, which the benchmark
+# leaves out), compiled for the GPU's target on this machine's CPU, as on a host without one.
+predictions="$RESULTS_DIR/aot"
+mkdir -p "$predictions"
+cp benchmarks/gpu_check/*.json "$predictions"/ 2>/dev/null || true
+device_kind=$("$PYTHON" -c "import jax; print(jax.devices()[0].device_kind)" 2>/dev/null || true)
+topology=$(JAX_PLATFORMS=cpu "$PYTHON" -c "import sys; from allflax.gpu import targets
+gpu = targets.by_device_kind(sys.argv[1]); print(gpu.name if gpu else '')" "$device_kind" 2>/dev/null || true)
+if [[ ${AOT:-1} == 1 && -n $topology ]]; then
+  for recipe in vgg19_mhsa:"$BATCH_VGG" efficientnetv2_b3_se:"$BATCH_B3"; do
+    name=${recipe%%:*}
+    say "AOT: $name for $topology, compiled on the CPU"
+    JAX_PLATFORMS=cpu timeout --kill-after=10 "$RUN_TIMEOUT" "$PYTHON" -m allflax.aot_check \
+      --config=configs/"$name".py:gpu --config.batch_size="${recipe#*:}" --topology="$topology" --steps=train \
+      --output="$predictions/${name}_$topology.json" >"$RESULTS_DIR/aot_$name.out" 2>"$RESULTS_DIR/aot_$name.err" ||
+      say "AOT: $name failed (its output: $RESULTS_DIR/aot_$name.err); the table's JSON, if any, stands"
+  done
+elif [[ -z $topology ]]; then
+  say "AOT: no target for '$device_kind' in allflax/gpu/targets.py: no prediction to compare"
+fi
+
 cat "$results"
 echo
-"$PYTHON" -m benchmarks.accelerator_report "$results" || failed=1
+"$PYTHON" -m benchmarks.accelerator_report --predictions="$predictions" "$results" || failed=1
 say "JSON lines and logs in $RESULTS_DIR"
 exit "$failed"

@@ -2,13 +2,19 @@
 device allocator's peak memory and MFU, from the JSON lines `benchmarks.throughput` printed.
 Imports no JAX: it runs, and is tested, anywhere.
 
-  python -m benchmarks.accelerator_report results.jsonl [more.jsonl ...]   (or lines on stdin)
+  python -m benchmarks.accelerator_report [--predictions=benchmarks/gpu_check] results.jsonl [...]
+  (or lines on stdin)
+
+With --predictions, each row also shows what `python -m allflax.aot_check` predicted, compiling
+without a GPU, for the same model, batch and GPU (one device, same device_kind): train GiB per
+device and roofline images/s, so that the README's GPU table can be corrected where they disagree.
 
 MFU = train FLOPs per image (XLA's cost analysis of the whole train step: forward, backward,
 update) × train images/s ÷ the GPU's published dense bfloat16 peak. The peak is the datasheet's
 headline, not what a matrix product reaches (an H200 ran 8192³ bf16 products at ~790 TFLOP/s here).
 """
 import json
+import os
 import re
 import sys
 
@@ -74,22 +80,50 @@ def read_records(lines) -> list[dict]:
     return records
 
 
+def read_predictions(directory: str) -> list[dict]:
+    """The one-GPU aot_check reports (*.json) in `directory`."""
+    reports = []
+    for name in sorted(os.listdir(directory)):
+        if name.endswith('.json'):
+            with open(os.path.join(directory, name)) as file:
+                report = json.load(file)
+            if report.get('platform') == 'gpu' and report.get('devices') == 1 and 'train' in report:
+                reports.append(report)
+    return reports
+
+
+def prediction(record: dict, predictions: list[dict]) -> dict | None:
+    """The report of the same model, dtype and batch on the record's GPU, if there is one. The
+    recipe's train step augments more than the benchmark's (flip and rot90): B3's roofline counts
+    its rotate, crop, colour, blur and stain jitter too."""
+    for report in predictions:
+        if (report['device_kind'], report['model'], report['dtype'], report['global_batch']) == (
+                record.get('device'), record['model'], record['dtype'], record['batch_size']):
+            return report
+    return None
+
+
 def _number(value: float | None, digits: int) -> str:
     return 'n/a' if value is None else f'{value:.{digits}f}'
 
 
-def table(records: list[dict]) -> str:
-    """One row per record, in a fixed-width text table."""
+def table(records: list[dict], predictions: list[dict] = ()) -> str:
+    """One row per record, in a fixed-width text table; AOT columns n/a without a prediction."""
     header = ('model', 'size', 'batch', 'dtype', 'train img/s', 'eval img/s', 'train GFLOP/img',
-              'peak HBM GiB', 'MFU', 'compile s', 'device')
+              'peak HBM GiB', 'MFU', 'compile s', 'AOT GiB', 'AOT roofline img/s', 'device')
     rows = []
     for record in records:
         utilisation = mfu(record)
+        predicted = prediction(record, predictions)
+        train = predicted['train'] if predicted else None
         rows.append((record['model'], str(record['image_size']), str(record['batch_size']), record['dtype'],
                      _number(record['train_images_per_sec'], 1), _number(record['eval_images_per_sec'], 1),
                      _number(record['flops_per_image'] / 1e9, 1), _number(peak_memory_gib(record), 2),
                      'n/a' if utilisation is None else f'{100 * utilisation:.1f}%',
-                     _number(record.get('compile_seconds'), 1), record.get('device', '?')))
+                     _number(record.get('compile_seconds'), 1),
+                     _number(train and train['hbm_per_chip_gib']['total'], 2),
+                     _number(train and train['roofline']['images_per_second_per_chip'], 0),
+                     record.get('device', '?')))
     widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header))]
     lines = ['  '.join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in (header, *rows)]
     lines.insert(1, '  '.join('-' * width for width in widths))
@@ -97,9 +131,15 @@ def table(records: list[dict]) -> str:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) > 1:
+    predictions, paths = [], []
+    for arg in argv[1:]:
+        if arg.startswith('--predictions='):
+            predictions = read_predictions(arg.partition('=')[2])
+        else:
+            paths.append(arg)
+    if paths:
         lines = []
-        for path in argv[1:]:
+        for path in paths:
             with open(path) as file:
                 lines += file.readlines()
     else:
@@ -108,7 +148,7 @@ def main(argv: list[str]) -> int:
     if not records:
         print('accelerator_report: no throughput records to report', file=sys.stderr)
         return 1
-    print(table(records))
+    print(table(records, predictions))
     unknown = sorted({r.get('device', '?') for r in records if peak_tflops(r.get('device', '')) is None})
     if unknown:
         print(f'MFU n/a: no published bf16 peak in benchmarks/accelerator_report.py for {", ".join(unknown)}')

@@ -8,12 +8,16 @@ DEMO = dict(image_size=64, batch_size=16, total_steps=800, num_images=2400, num_
 # 80 GB GPU; a v2-8/v3-8 TPU, 32 per core). The learning rate stays the recipe's.
 # `max_device_batch`: more images per device than this are taken as micro-batches of a step
 # (gradient accumulation: the same update), e.g. 256 on one v5e chip's 16 GiB
-# (`python -m allflax.tpu_check` measures what fits).
+# (`python -m allflax.aot_check` measures what fits).
 # `checkpoint_every_steps`: a disconnect (Colab) loses at most ~10 minutes of a run, at a tenth of
 # the slowest Colab TPU's roofline (benchmarks/RESULTS.md, "Checkpoints on Colab"); on the
 # synthetic sets' 300-500 steps the first checkpoint comes before half of the run.
 ACCELERATORS = {'gpu': dict(dtype='bfloat16', batch_size=128, max_device_batch=128, checkpoint_every_steps=100),
                 'tpu': dict(dtype='bfloat16', batch_size=256, max_device_batch=64, checkpoint_every_steps=100)}
+# After `gpu`, for GPUs that need other settings (`:gpu,t4`). A T4 (Turing) has no bfloat16 tensor
+# cores; its float16 ones would need dynamic loss scaling, which the train step does not have, so
+# it computes in float32 (8.1 TFLOP/s), in micro-batches that fit its 15 GiB.
+GPU_VARIANTS = {'t4': dict(dtype='float32', max_device_batch=64)}
 
 
 def base_config(*, model: str, data: str, image_size: int, batch_size: int, num_epochs: int,
@@ -115,12 +119,12 @@ def apply_args(config: ml_collections.ConfigDict, arg: str | None,
     on top of DEMO's run size.
     """
     for name in filter(None, (arg or '').split(',')):
-        if name in ACCELERATORS:
-            for key, value in ACCELERATORS[name].items():
+        if name in ACCELERATORS or name in GPU_VARIANTS:
+            for key, value in {**ACCELERATORS, **GPU_VARIANTS}[name].items():
                 config[key] = value
             continue
         if name != 'demo':
-            raise ValueError(f'unknown config arg {name!r}; known: demo, {", ".join(ACCELERATORS)}')
+            raise ValueError(f'unknown config arg {name!r}; known: demo, {", ".join([*ACCELERATORS, *GPU_VARIANTS])}')
         config.data.image_size = DEMO['image_size']
         config.data.num_images = DEMO['num_images']
         config.data.num_patients = DEMO['num_patients']

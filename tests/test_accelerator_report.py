@@ -49,3 +49,18 @@ def test_report_without_records_fails(tmp_path):
     empty = tmp_path / 'empty.jsonl'
     empty.write_text('Traceback (most recent call last):\n')
     assert accelerator_report.main(['accelerator_report', str(empty)]) == 1
+
+
+def test_rows_show_the_aot_prediction_for_the_same_gpu_model_and_batch(tmp_path, capsys):
+    """benchmarks/accelerator_check.sh prints the ahead-of-time check's memory and roofline beside
+    what it measured; a GPU or batch without a report gets n/a."""
+    report = {'platform': 'gpu', 'devices': 1, 'device_kind': 'NVIDIA H200', 'model': 'vgg19_mhsa',
+              'dtype': 'bfloat16', 'global_batch': 128,
+              'train': {'hbm_per_chip_gib': {'total': 6.434}, 'roofline': {'images_per_second_per_chip': 8731.6}}}
+    (tmp_path / 'vgg19_mhsa_h200.json').write_text(json.dumps(report))
+    (tmp_path / 'eight.json').write_text(json.dumps({**report, 'devices': 8}))
+    results = tmp_path / 'results.jsonl'
+    results.write_text('\n'.join(map(json.dumps, [H200, {**H200, 'batch_size': 256}])) + '\n')
+    assert accelerator_report.main(['accelerator_report', f'--predictions={tmp_path}', str(results)]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith('vgg19_mhsa')]
+    assert [row[10:12] for row in rows] == [['6.43', '8732'], ['n/a', 'n/a']]

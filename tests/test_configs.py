@@ -66,3 +66,9 @@ def test_a_disconnect_loses_at_most_ten_minutes_and_a_synthetic_run_checkpoints_
         train_images = int(config.data.split_fractions.train * config.data.num_images)
         total = config.num_epochs * (train_images // config.batch_size)
         assert config.checkpoint_every_steps < total / 2, (recipe.__name__, total)
+
+
+def test_a_t4_computes_in_float32_in_micro_batches():
+    """`:gpu,t4`: a T4 has no bfloat16 tensor cores; the batch stays the recipe's `:gpu` batch."""
+    config = vgg19_mhsa.get_config('gpu,t4')
+    assert (config.dtype, config.batch_size, config.max_device_batch) == ('float32', 128, 64)

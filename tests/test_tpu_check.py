@@ -74,9 +74,9 @@ def test_table_rows_name_cloud_types_and_say_what_does_not_fit():
 
 def test_table_names_a_file_that_is_not_a_report(tmp_path):
     (tmp_path / 'a.json').write_text('{"model": "m"}')
-    with pytest.raises(ValueError, match=r'a\.json is not a tpu_check report .*rerun the check'):
+    with pytest.raises(ValueError, match=r"a\.json is not an aot_check \(tpu_check\) report .*rerun the check"):
         tpu_check.read_reports(str(tmp_path))
-    with pytest.raises(ValueError, match='cannot list tpu_check reports'):
+    with pytest.raises(ValueError, match=r"cannot list aot_check \(tpu_check\) reports"):
         tpu_check.read_reports(str(tmp_path / 'missing'))
 
 
