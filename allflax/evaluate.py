@@ -14,7 +14,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *, split_name: str
     dataset = pipeline.load(config, workdir=None)
     if split_name not in dataset.splits:
         raise ValueError(f'unknown split {split_name!r}; available: {", ".join(dataset.splits)}')
-    restored = restore.restore(workdir, model=config.model, optimizer=config.optimizer, data=config.data,
+    restored = restore.restore(workdir, model=config.model, data=config.data,
                                dtype=config.dtype, seed=config.seed, num_classes=len(dataset.class_names),
                                checkpoint_step=checkpoint_step)
     values, predictions = results.evaluate_state(

@@ -150,7 +150,7 @@ def export(config: ml_collections.ConfigDict, workdir: str, output: str, *, chec
     with bundle.writing(output) as folder:
         run = restore.run_summary(workdir)
         class_names = run['class_names']
-        restored = restore.restore(workdir, model=config.model, optimizer=config.optimizer, data=config.data,
+        restored = restore.restore(workdir, model=config.model, data=config.data,
                                    dtype='float32', seed=config.seed, num_classes=len(class_names),
                                    checkpoint_step=checkpoint_step)
         temperature = calibration.saved_temperature(workdir, restored.step, scaling=config.eval.temperature_scaling)

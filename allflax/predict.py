@@ -19,7 +19,7 @@ def predict(config: ml_collections.ConfigDict, workdir: str, input_pattern: str,
     """Writes `output` (path, predicted_class, one probability column per class) and
     `<output stem>.errors.csv`; with `gradcam`, panels into `<output stem>_gradcam/`."""
     class_names = restore.run_summary(workdir)['class_names']
-    restored = restore.restore(workdir, model=config.model, optimizer=config.optimizer, data=config.data,
+    restored = restore.restore(workdir, model=config.model, data=config.data,
                                dtype=config.dtype, seed=config.seed, num_classes=len(class_names),
                                checkpoint_step=checkpoint_step)
     tiles, readable, errors = image_files.read_tiles(image_files.list_inputs(input_pattern),

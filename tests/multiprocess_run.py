@@ -55,7 +55,7 @@ def main(run: dict):
         out['interrupted'] = str(error)
     else:
         # The final parameters (replicated: every process holds them whole), for the test to compare.
-        restored = restore.restore(run['workdir'], model=config.model, optimizer=config.optimizer, data=config.data,
+        restored = restore.restore(run['workdir'], model=config.model, data=config.data,
                                    dtype=config.dtype, seed=config.seed, num_classes=4)
         leaves = [np.asarray(leaf.addressable_data(0)) for leaf in jax.tree.leaves(restored.state.params)]
         np.savez(os.path.join(run['workdir'], f'params_{jax.process_index()}.npz'), *leaves)

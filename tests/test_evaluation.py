@@ -104,7 +104,7 @@ def test_eval_with_test_time_augmentation_and_temperature_scaling(tiny_run, tmp_
         config.eval.temperature_scaling = True
         config.eval.bootstrap_samples = 100
     dataset = pipeline.load(config)
-    restored = restore.restore(workdir, model=config.model, optimizer=config.optimizer, data=config.data,
+    restored = restore.restore(workdir, model=config.model, data=config.data,
                                dtype=config.dtype, seed=config.seed, num_classes=4)
     # One batch of each split, evaluated into another directory: the run's own files stay as they are.
     small = Dataset({name: Split(split.images[:8], split.labels[:8], split.patients[:8])

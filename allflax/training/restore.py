@@ -5,10 +5,14 @@ import json
 import os
 from collections.abc import Callable
 
+import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
+from flax import nnx
 
-from allflax import sharding
+from allflax import models, sharding
 from allflax.data.dataset import Split
 from allflax.evaluation import inference, interpret
 from allflax.training import checkpoints, state, steps
@@ -36,16 +40,21 @@ class Restored:
     mesh: object
 
 
-def restore(workdir: str, *, model: ml_collections.ConfigDict, optimizer: ml_collections.ConfigDict,
-            data: ml_collections.ConfigDict, dtype: str, seed: int, num_classes: int,
-            checkpoint_step: int | None = None) -> Restored:
+def restore(workdir: str, *, model: ml_collections.ConfigDict, data: ml_collections.ConfigDict, dtype: str,
+            seed: int, num_classes: int, checkpoint_step: int | None = None) -> Restored:
     """Restores the params and batch statistics of a checkpoint of `workdir` (the latest by default)
-    into the model of the `model` section; the optimiser state is not read, so its schedule is
-    built for one step."""
+    into the model of the `model` section. The model is built abstractly (initialising it would take
+    14 s for VGG19, 31 s for EfficientNetV2-B3 on 2 cores, all replaced by the checkpoint) and
+    without an optimiser: inference reads no optimiser state."""
     mesh = sharding.make_mesh()
-    built = state.setup(model, optimizer, mesh, num_classes=num_classes, image_size=data.image_size, dtype=dtype,
-                        seed=seed, total_steps=1, cache_dir='', load_pretrained=False)
-    abstract = checkpoints.abstract_with_sharding(built.state, built.state_sharding)
+    abstract_model = nnx.eval_shape(lambda: models.create(model.name, num_classes, dtype=dtype, seed=seed,
+                                                          image_size=data.image_size, **model.options))
+    parts, params, batch_stats = state.split_model(abstract_model)
+    parts = parts.replace(rng_state=jax.tree.map(_concrete_rng, parts.rng_state))
+    tx = optax.identity()
+    abstract_state = jax.eval_shape(lambda: state.init_state(params, batch_stats, tx))
+    state_sharding = jax.tree.map(lambda _: sharding.replicated(mesh), abstract_state)
+    abstract = checkpoints.abstract_with_sharding(abstract_state, state_sharding)
     weights = {'params': abstract.params, 'batch_stats': abstract.batch_stats}
     checkpointer = checkpoints.Checkpointer(os.path.join(workdir, 'checkpoints'), read_only=True)
     try:
@@ -59,10 +68,20 @@ def restore(workdir: str, *, model: ml_collections.ConfigDict, optimizer: ml_col
     if step is None:
         raise FileNotFoundError(f'no checkpoint in {checkpointer.directory}: train first '
                                 f'(python main.py --config=... --workdir={workdir})')
-    # Inference reads params and batch statistics only; the rest stays as initialised.
-    restored_state = built.state.replace(params=restored['params'], batch_stats=restored['batch_stats'])
+    restored_state = state.TrainState(step=jax.device_put(jnp.asarray(step, jnp.int32), state_sharding.step),
+                                      params=restored['params'], batch_stats=restored['batch_stats'],
+                                      opt_state=tx.init(restored['params']))
+    built = state.Setup(parts, tx, optax.constant_schedule(0.0), restored_state, state_sharding)
     eval_step = steps.make_inference_step(steps.logits, built, mesh, data=data, dtype=dtype)
     return Restored(built, restored_state, int(step), eval_step, mesh)
+
+
+def _concrete_rng(leaf):
+    """An RNG variable of the abstract model, made concrete: keys and counts that the eval graph
+    (no dropout) never draws from, but nnx.merge needs as arrays."""
+    if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+        return jax.random.split(jax.random.key(0), leaf.shape) if leaf.shape else jax.random.key(0)
+    return jnp.zeros(leaf.shape, leaf.dtype)
 
 
 def explainer(restored: Restored, *, data: ml_collections.ConfigDict, dtype: str,
