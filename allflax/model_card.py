@@ -105,6 +105,7 @@ def render(metadata: dict) -> str:
                       f'after.']
     lines += ['', '## Limitations', '', *[f'- {line}' for line in limitations(metadata)], '',
               '## How to run it', '',
+              'In a checkout of allflax (its `allflax/` package; JAX is not needed):', '',
               '```',
               'pip install onnxruntime jsonschema opencv-python-headless numpy  # the versions of requirements.txt',
               'python -m allflax.bundle --bundle=THIS_FOLDER --input=cells/ --output=predictions.csv',

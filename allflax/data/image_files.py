@@ -11,7 +11,9 @@ import numpy as np
 
 from allflax import files
 from allflax.data import preprocess
-from allflax.data.sources.listing import IMAGE_EXTENSIONS
+
+# Lower-case extensions read as images; other files (notes, Thumbs.db) are ignored.
+IMAGE_EXTENSIONS = ('.bmp', '.jpg', '.jpeg', '.png', '.tif', '.tiff')
 
 
 def list_inputs(pattern: str) -> list[str]:
