@@ -39,23 +39,28 @@ def tiny_b3_config(cache_dir):
     return config
 
 
-@pytest.fixture(scope='module', params=['vgg19_mhsa', 'efficientnetv2_b3_se'])
-def exported(request, make_tiny_config, synthetic_cache, tmp_path_factory):
-    """A tiny trained run of each recipe and its bundle. VGG19+MHSA is evaluated with test-time
-    augmentation and a fitted temperature, so the bundle carries both."""
-    if request.param == 'vgg19_mhsa':
-        config = make_tiny_config()
-        with config.unlocked():
-            config.eval.tta = True
-            config.eval.temperature_scaling = True
-            config.eval.bootstrap_samples = 20
-    else:
-        config = tiny_b3_config(synthetic_cache)
-    folder = tmp_path_factory.mktemp(request.param)
+def train_and_export(config, folder):
     workdir, output = str(folder / 'run'), str(folder / 'bundle')
     train.train_and_evaluate(config, workdir)
-    summary = export.export(config, workdir, output)
-    return config, workdir, output, summary
+    return config, workdir, output, export.export(config, workdir, output)
+
+
+@pytest.fixture(scope='module')
+def vgg_bundle(make_tiny_config, tmp_path_factory):
+    """A tiny trained VGG19+MHSA run, evaluated with test-time augmentation and a fitted
+    temperature (so the bundle carries both), and its bundle."""
+    config = make_tiny_config()
+    with config.unlocked():
+        config.eval.tta = True
+        config.eval.temperature_scaling = True
+        config.eval.bootstrap_samples = 20
+    return train_and_export(config, tmp_path_factory.mktemp('vgg19_mhsa'))
+
+
+@pytest.fixture(scope='module')
+def b3_bundle(synthetic_cache, tmp_path_factory):
+    """A tiny trained EfficientNetV2-B3+SE run and its bundle."""
+    return train_and_export(tiny_b3_config(synthetic_cache), tmp_path_factory.mktemp('efficientnetv2_b3_se'))
 
 
 def evaluated_probabilities(workdir, class_names):
@@ -65,10 +70,13 @@ def evaluated_probabilities(workdir, class_names):
     return np.array([[float(row[name]) for name in class_names] for row in rows])
 
 
-def test_bundle_predicts_as_the_checkpoint(exported):
-    config, workdir, output, summary = exported
+@pytest.mark.parametrize('recipe', ['vgg_bundle', 'b3_bundle'])
+def test_bundle_predicts_as_the_checkpoint(recipe, request):
+    config, workdir, output, summary = request.getfixturevalue(recipe)
     metadata = bundle.read_metadata(output)
     assert set(metadata['files']) == {'model.onnx', 'model.onnx.data', 'model.jax', 'MODEL_CARD.md'}
+    assert set(summary['bytes']) == {*metadata['files'], 'metadata.json'}
+    assert summary['onnx_max_abs_probability_difference'] <= 1e-4  # Checked by the export itself.
     class_names = restore.run_summary(workdir)['class_names']
     test = pipeline.load(config).splits['test']
     reference = evaluated_probabilities(workdir, class_names)
@@ -78,7 +86,7 @@ def test_bundle_predicts_as_the_checkpoint(exported):
     assert onnx.dtype == np.float32 and np.abs(onnx - reference).max() <= 1e-4
     np.testing.assert_array_equal(onnx.argmax(1), reference.argmax(1))
     # One image alone as in a batch: batch norm runs on its running statistics.
-    np.testing.assert_allclose(predictor.probabilities(test.images[3:4])[0], onnx[3], atol=1e-6)
+    np.testing.assert_allclose(predictor.probabilities(test.images[-1:])[0], onnx[-1], atol=1e-6)
 
     with open(os.path.join(output, 'model.jax'), 'rb') as f:
         stablehlo = jax.export.deserialize(bytearray(f.read()))
@@ -125,10 +133,8 @@ def run_bundle_cli(*args):
     return run, lines, json.loads(imported)
 
 
-def test_bundle_cli_predicts_as_predict_mode_without_jax(exported, tmp_path):
-    config, workdir, output, _ = exported
-    if config.model.name != 'vgg19_mhsa':
-        pytest.skip('one recipe is enough for the command line')
+def test_bundle_cli_predicts_as_predict_mode_without_jax(vgg_bundle, tmp_path):
+    config, workdir, output, _ = vgg_bundle
     cells = str(tmp_path / 'cells')
     write_cells(cells, np.random.default_rng(0))
     run, lines, imported = run_bundle_cli(f'--bundle={output}', f'--input={cells}',
@@ -162,10 +168,8 @@ def error_lines(stderr):
         'absl::InitializeLog' in line or 'cudart_stub' in line or 'InitGoogle' in line)]
 
 
-def test_export_refusals_are_one_line_and_write_nothing(exported, tmp_path, monkeypatch, capsys):
-    config, workdir, output, _ = exported
-    if config.model.name != 'vgg19_mhsa':
-        pytest.skip('one recipe is enough for the refusals')
+def test_export_refusals_are_one_line_and_write_nothing(vgg_bundle, tmp_path, capsys):
+    config, workdir, output, _ = vgg_bundle
     untrained = tmp_path / 'untrained'
     untrained.mkdir()
     for name in ('config.json', 'splits.json'):
@@ -188,10 +192,8 @@ def test_export_refusals_are_one_line_and_write_nothing(exported, tmp_path, monk
     assert (tree(tmp_path), tree(workdir)) == before
 
 
-def test_a_bundle_refuses_changed_files_versions_and_tiles(exported, tmp_path):
-    config, _, output, _ = exported
-    if config.model.name != 'vgg19_mhsa':
-        pytest.skip('one recipe is enough for the refusals')
+def test_a_bundle_refuses_changed_files_versions_and_tiles(vgg_bundle, tmp_path):
+    config, _, output, _ = vgg_bundle
     copy = str(tmp_path / 'copy')
     shutil.copytree(output, copy)
     with open(os.path.join(copy, 'model.onnx.data'), 'r+b') as f:
