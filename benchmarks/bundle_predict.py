@@ -14,6 +14,7 @@ import time
 
 import numpy as np
 from absl import app, flags
+from ml_collections import ConfigDict
 
 from allflax import bundle, runtime
 from allflax.data import pipeline
@@ -34,7 +35,6 @@ flags.mark_flags_as_required(['workdir', 'bundle'])
 def main(argv):
     del argv
     runtime.initialize()
-    from ml_collections import ConfigDict
     with open(os.path.join(FLAGS.workdir, 'config.json')) as f:
         config = ConfigDict(json.load(f))
     test = pipeline.load(config).splits['test']
