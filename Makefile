@@ -13,11 +13,12 @@ CPU_KERNEL_SOURCES := allflax/cpu/onednn_conv.cc allflax/cpu/activation_kernels.
 
 .PHONY: demo test pyversions peers clean
 
-$(INSTALLED): requirements.txt requirements-cpu.txt
+$(INSTALLED): requirements.txt requirements-cpu.txt requirements-nodeps.txt
 	command -v $(PYTHON_BOOT) >/dev/null || { echo "need $(PYTHON_BOOT) (or run: make PYTHON_BOOT=python3 ...)"; exit 1; }
 	test -x $(PYTHON) || $(PYTHON_BOOT) -m venv $(VENV)
 	$(PYTHON) -m pip install --quiet --upgrade pip
 	$(PYTHON) -m pip install --quiet -r requirements.txt -r requirements-cpu.txt
+	$(PYTHON) -m pip install --quiet --no-deps -r requirements-nodeps.txt
 	touch $(INSTALLED)
 
 $(TEST_INSTALLED): requirements-test.txt $(INSTALLED)

@@ -3,6 +3,7 @@
   python main.py --config=configs/vgg19_mhsa.py:demo --workdir=runs/vgg19_mhsa_demo
   python main.py --mode=eval --workdir=runs/vgg19_mhsa_demo [--split=test]
   python main.py --mode=predict --workdir=runs/vgg19_mhsa_demo --input=cells/ --output=preds.csv [--gradcam]
+  python main.py --mode=export --workdir=runs/vgg19_mhsa_demo --output=bundles/vgg19_mhsa_demo
   python main.py --mode=compare --workdirs=runs/a,runs/b [--split=test] [--output_dir=.]
   python main.py --mode=montecarlo --config=configs/efficientnetv2_b3_se.py --workdir=runs/mc
 """
@@ -13,7 +14,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import ConfigDict, config_flags
 
-from allflax import compare, evaluate, montecarlo, predict, runtime, train
+from allflax import bundle, compare, evaluate, export, montecarlo, predict, runtime, train
 from allflax.models import imagenet
 from allflax.training import checkpoints, run_guard
 from configs import common
@@ -22,15 +23,17 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Recipe file, e.g. configs/vgg19_mhsa.py[:demo].',
                                 lock_config=True)
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and reports.')
-flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'predict', 'compare', 'montecarlo'],
+flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'predict', 'export', 'compare', 'montecarlo'],
                   'train (resumes if possible), eval (metrics, report), predict (new images), '
-                  'compare (two evaluated runs), montecarlo (repeated re-split and training).')
-flags.DEFINE_integer('checkpoint_step', None, 'eval, predict: the step to restore (default: the latest).')
+                  'export (a bundle for ONNX Runtime), compare (two evaluated runs), '
+                  'montecarlo (repeated re-split and training).')
+flags.DEFINE_integer('checkpoint_step', None, 'eval, predict, export: the step to restore (default: the latest).')
 flags.DEFINE_string('split', 'test', 'eval, compare: the split to evaluate or compare.')
 flags.DEFINE_list('workdirs', None, 'compare: the two run directories, A,B (differences are A − B).')
 flags.DEFINE_string('output_dir', '.', 'compare: where compare.json and compare.html go.')
 flags.DEFINE_string('input', None, 'predict: an image file, a folder of images or a glob pattern.')
-flags.DEFINE_string('output', 'predictions.csv', 'predict: the CSV to write.')
+flags.DEFINE_string('output', None, 'predict: the CSV to write (default predictions.csv); export: the bundle '
+                    'folder to write.')
 flags.DEFINE_bool('gradcam', False, 'predict: also write Grad-CAM panels to <output stem>_gradcam/.')
 
 
@@ -65,7 +68,7 @@ def _require(name: str):
 # Errors whose message says all a user needs: printed as one line, without a traceback.
 _ONE_LINE_ERRORS = (train.Interrupted, train.Diverged, run_guard.WorkdirBusyError, run_guard.ResumeMismatchError,
                     run_guard.ConfigError, FileNotFoundError, MissingFlag, checkpoints.CheckpointError,
-                    imagenet.WeightsUnavailableError)
+                    imagenet.WeightsUnavailableError, bundle.BundleError)
 
 
 def main(argv):
@@ -98,10 +101,16 @@ def _run(argv):
                                    checkpoint_step=FLAGS.checkpoint_step)
         logging.info('accuracy %.4f at step %d', values['accuracy'], values['checkpoint_step'])
         print(json.dumps({k: values[k] for k in ('accuracy', 'f1_macro', 'roc_auc', 'checkpoint_step')}))
+    elif FLAGS.mode == 'export':
+        _require('output')
+        summary = export.export(_config_of_run(FLAGS.workdir), FLAGS.workdir, FLAGS.output,
+                                checkpoint_step=FLAGS.checkpoint_step)
+        print(json.dumps(summary))
     else:
         _require('input')
-        summary = predict.predict(_config_of_run(FLAGS.workdir), FLAGS.workdir, FLAGS.input, FLAGS.output,
-                                  gradcam=FLAGS.gradcam, checkpoint_step=FLAGS.checkpoint_step)
+        summary = predict.predict(_config_of_run(FLAGS.workdir), FLAGS.workdir, FLAGS.input,
+                                  FLAGS.output or 'predictions.csv', gradcam=FLAGS.gradcam,
+                                  checkpoint_step=FLAGS.checkpoint_step)
         print(json.dumps(summary))
 
 

@@ -7,14 +7,15 @@ import contextlib
 import csv
 import json
 import os
+import sys
 import tempfile
-
-import jax
 
 
 def is_writer() -> bool:
-    """Whether this process writes the run's files: the first of a multi-host run."""
-    return jax.process_index() == 0
+    """Whether this process writes the run's files: the first of a multi-host run. A process that
+    has not imported JAX (`python -m allflax.bundle`) is no part of one: it imports none for this."""
+    jax = sys.modules.get('jax')
+    return jax is None or jax.process_index() == 0
 
 
 @contextlib.contextmanager

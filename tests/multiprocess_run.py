@@ -12,7 +12,8 @@ import sys
 import jax
 import numpy as np
 
-from allflax import evaluate, train
+from allflax import train
+from allflax.training import restore
 from allflax.data import pipeline
 from configs import vgg19_mhsa
 
@@ -54,7 +55,8 @@ def main(run: dict):
         out['interrupted'] = str(error)
     else:
         # The final parameters (replicated: every process holds them whole), for the test to compare.
-        restored = evaluate.restore(config, run['workdir'], num_classes=4, num_train_examples=0)
+        restored = restore.restore(run['workdir'], model=config.model, data=config.data,
+                                   dtype=config.dtype, seed=config.seed, num_classes=4)
         leaves = [np.asarray(leaf.addressable_data(0)) for leaf in jax.tree.leaves(restored.state.params)]
         np.savez(os.path.join(run['workdir'], f'params_{jax.process_index()}.npz'), *leaves)
     print(json.dumps(out, default=str))

@@ -16,10 +16,11 @@ import pytest
 from absl import flags
 
 import main
-from allflax import compare, evaluate, montecarlo, train
+from allflax import compare, montecarlo, train
 from allflax.data import pipeline
 from allflax.data.dataset import Dataset, Split
 from allflax.evaluation import inference, results
+from allflax.training import restore
 
 PLOTS = ('confusion_matrix.png', 'roc.png', 'pr.png', 'calibration.png', 'training_curves.png')
 
@@ -103,7 +104,8 @@ def test_eval_with_test_time_augmentation_and_temperature_scaling(tiny_run, tmp_
         config.eval.temperature_scaling = True
         config.eval.bootstrap_samples = 100
     dataset = pipeline.load(config)
-    restored = evaluate.restore(config, workdir, num_classes=4, num_train_examples=len(dataset.splits['train']))
+    restored = restore.restore(workdir, model=config.model, data=config.data,
+                               dtype=config.dtype, seed=config.seed, num_classes=4)
     # One batch of each split, evaluated into another directory: the run's own files stay as they are.
     small = Dataset({name: Split(split.images[:8], split.labels[:8], split.patients[:8])
                      for name, split in dataset.splits.items()}, dataset.class_names)

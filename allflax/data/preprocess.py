@@ -136,3 +136,25 @@ def perceptual_hash(image: np.ndarray) -> int:
     low_frequencies = cv2.dct(cv2.resize(grey, (32, 32), interpolation=cv2.INTER_AREA))[:8, :8].ravel()
     bits = low_frequencies > np.median(low_frequencies[1:])
     return int(np.packbits(bits).view('>u8')[0])
+
+
+READ_IMAGE = ('decoded with OpenCV at native depth to RGB: grey replicated to 3 channels, alpha dropped, palettes '
+              'expanded, 16-bit scaled to 8 (rounded), float [0, 1] to 0-255; empty, truncated or undecodable files '
+              'refused')
+
+
+def describe(steps, image_size: int) -> list[dict]:
+    """What `preprocess(image, steps, image_size)` does, step by step with its parameters: a
+    bundle's record of it, and what a bundle is checked against before this code preprocesses for it."""
+    described = {
+        'roi_crop': ({'background': 'median colour of the border', 'threshold': 'otsu', 'margin': 0.05},
+                     'crops to the largest region unlike the background, with a margin'),
+        'clahe': ({'clip_limit': CLAHE_CLIP_LIMIT, 'tile_grid': list(CLAHE_TILE_GRID), 'channel': 'CIELAB L'},
+                  'contrast-limited adaptive histogram equalisation of lightness'),
+        'resize_pad': ({'size': image_size, 'keep_aspect_ratio': True, 'shrink': 'INTER_AREA', 'enlarge': 'INTER_CUBIC',
+                        'pad': 'black, centred'},
+                       'scales the longer side to size and centres the result on a black square'),
+        'lab': ({'color_space': 'OpenCV 8-bit CIELAB', 'L': '0-255', 'a_b_offset': 128},
+                'converts RGB to CIELAB'),
+    }
+    return [{'name': step, 'params': described[step][0], 'does': described[step][1]} for step in check_steps(steps)]

@@ -1,8 +1,12 @@
 """Calibration: whether the cells called 90 % likely are right 9 times in 10, and temperature
 scaling, which makes them so without changing any prediction."""
+import json
+import os
+
 import numpy as np
 import scipy.optimize
 import scipy.special
+from absl import logging
 
 NUM_BINS = 15
 # log T is searched in [log 0.05, log 20]: wide enough for any network worth calibrating.
@@ -56,3 +60,19 @@ def fit_temperature(view_logits: np.ndarray, labels: np.ndarray) -> float:
 
     result = scipy.optimize.minimize_scalar(nll, bounds=_LOG_TEMPERATURE_BOUNDS, method='bounded')
     return float(np.exp(result.x))
+
+
+def saved_temperature(workdir: str, checkpoint_step: int, *, scaling: bool) -> float:
+    """The temperature --mode=eval fitted for this checkpoint (`eval/temperature.json`) when
+    `scaling` (`eval.temperature_scaling`) asks for one, else 1."""
+    if not scaling:
+        return 1.0
+    path = os.path.join(workdir, 'eval', 'temperature.json')
+    if os.path.exists(path):
+        with open(path) as f:
+            saved = json.load(f)
+        if saved['checkpoint_step'] == checkpoint_step:
+            return saved['temperature']
+    logging.warning('eval.temperature_scaling is on but %s holds no temperature for step %d: '
+                    'run --mode=eval first; predicting without scaling', path, checkpoint_step)
+    return 1.0

@@ -4,8 +4,8 @@ import dataclasses
 import os
 from collections.abc import Callable, Sequence
 
-# Lower-case extensions read as images; other files (notes, Thumbs.db) are ignored.
-IMAGE_EXTENSIONS = ('.bmp', '.jpg', '.jpeg', '.png', '.tif', '.tiff')
+from allflax.data.image_files import IMAGE_EXTENSIONS
+
 # How far below data.dir a layout's folder may be: data.dir may be its parent or grandparent.
 SEARCH_DEPTH = 2
 
