@@ -262,6 +262,18 @@ def test_setup_cell_clones_from_the_url_and_installs_for_the_runtime(tmp_path, m
     assert (clone / 'main.py').is_file()
     assert 'onednn' not in (clone / 'requirements.txt').read_text().lower()
 
+    # A Colab GPU runtime: the setup names it (and would install jax[cuda12]).
+    for name in colab.COLAB_TPU_ENVIRONMENT:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv('COLAB_GPU', '1')
+    notebook = _read_notebook(CLONE_DIR=str(clone), SMOKE=True, USE_DRIVE=False, WORKDIR_ROOT=str(tmp_path / 'runs'))
+    client = _client(notebook, kernel, outside)
+    with client.setup_kernel():
+        for index in range(setup + 1):
+            if notebook.cells[index].cell_type == 'code':
+                client.execute_cell(notebook.cells[index], index)
+    assert f'at {clone}; gpu runtime; nothing installed (SMOKE)' in _text(notebook.cells[setup])
+
     nbclient, _ = _jupyter()
     notebook = _read_notebook(CLONE_DIR=str(tmp_path / 'nowhere'), SMOKE=True)
     client = _client(notebook, kernel, outside)
@@ -272,12 +284,27 @@ def test_setup_cell_clones_from_the_url_and_installs_for_the_runtime(tmp_path, m
                 client.execute_cell(notebook.cells[index], index)
 
 
-def test_interrupting_a_training_cell_saves_a_checkpoint_and_shows_its_message(tmp_path, capsys):
-    """The cell's stop button raises KeyboardInterrupt in the kernel: the helper passes SIGINT on to
-    the training process, waits for its checkpoint, and shows the message that says so."""
+def _helpers() -> dict:
+    """The notebook's helpers cell, run in this process."""
     source = next(cell.source for cell in _read_notebook().cells if 'def stream(command)' in cell.source)
     helpers = {}
     exec(compile(source, 'helpers cell', 'exec'), helpers)
+    return helpers
+
+
+@pytest.mark.parametrize('platform, listing, settings', [
+    ('tpu', '  TPU_0(process=0,(0,0,0,0))  TPU v5 lite  memory: 15.7 GiB', 'tpu'),
+    ('gpu', '  cuda:0  NVIDIA A100-SXM4-40GB  memory: 38.4 GiB', 'gpu'),
+    ('gpu', '  cuda:0  Tesla T4  memory: 14.7 GiB', 'gpu,t4'),
+])
+def test_the_notebook_trains_with_the_settings_of_the_runtimes_accelerator(platform, listing, settings):
+    assert _helpers()['recipe_settings'](platform, listing) == settings
+
+
+def test_interrupting_a_training_cell_saves_a_checkpoint_and_shows_its_message(tmp_path, capsys):
+    """The cell's stop button raises KeyboardInterrupt in the kernel: the helper passes SIGINT on to
+    the training process, waits for its checkpoint, and shows the message that says so."""
+    helpers = _helpers()
     workdir = tmp_path / 'run'
     command = [sys.executable, os.path.join(ROOT, 'main.py'), '--config=configs/vgg19_mhsa.py:demo',
                f'--workdir={workdir}', *_smoke_flags(), '--config.total_steps=100000',
