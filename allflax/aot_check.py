@@ -8,7 +8,7 @@ on images/s.
   python -m allflax.aot_check --config=configs/vgg19_mhsa.py:gpu --topology=8xh100    # or t4, l4, a100-40gb, ...
   python -m allflax.aot_check --table=benchmarks/gpu_check    # The README's table of those JSONs.
 
-The programs are the ones training runs (`train.make_train_step`, `train.make_eval_step`) over a
+The programs are the ones training runs (`loop.make_train_step`, `loop.make_eval_step`) over a
 mesh of the target's devices, with the recipe's global batch split over them. `allflax.tpu_check`
 is this module's former name.
 """
@@ -34,9 +34,10 @@ from jax._src.lib import _jax  # noqa: E402  XLA's HLO cost analysis, as Lowered
 from jax.experimental import topologies  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from allflax import files, runtime, sharding, train  # noqa: E402
+from allflax import files, runtime, sharding  # noqa: E402
 from allflax.data.sources import all_aria, all_idb2, cnmc2019, synthetic  # noqa: E402
 from allflax.gpu import targets as gpu_targets  # noqa: E402
+from allflax.training import loop  # noqa: E402
 
 FLAGS = flags.FLAGS
 
@@ -253,7 +254,7 @@ def check(config: ml_collections.ConfigDict, topology: str, steps=('train', 'eva
         if config.data.name not in _CLASS_NAMES:
             raise ValueError(f'the classes of data.name={config.data.name!r} are in its files: pass --num_classes')
         num_classes = len(_CLASS_NAMES[config.data.name])
-    built = train.build(config, num_classes, _SCHEDULE_STEPS, mesh, load_pretrained=False, abstract=True)
+    built = loop.build(config, num_classes, _SCHEDULE_STEPS, mesh, load_pretrained=False, abstract=True)
     images = _abstract((global_batch, size, size, 3), jnp.uint8, mesh)
     result = {
         'platform': found.platform,
@@ -268,11 +269,11 @@ def check(config: ml_collections.ConfigDict, topology: str, steps=('train', 'eva
     for name in steps:
         micro_batches = 1
         if name == 'train':
-            step = train.make_train_step(config, built, mesh)
+            step = loop.make_train_step(config, built, mesh)
             args = (built.state, {'image': images, 'label': _abstract((global_batch,), jnp.int32, mesh)})
-            micro_batches = train.accumulation_steps(config, len(found.devices))
+            micro_batches = loop.accumulation_steps(config, len(found.devices))
         else:
-            step, args = train.make_eval_step(config, built, mesh), (built.state, images)
+            step, args = loop.make_eval_step(config, built, mesh), (built.state, images)
         lowered, compiled, lower_s, compile_s = _compile(step, args, found.compiler_options)
         result[name] = {'trace_and_lower_seconds': lower_s, 'compile_seconds': compile_s,
                         'micro_batches': micro_batches,

@@ -11,8 +11,9 @@ import os
 import ml_collections
 from absl import logging
 
-from allflax import files, train
+from allflax import files
 from allflax.evaluation import plots, stats
+from allflax.training import loop
 
 METRICS = ('accuracy', 'balanced_accuracy', 'f1_weighted', 'f1_macro', 'precision_macro',
            'recall_macro', 'specificity_macro', 'roc_auc', 'cohen_kappa', 'ece')
@@ -35,7 +36,7 @@ def run_iteration(config: ml_collections.ConfigDict, workdir: str, iteration: in
             return json.load(f)
     logging.info('Monte Carlo iteration %d of %d (seed %d)', iteration + 1,
                  config.montecarlo.iterations, config.seed + iteration)
-    return train.train_and_evaluate(iteration_config(config, iteration), directory)
+    return loop.train_and_evaluate(iteration_config(config, iteration), directory)
 
 
 def summarize(results: list[dict]) -> dict:

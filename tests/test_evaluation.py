@@ -20,7 +20,7 @@ from allflax import compare, montecarlo, train
 from allflax.data import pipeline
 from allflax.data.dataset import Dataset, Split
 from allflax.evaluation import inference, results
-from allflax.training import restore
+from allflax.training import loop, restore
 
 PLOTS = ('confusion_matrix.png', 'roc.png', 'pr.png', 'calibration.png', 'training_curves.png')
 
@@ -220,13 +220,13 @@ def test_montecarlo_completes_and_resumes(make_tiny_config, tmp_path, monkeypatc
         assert json.load(f)['seed'] == 1
 
     calls = []
-    original = train.train_and_evaluate
+    original = loop.train_and_evaluate
 
     def counting(config, workdir):
         calls.append(workdir)
         return original(config, workdir)
 
-    monkeypatch.setattr(train, 'train_and_evaluate', counting)
+    monkeypatch.setattr(loop, 'train_and_evaluate', counting)
     assert montecarlo.run(config, workdir) == summary and calls == []  # Done iterations are read back.
     # An iteration interrupted after its last checkpoint resumes there: no step is trained again.
     os.remove(os.path.join(workdir, 'mc', '1', 'eval', 'test', 'metrics.json'))
