@@ -37,6 +37,7 @@ $(CPU_KERNELS): $(CPU_KERNEL_SOURCES) $(INSTALLED)
 
 demo: $(INSTALLED) $(CPU_KERNELS)
 	$(PYTHON) main.py --config=configs/vgg19_mhsa.py:demo --workdir=runs/vgg19_mhsa_demo
+	$(PYTHON) main.py --mode=export --workdir=runs/vgg19_mhsa_demo --output=runs/vgg19_mhsa_demo_bundle
 
 test: $(TEST_INSTALLED) $(CPU_KERNELS)
 	$(PYTHON) -m pytest tests -q -n 2 --dist loadfile
