@@ -69,6 +69,7 @@ class WorkdirLock:
         self.path = os.path.join(workdir, LOCK_NAME)
         self.lease_seconds = lease_seconds or float(os.environ.get(LEASE_ENV, DEFAULT_LEASE_SECONDS))
         self._record = None  # Our lock file's bytes while held.
+        self._hard_links = True  # Until the workdir's filesystem refuses one.
         self._lost = None  # Why the lock stopped being ours, once it has.
         self._guard = threading.Lock()  # Renewal against release.
         self._stop_renewing = threading.Event()
@@ -170,18 +171,20 @@ class WorkdirLock:
     def _create(self, record: bytes) -> bool:
         """Writes our lock where there is none: a hard link of a written file, so that it appears
         whole; where the filesystem refuses links, an exclusive create. False if a lock exists."""
-        tmp = self._write_temporary(record)
-        try:
-            os.link(tmp, self.path)
-            return True
-        except FileExistsError:
-            return False
-        except OSError as error:
-            if error.errno not in _NO_LINKS:
-                raise
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(tmp)
+        if self._hard_links:
+            tmp = self._write_temporary(record)
+            try:
+                os.link(tmp, self.path)
+                return True
+            except FileExistsError:
+                return False
+            except OSError as error:
+                if error.errno not in _NO_LINKS:
+                    raise
+                self._hard_links = False  # Known from now on: no temporary file per look while waiting.
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(tmp)
         try:
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
