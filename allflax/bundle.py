@@ -20,6 +20,7 @@ import tempfile
 import jsonschema
 import numpy as np
 
+from allflax import files
 from allflax.data import image_files, preprocess
 
 SCHEMA_VERSION = 1
@@ -59,11 +60,6 @@ def validate(metadata: dict, where: str):
         raise BundleError(f'{where}: not a valid bundle metadata.json at {at}: {error.message}')
 
 
-def is_bundle(directory: str) -> bool:
-    """Whether `directory` holds a metadata.json of some bundle (whatever its state)."""
-    return os.path.isfile(os.path.join(directory, METADATA))
-
-
 def read_metadata(directory: str) -> dict:
     """The bundle's metadata, after checking its schema and every file's SHA-256."""
     path = os.path.join(directory, METADATA)
@@ -90,14 +86,67 @@ def read_metadata(directory: str) -> dict:
     return metadata
 
 
+def check_replaceable(output: str, workdir: str | None = None):
+    """Raises files.OutputRefused, saying why, unless `output` is absent, an empty folder, or a bundle
+    that export wrote: a folder holding a metadata.json of a bundle's, valid under the schema of its
+    version, and no file or folder it does not list (no links). With `workdir`, an `output` that is
+    the run's workdir, holds it, or lies in its checkpoints or evaluation is refused too."""
+    def refuse(why: str):
+        raise files.OutputRefused(f'{output} {why}: export writes a bundle only into a new or empty folder, or '
+                                  f'over a bundle it wrote; name another --output')
+
+    if os.path.islink(output):
+        refuse('is a symbolic link')
+    if workdir is not None:
+        run, real = os.path.realpath(workdir), os.path.realpath(output)
+        if _within(run, real):
+            refuse(f'is or holds the run\'s workdir {workdir}')
+        if any(_within(real, os.path.join(run, owned)) for owned in ('checkpoints', 'eval')):
+            refuse(f'lies in the checkpoints or evaluation of the run {workdir}')
+    if not os.path.exists(output):
+        return
+    if not os.path.isdir(output):
+        refuse('exists and is not a folder')
+    names = set(os.listdir(output))
+    if not names:
+        return
+    if METADATA not in names:
+        refuse(f'exists and is not a bundle (it holds files and no {METADATA})')
+    try:
+        with open(os.path.join(output, METADATA)) as f:
+            metadata = json.load(f)
+    except (OSError, ValueError) as error:
+        refuse(f'exists and is not a bundle (its {METADATA} is not JSON: {error})')
+    listed = metadata.get('files') if isinstance(metadata, dict) else None
+    version = metadata.get('schema_version') if isinstance(metadata, dict) else None
+    if not (isinstance(listed, dict) and isinstance(version, int) and 1 <= version <= SCHEMA_VERSION):
+        refuse(f'exists and is not a bundle (its {METADATA} has no file list, or no schema version up to '
+               f'{SCHEMA_VERSION})')
+    if version == SCHEMA_VERSION:
+        try:
+            validate(metadata, os.path.join(output, METADATA))
+        except BundleError as error:
+            refuse(f'exists and is not a bundle (its {METADATA} is not valid: {error})')
+    unlisted = sorted(names - set(listed) - {METADATA})
+    if unlisted:
+        refuse(f'holds files that its {METADATA} does not list ({", ".join(unlisted[:5])})')
+    linked = sorted(name for name in names if os.path.islink(os.path.join(output, name))
+                    or not os.path.isfile(os.path.join(output, name)))
+    if linked:
+        refuse(f'holds links or folders, which no bundle has ({", ".join(linked[:5])})')
+
+
+def _within(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
 @contextlib.contextmanager
-def writing(output: str):
-    """Yields a temporary folder beside `output`, renamed to `output` when the block completes (an
-    older bundle there is replaced; the folder is removed if the block raises). Refuses, before
-    anything is written, an `output` that exists and is neither a bundle nor an empty folder."""
+def writing(output: str, workdir: str | None = None):
+    """Yields a temporary folder beside `output`, renamed to `output` when the block completes (a
+    bundle export wrote there before is replaced; the folder is removed if the block raises).
+    `check_replaceable` refuses, before anything is written, an `output` export must not replace."""
+    check_replaceable(output, workdir)
     output = os.path.abspath(output)
-    if os.path.exists(output) and not (os.path.isdir(output) and (is_bundle(output) or not os.listdir(output))):
-        raise BundleError(f'{output} exists and is not a bundle: name a new folder (or remove it)')
     parent = os.path.dirname(output)
     os.makedirs(parent, exist_ok=True)
     temporary = tempfile.mkdtemp(dir=parent, prefix=f'.{os.path.basename(output)}.', suffix='.partial')
@@ -169,6 +218,7 @@ class Predictor:
 def predict(directory: str, input_pattern: str, output: str, *, batch_size: int = 32) -> dict:
     """`--mode=predict`'s CSVs from the bundle alone: `output` (path, predicted_class, one
     probability column per class) and `<output stem>.errors.csv`."""
+    image_files.check_outputs(output)
     predictor = Predictor(directory)
     tiles, readable, errors = predictor.read_tiles(image_files.list_inputs(input_pattern))
     probabilities = predictor.probabilities(np.stack(tiles) if tiles else np.zeros((0, predictor.size,
@@ -189,7 +239,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         summary = predict(args.bundle, args.input, args.output, batch_size=args.batch_size)
-    except (BundleError, FileNotFoundError) as error:
+    except (BundleError, FileNotFoundError, files.OutputRefused) as error:
         print(f'error: {error}', file=sys.stderr)
         sys.exit(1)
     print(json.dumps(summary))

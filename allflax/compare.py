@@ -6,6 +6,7 @@ right and the other wrong, and paired bootstrap intervals of the differences.
 """
 import csv
 import dataclasses
+import json
 import os
 
 import numpy as np
@@ -13,6 +14,7 @@ import numpy as np
 from allflax import files
 from allflax.evaluation import html, metrics, stats
 
+TITLE = 'Comparison of two runs'
 SCORES = ('accuracy', 'balanced_accuracy', 'f1_macro', 'f1_weighted', 'roc_auc', 'cohen_kappa')
 
 
@@ -66,6 +68,9 @@ def compare(workdirs: list[str], split_name: str = 'test', output_dir: str = '.'
     """Compares run A = workdirs[0] with run B = workdirs[1]; differences are A − B."""
     if len(workdirs) != 2:
         raise ValueError(f'compare needs exactly two runs, got {len(workdirs)}: {workdirs}')
+    json_path, html_path = os.path.join(output_dir, 'compare.json'), os.path.join(output_dir, 'compare.html')
+    files.refuse_unless_replaceable(json_path, 'compare.json', _is_comparison)
+    files.refuse_unless_replaceable(html_path, 'compare.html', html.page_titled(TITLE))
     a, b = (read_predictions(workdir, split_name) for workdir in workdirs)
     check_same_images(a, b)
     patients = stats.known_patients(a.patients)
@@ -83,9 +88,19 @@ def compare(workdirs: list[str], split_name: str = 'test', output_dir: str = '.'
                       'resampled': 'images' if patients is None else 'patients'},
     }
     os.makedirs(output_dir, exist_ok=True)
-    files.write_json(os.path.join(output_dir, 'compare.json'), result)
-    _write_html(result, os.path.join(output_dir, 'compare.html'))
+    files.write_json(json_path, result)
+    _write_html(result, html_path)
     return result
+
+
+def _is_comparison(path: str) -> bool:
+    """Whether `path` holds a compare.json of allflax's."""
+    try:
+        with open(path) as f:
+            values = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(values, dict) and {'a', 'b', 'mcnemar', 'difference_a_minus_b'} <= values.keys()
 
 
 def _write_html(result: dict, path: str):
@@ -106,4 +121,4 @@ def _write_html(result: dict, path: str):
         '<h2>Difference A − B</h2>', html.table(['Metric', 'A − B', '95 % interval'], differences),
         f'<p class="note">Paired percentile bootstrap, {result["bootstrap"]["samples"]} resamples of '
         f'{result["bootstrap"]["resampled"]}, both runs scored on each resample.</p>'])
-    html.write_page(path, 'Comparison of two runs', body)
+    html.write_page(path, TITLE, body)

@@ -147,7 +147,7 @@ def evaluation_facts(workdir: str, checkpoint_step: int) -> dict | None:
 def export(config: ml_collections.ConfigDict, workdir: str, output: str, *, checkpoint_step: int | None = None) -> dict:
     """Writes the bundle of a checkpoint of `workdir` (the latest by default) to `output`, whole or
     not at all; returns a summary (files and sizes, the checked max |Δp|)."""
-    with bundle.writing(output) as folder:
+    with bundle.writing(output, workdir) as folder:
         run = restore.run_summary(workdir)
         class_names = run['class_names']
         restored = restore.restore(workdir, model=config.model, data=config.data,

@@ -1,7 +1,9 @@
 """Writing run files: whole or not at all, and from one process of a multi-host run.
 
 A file is written next to its target and renamed over it, so a reader (or a resumed run) never
-sees half of one; process 0 writes, the others compute the same values and skip the write.
+sees half of one; process 0 writes, the others compute the same values and skip the write. A file
+or folder is replaced only where allflax recognises it as its own (`refuse_unless_replaceable`,
+`refuse_foreign_folder`): an output path that holds a user's file is refused before anything is written.
 """
 import contextlib
 import csv
@@ -9,6 +11,7 @@ import json
 import os
 import sys
 import tempfile
+from collections.abc import Callable
 
 
 def is_writer() -> bool:
@@ -51,3 +54,51 @@ def write_csv(path: str, header: list[str], rows) -> str:
             writer.writerow(header)
             writer.writerows(rows)
     return path
+
+
+class OutputRefused(ValueError):
+    """An output path that holds something allflax did not write: refused in one line, before any
+    file is written, so that no mode replaces or removes a user's file."""
+
+
+def refuse_unless_replaceable(path: str, what: str, written_by_allflax: Callable[[str], bool]):
+    """Raises OutputRefused unless `path` is absent, or a regular file (not a link) that
+    `written_by_allflax(path)` recognises as a `what` of allflax's; the caller then replaces it."""
+    if os.path.islink(path):
+        raise OutputRefused(f'{path} is a symbolic link: allflax writes no {what} through links; '
+                            f'name a new path')
+    if not os.path.exists(path):
+        return
+    if not os.path.isfile(path):
+        raise OutputRefused(f'{path} exists and is not a file: name a new path for the {what}')
+    if not written_by_allflax(path):
+        raise OutputRefused(f'{path} exists and is not a {what} that allflax wrote: name a new path '
+                            f'(allflax replaces only its own files)')
+
+
+def csv_with_header(*columns: str) -> Callable[[str], bool]:
+    """Recognises a CSV file whose header row starts with `columns`."""
+    def recognise(path: str) -> bool:
+        try:
+            with open(path, newline='') as f:
+                header = next(csv.reader(f), [])
+        except (OSError, UnicodeDecodeError, csv.Error):
+            return False
+        return tuple(header[:len(columns)]) == columns
+    return recognise
+
+
+def refuse_foreign_folder(folder: str, what: str, entries: Callable[[str], bool]):
+    """Raises OutputRefused unless `folder` is absent, empty, or holds only entries that
+    `entries(name)` says allflax writes there (hidden names, such as the temporary files of
+    `atomic_open`, `.DS_Store` or `.ipynb_checkpoints`, are passed over: allflax writes none
+    under another's name)."""
+    if not os.path.lexists(folder):
+        return
+    if not os.path.isdir(folder):
+        raise OutputRefused(f'{folder} exists and is not a folder: name a new folder for the {what}')
+    foreign = sorted(name for name in os.listdir(folder) if not name.startswith('.') and not entries(name))
+    if foreign:
+        shown = ', '.join(foreign[:5]) + (f' and {len(foreign) - 5} more' if len(foreign) > 5 else '')
+        raise OutputRefused(f'{folder} holds files that allflax did not write there ({shown}): it is not a {what}; '
+                            f'name a new or empty folder (allflax replaces only its own files)')

@@ -15,6 +15,8 @@ from allflax import files
 from allflax.evaluation import plots, stats
 from allflax.training import loop
 
+# What a Monte Carlo run writes at the top of its workdir; each iteration is a run in mc/<i>/.
+ENTRIES = frozenset({'mc', 'montecarlo.json', 'montecarlo.png'})
 METRICS = ('accuracy', 'balanced_accuracy', 'f1_weighted', 'f1_macro', 'precision_macro',
            'recall_macro', 'specificity_macro', 'roc_auc', 'cohen_kappa', 'ece')
 
@@ -50,7 +52,10 @@ def summarize(results: list[dict]) -> dict:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Runs the missing iterations and writes `workdir/montecarlo.json` and `montecarlo.png`."""
+    """Runs the missing iterations and writes `workdir/montecarlo.json` and `montecarlo.png`;
+    refuses a `workdir` holding files that a Monte Carlo run does not write."""
+    files.refuse_foreign_folder(workdir, 'Monte Carlo workdir', ENTRIES.__contains__)
+    files.refuse_foreign_folder(os.path.join(workdir, 'mc'), 'Monte Carlo workdir', str.isdigit)
     results = [run_iteration(config, workdir, i) for i in range(config.montecarlo.iterations)]
     summary = {
         'iterations': len(results),

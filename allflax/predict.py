@@ -4,20 +4,35 @@ prediction path (with its test-time augmentation and temperature), one CSV row p
 Unreadable files are reported (stderr and `<output stem>.errors.csv`) and the rest predicted.
 """
 import os
+import re
 
 import ml_collections
 import numpy as np
 
+from allflax import files
 from allflax.data import image_files
 from allflax.data.dataset import Split
 from allflax.evaluation import calibration, inference, interpret
 from allflax.training import restore
 
 
+# A panel of `predict --gradcam`: <index>_<image name>_pred-<class>.png.
+PANEL_NAME = r'\d{4}_.*_pred-.*\.png'
+
+
+def gradcam_folder(output: str) -> str:
+    return os.path.splitext(output)[0] + '_gradcam'
+
+
 def predict(config: ml_collections.ConfigDict, workdir: str, input_pattern: str, output: str, *,
             gradcam: bool = False, checkpoint_step: int | None = None) -> dict:
     """Writes `output` (path, predicted_class, one probability column per class) and
-    `<output stem>.errors.csv`; with `gradcam`, panels into `<output stem>_gradcam/`."""
+    `<output stem>.errors.csv`; with `gradcam`, panels into `<output stem>_gradcam/`. Refuses,
+    before anything is read or written, outputs that hold files allflax did not write."""
+    image_files.check_outputs(output)
+    if gradcam:
+        files.refuse_foreign_folder(gradcam_folder(output), 'Grad-CAM folder of predict',
+                                    lambda name: re.fullmatch(PANEL_NAME, name) is not None)
     class_names = restore.run_summary(workdir)['class_names']
     restored = restore.restore(workdir, model=config.model, data=config.data,
                                dtype=config.dtype, seed=config.seed, num_classes=len(class_names),
@@ -39,10 +54,10 @@ def predict(config: ml_collections.ConfigDict, workdir: str, input_pattern: str,
     if gradcam:
         explain = restore.explainer(restored, data=config.data, dtype=config.dtype, batch_size=config.batch_size)
         explanation = explain(split)
-        stem = os.path.splitext(output)[0]
         names = [f'{i:04d}_{interpret.slug(os.path.splitext(os.path.basename(path))[0])}'
                  f'_pred-{interpret.slug(class_names[p])}' for i, (path, p) in enumerate(zip(readable, predicted))]
         images = [interpret.display_rgb(tile, config.data.preprocess) for tile in tiles]
-        interpret.write_panels(stem + '_gradcam', images, explanation, names)
-        summary['gradcam'] = stem + '_gradcam'
+        interpret.write_panels(gradcam_folder(output), images, explanation, names)
+        summary['gradcam'] = gradcam_folder(output)
     return summary
+

@@ -62,6 +62,14 @@ def test_an_unreadable_latest_checkpoint_is_reported_and_passed_over(tmp_path, c
     assert len(warnings) == 1 and f'checkpoint step 2 in {directory} is unreadable' in warnings[0]
     assert 'falling back to step 1' in warnings[0]
     assert checkpointer.all_steps() == [1] and os.path.isdir(f'{directory}.unreadable/2')
+    # Step 2 written and found unreadable again: the copy set aside before is kept beside the new one.
+    before = sorted(os.listdir(f'{directory}.unreadable/2/state'))
+    _save(checkpointer, 2, None)
+    checkpointer.wait_until_finished()
+    _corrupt(os.path.join(directory, '2'))
+    assert checkpointer.restore_newest_readable(lambda s: checkpointer.restore(s, abstract), set_aside=True)[0] == 1
+    assert sorted(os.listdir(f'{directory}.unreadable')) == ['2', '2.1']
+    assert sorted(os.listdir(f'{directory}.unreadable/2/state')) == before
     checkpointer.close()
 
 

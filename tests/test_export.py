@@ -13,7 +13,7 @@ import pytest
 from absl import flags
 
 import main
-from allflax import bundle, export, predict, train
+from allflax import bundle, export, files, predict, train
 from allflax.data import pipeline
 from allflax.training import restore
 from configs import efficientnetv2_b3_se
@@ -222,3 +222,37 @@ def test_a_bundle_refuses_changed_files_versions_and_tiles(vgg_bundle, tmp_path)
                   np.zeros((2, size, size, 3), np.float32)):
         with pytest.raises(bundle.BundleError, match=rf'takes uint8 tiles of shape \(N, {size}, {size}, 3\)'):
             predictor.probabilities(tiles)
+
+
+def test_export_replaces_only_its_own_bundle(vgg_bundle, tmp_path):
+    """A bundle export wrote is replaced; any other folder, or one that holds more than a bundle, is
+    refused before anything is written."""
+    _, workdir, output, _ = vgg_bundle
+    own = str(tmp_path / 'own')
+    shutil.copytree(output, own)
+    with bundle.writing(own, workdir) as folder:
+        open(os.path.join(folder, 'new'), 'w').close()
+    assert os.listdir(own) == ['new'] and not [n for n in os.listdir(tmp_path) if n.startswith('.')]
+
+    dataset = tmp_path / 'dataset'  # A data set's own metadata.json beside its patients.
+    dataset.mkdir()
+    (dataset / 'metadata.json').write_text(json.dumps({'name': 'my cells', 'files': {'patients.csv': 'x'}}))
+    (dataset / 'patients.csv').write_text('patient,label\nP001,all\n')
+    extra = tmp_path / 'extra'  # A bundle with a file of the user's added.
+    shutil.copytree(output, str(extra))
+    (extra / 'notes.txt').write_text('mine')
+    linked = tmp_path / 'linked'
+    os.symlink(output, str(linked))
+    cases = [
+        (dataset, 'exists and is not a bundle (its metadata.json has no file list, or no schema version'),
+        (extra, r'holds files that its metadata.json does not list \(notes.txt\)'),
+        (linked, 'is a symbolic link'),
+        (workdir, 'is or holds the run\'s workdir'),
+        (os.path.dirname(workdir), 'is or holds the run\'s workdir'),
+        (os.path.join(workdir, 'eval', 'bundle'), 'lies in the checkpoints or evaluation of the run'),
+    ]
+    before = tree(tmp_path), tree(workdir)
+    for output_path, message in cases:
+        with pytest.raises(files.OutputRefused, match=message):
+            export.export(None, workdir, str(output_path))
+    assert (tree(tmp_path), tree(workdir)) == before

@@ -47,6 +47,17 @@ def read_tiles(paths: list[str], steps, image_size: int):
     return tiles, readable, errors
 
 
+PREDICTIONS_COLUMNS = ('path', 'predicted_class')
+ERRORS_COLUMNS = ('path', 'reason')
+
+
+def check_outputs(output: str):
+    """Refuses, before any image is read, an `output` (or its errors CSV) that exists and is not
+    a CSV of predictions (or errors) that allflax wrote: predicting replaces only its own files."""
+    files.refuse_unless_replaceable(output, 'predictions CSV', files.csv_with_header(*PREDICTIONS_COLUMNS))
+    files.refuse_unless_replaceable(errors_path(output), 'predict errors CSV', files.csv_with_header(*ERRORS_COLUMNS))
+
+
 def errors_path(output: str) -> str:
     return os.path.splitext(output)[0] + '.errors.csv'
 
@@ -55,13 +66,13 @@ def write_errors(output: str, errors: list[tuple[str, str]]) -> str:
     """`<output stem>.errors.csv` (path, reason), each also said on stderr; returns its path."""
     for path, reason in errors:
         print(f'unreadable: {path}: {reason}', file=sys.stderr)
-    return files.write_csv(errors_path(output), ['path', 'reason'], errors)
+    return files.write_csv(errors_path(output), list(ERRORS_COLUMNS), errors)
 
 
 def write_predictions(output: str, paths: list[str], class_names, probabilities: np.ndarray) -> np.ndarray:
     """`output`: path, predicted_class, one probability column per class; returns the predicted classes."""
     predicted = probabilities.argmax(axis=1) if len(paths) else np.zeros(0, np.int64)
-    files.write_csv(output, ['path', 'predicted_class', *class_names],
+    files.write_csv(output, [*PREDICTIONS_COLUMNS, *class_names],
                     ([path, class_names[p], *map(repr, row)]
                      for path, p, row in zip(paths, predicted, np.asarray(probabilities).tolist())))
     return predicted

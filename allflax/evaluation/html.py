@@ -47,9 +47,25 @@ def interval(bounds) -> str:
     return '–' if bounds is None else f'[{bounds[0]:.4f}, {bounds[1]:.4f}]'
 
 
+def _head(title: str) -> str:
+    return f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+
+
+def page_titled(title: str):
+    """Recognises a page that `write_page` wrote with `title`."""
+    head = _head(title)
+
+    def recognise(path: str) -> bool:
+        try:
+            with open(path, encoding='utf-8') as f:
+                return f.read(len(head)) == head
+        except (OSError, UnicodeDecodeError):
+            return False
+    return recognise
+
+
 def write_page(path: str, title: str, body: str) -> str:
-    page = (f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
-            f'<style>{_STYLE}</style></head><body><h1>{html.escape(title)}</h1>{body}</body></html>')
+    page = (f'{_head(title)}<style>{_STYLE}</style></head><body><h1>{html.escape(title)}</h1>{body}</body></html>')
     with files.atomic_open(path) as f:
         f.write(page)
     return path

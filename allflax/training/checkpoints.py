@@ -7,7 +7,6 @@ a save that fails stops the run at once, in one line.
 """
 import contextlib
 import os
-import shutil
 
 import jax
 import orbax.checkpoint as ocp
@@ -110,8 +109,11 @@ class Checkpointer:
                                 'no older checkpoint')
                 if set_aside and files.is_writer():
                     aside = os.path.join(f'{self.directory}.unreadable', str(step))
+                    copies = 0
+                    while os.path.lexists(aside):  # Set aside before: kept, as every copy is.
+                        copies += 1
+                        aside = os.path.join(f'{self.directory}.unreadable', f'{step}.{copies}')
                     os.makedirs(os.path.dirname(aside), exist_ok=True)
-                    shutil.rmtree(aside, ignore_errors=True)
                     os.replace(os.path.join(self.directory, str(step)), aside)
                     self._manager.reload()
         if steps:

@@ -87,13 +87,12 @@ def validate(config: ml_collections.ConfigDict):
 
 
 def check_resume(config: ml_collections.ConfigDict, workdir: str):
-    """Refuses a config that differs from `workdir/config.json` in what changes the result; logs
-    the allowed differences. Runs before any file of the workdir is written."""
-    path = os.path.join(workdir, 'config.json')
-    if not os.path.exists(path):
+    """Refuses a folder that is not a run's, and a config that differs from `workdir/config.json`
+    in what changes the result; logs the allowed differences. Runs before any file of the workdir
+    is written."""
+    saved = run_guard.saved_run_config(workdir)
+    if saved is None:
         return
-    with open(path) as f:
-        saved = json.load(f)
     defaults = common.base_config(model=config.model.name, data=config.data.name, image_size=config.data.image_size,
                                   batch_size=config.batch_size, num_epochs=config.num_epochs,
                                   learning_rate=config.optimizer.learning_rate).to_dict()

@@ -15,6 +15,8 @@ import threading
 import time
 from collections.abc import Collection
 
+from allflax import files
+
 LOCK_NAME = 'run.lock'
 # A run renews its lock's lease every quarter of this; a lease unrenewed for this long is over.
 # Long enough for a network filesystem's hiccups, short enough that a Colab runtime reset (a new
@@ -316,6 +318,35 @@ def _alive(pid: int) -> bool:
     except PermissionError:  # Another user's process: alive.
         pass
     return True
+
+
+# What a run writes at the top of its workdir: a folder holding anything else (and no run's
+# config.json) is not a run, and training into it is refused.
+RUN_ENTRIES = frozenset({'config.json', 'splits.json', 'metrics.jsonl', 'tensorboard', 'checkpoints',
+                         'checkpoints.unreadable', 'eval'})
+_RUN_CONFIG_KEYS = frozenset({'model', 'data', 'optimizer', 'seed'})
+
+
+def saved_run_config(workdir: str) -> dict | None:
+    """The config.json of the run in `workdir`, or None where no run has written one yet. Raises
+    files.OutputRefused for a folder that is not a run's: a config.json that is not an allflax
+    config, or files a run does not write (training would write its files among a user's)."""
+    path = os.path.join(workdir, 'config.json')
+    if os.path.isfile(path) and not os.path.islink(path):
+        try:
+            with open(path) as f:
+                saved = json.load(f)
+        except (OSError, ValueError) as error:
+            raise files.OutputRefused(f'{path} is not an allflax run\'s config.json ({error}): restore it, or '
+                                      f'train into a new --workdir') from None
+        if isinstance(saved, dict) and _RUN_CONFIG_KEYS <= saved.keys():
+            return saved
+        raise files.OutputRefused(f'{path} is not an allflax run\'s config.json (it has no '
+                                  f'{"/".join(sorted(_RUN_CONFIG_KEYS))} sections): {workdir} is not a run; '
+                                  f'train into a new or empty --workdir')
+    files.refuse_foreign_folder(workdir, 'run\'s workdir',
+                                lambda name: name in RUN_ENTRIES or name.startswith(LOCK_NAME))
+    return None
 
 
 def check_resume(saved: dict, new: dict, *, workdir: str, defaults: dict | None = None) -> list[str]:
