@@ -76,3 +76,25 @@ def test_two_processes_preempted_and_resumed_end_as_one_process(synthetic_cache,
         train_steps = [json.loads(line)['step'] for line in f if 'train_loss' in line]
     assert train_steps == [2, 4, 6, 8]
     assert not os.path.exists(os.path.join(shared, 'run.lock'))
+
+
+def test_every_process_stops_when_process_0_loses_the_lock(tmp_path):
+    """Only process 0 holds the lock; when it is taken over, the other process stops at the same
+    check instead of waiting in the next collective."""
+    port = _free_port()
+    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu')
+    processes = [subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, 'tests', 'multiprocess_lock.py'),
+         json.dumps({'process_id': i, 'port': port, 'workdir': str(tmp_path)})],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outputs = []
+    for process in processes:
+        try:
+            stdout, stderr = process.communicate(timeout=120)
+        finally:
+            process.kill()
+        assert process.returncode == 0, stderr[-4000:]
+        outputs.append(json.loads(stdout.strip().splitlines()[-1]))
+    assert [(o['process'], o['stopped_at']) for o in outputs] == [(0, 1), (1, 1)]
+    assert 'taken over by process 4242 on host-b' in outputs[0]['error']
+    assert outputs[1]['error'].startswith(f'process 0 lost the lock of {tmp_path}: every process stops with it')

@@ -109,15 +109,14 @@ def test_lock_from_another_host_refuses(tmp_path):
 
 
 @pytest.mark.parametrize('content', [b'', b'{"host": "x", "pi'])
-def test_empty_or_torn_lock_is_stale(tmp_path, caplog, content):
+def test_empty_or_torn_lock_is_stale(tmp_path, caplog, monkeypatch, content):
+    monkeypatch.setattr(run_guard.WorkdirLock, 'TORN_GRACE_SECONDS', 0.2)
     _write_lock(tmp_path, content)
-    old = time.time() - run_guard.WorkdirLock.TORN_GRACE_SECONDS - 1
-    os.utime(tmp_path / 'run.lock', (old, old))
     start = time.monotonic()
     with caplog.at_level('WARNING'), run_guard.WorkdirLock(str(tmp_path)):
         assert _lock_of(str(tmp_path))['pid'] == os.getpid()
-    assert time.monotonic() - start < 1
-    assert any('empty or unreadable' in r.getMessage() for r in caplog.records)
+    assert 0.2 <= time.monotonic() - start < 2
+    assert any('empty or unreadable for 0.2 s' in r.getMessage() for r in caplog.records)
 
 
 def test_a_fresh_empty_lock_is_given_its_writers_grace(tmp_path, monkeypatch):
@@ -176,15 +175,20 @@ def _leased(host, renewed_seconds_ago, lease=60.0, pid=4242):
 
 
 def test_an_expired_lease_from_another_host_is_taken_over_naming_its_holder(tmp_path, caplog):
-    """A Colab runtime reset: the old runtime's lock names another host and is no longer renewed."""
-    _write_lock(tmp_path, _leased('colab-runtime-1', renewed_seconds_ago=90))
+    """A Colab runtime reset: the old runtime's lock names another host and is no longer renewed.
+    Its recorded time is by another clock: the lease is over once this process has watched it
+    unrenewed for a whole lease, however long ago that clock says it was renewed."""
+    _write_lock(tmp_path, {**_leased('colab-runtime-1', renewed_seconds_ago=90, lease=0.5), 'generation': 3})
     start = time.monotonic()
     with caplog.at_level('WARNING'), run_guard.WorkdirLock(str(tmp_path)):
-        assert _lock_of(str(tmp_path))['host'] == socket.gethostname()
-    assert time.monotonic() - start < 1
-    warnings = [r.getMessage() for r in caplog.records if 'taking it over' in r.getMessage()]
+        taken = _lock_of(str(tmp_path))
+        assert taken['host'] == socket.gethostname() and taken['generation'] == 4
+    assert 0.5 <= time.monotonic() - start < 2
+    messages = [r.getMessage() for r in caplog.records]
+    assert any('renewed 90 s ago by its clock (for information only): waiting up to 0.5 s' in m for m in messages)
+    warnings = [m for m in messages if 'taking it over' in m]
     assert len(warnings) == 1 and 'process 4242 on host colab-runtime-1' in warnings[0]
-    assert 'lease expired 30 s ago' in warnings[0]
+    assert 'not renewed for 0.5 s while this process watched it' in warnings[0]
 
 
 RENEWER = '''
@@ -200,12 +204,23 @@ for _ in range(40):
 
 def test_a_live_process_of_this_host_that_stopped_renewing_loses_its_lease(tmp_path, caplog):
     """A process of this host that has not renewed its lease for a whole lease is hung, or its pid
-    was reused: the lease is over all the same."""
-    _write_lock(tmp_path, _leased(socket.gethostname(), renewed_seconds_ago=120, pid=os.getppid()))
+    was reused: once watched unrenewed for a lease, the lease is over all the same."""
+    _write_lock(tmp_path, _leased(socket.gethostname(), renewed_seconds_ago=120, pid=os.getppid(), lease=0.5))
+    start = time.monotonic()
     with caplog.at_level('WARNING'), run_guard.WorkdirLock(str(tmp_path)):
         assert _lock_of(str(tmp_path))['pid'] == os.getpid()
-    assert any(f'process {os.getppid()} on host {socket.gethostname()}, whose 60 s lease expired 60 s ago' in
-               r.getMessage() for r in caplog.records)
+    assert time.monotonic() - start >= 0.5
+    assert any(f'process {os.getppid()} on host {socket.gethostname()}, not renewed for 0.5 s while this process '
+               f'watched it' in r.getMessage() for r in caplog.records)
+
+
+def test_a_recent_renewal_of_a_live_process_of_this_host_is_refused_at_once(tmp_path):
+    """One host, one clock: a live holder that renewed within its lease is busy, without waiting."""
+    data = _write_lock(tmp_path, _leased(socket.gethostname(), renewed_seconds_ago=5, pid=os.getppid()))
+    start = time.monotonic()
+    with pytest.raises(run_guard.WorkdirBusyError, match=f'process {os.getppid()} on this host'):
+        run_guard.WorkdirLock(str(tmp_path)).acquire()
+    assert time.monotonic() - start < 0.5 and (tmp_path / 'run.lock').read_bytes() == data
 
 
 def test_a_renewed_lease_from_another_host_is_refused(tmp_path):
@@ -238,24 +253,104 @@ def test_a_lease_left_unrenewed_is_taken_over_even_with_a_clock_ahead(tmp_path, 
 def test_the_holder_renews_its_lease_and_learns_when_it_lost_it(tmp_path):
     with run_guard.WorkdirLock(str(tmp_path), lease_seconds=0.4) as lock:
         first = _lock_of(str(tmp_path))
-        assert first['lease_seconds'] == 0.4
+        assert first['lease_seconds'] == 0.4 and first['generation'] == 1 and first['renewals'] == 0
         time.sleep(0.35)
         renewed = _lock_of(str(tmp_path))
-        assert renewed['renewed'] > first['renewed'] and renewed['started'] == first['started']
+        assert renewed['renewals'] >= 2 and renewed['renewed'] > first['renewed']
+        assert {k: renewed[k] for k in ('started', 'token', 'pid')} == {k: first[k] for k in ('started', 'token', 'pid')}
         lock.check()
         _write_lock(tmp_path, _leased('other-host', renewed_seconds_ago=0))  # Taken over meanwhile.
-        time.sleep(0.35)
         with pytest.raises(run_guard.WorkdirBusyError, match='taken over by process 4242 on other-host'):
-            lock.check()
+            lock.check()  # At once: the check reads the lock before each write.
+        with pytest.raises(run_guard.WorkdirBusyError, match='taken over by process 4242 on other-host'):
+            lock.check()  # And stays lost, even if the lock were to read as ours again.
     assert _lock_of(str(tmp_path))['host'] == 'other-host'  # Not ours: left alone at release.
 
 
-def test_pending_takeover_refuses(tmp_path):
-    data = _write_lock(tmp_path, _holder(_finished_pid()))
-    (tmp_path / 'run.lock.takeover').write_bytes(b'')
-    with pytest.raises(run_guard.WorkdirBusyError, match='run.lock.takeover'):
-        run_guard.WorkdirLock(str(tmp_path)).acquire()
-    assert (tmp_path / 'run.lock').read_bytes() == data
+class SkewedHost:
+    """A host of its own name whose wall clock runs `offset` seconds from this one's."""
+
+    def __init__(self, name, offset):
+        self.name, self.offset = name, offset
+
+    def lock(self, workdir, lease):
+        return run_guard.WorkdirLock(str(workdir), lease_seconds=lease, hostname=self.name,
+                                     clock=lambda: time.time() + self.offset)
+
+
+@pytest.mark.parametrize('offset', [300, -300], ids=['contender_ahead', 'contender_behind'])
+def test_a_live_lease_holds_whatever_the_contenders_clock_says(tmp_path, offset):
+    """Measured before the fix: a contender whose clock ran 300 s ahead took a live 60 s lease from
+    another host at once. Clocks off by five leases either way: refused while the holder renews."""
+    lease = 0.4
+    with SkewedHost('host-a', 0).lock(tmp_path, lease) as holder:
+        held = _lock_of(str(tmp_path))
+        start = time.monotonic()
+        with pytest.raises(run_guard.WorkdirBusyError, match='in use by process .* on host host-a'):
+            SkewedHost('host-b', offset).lock(tmp_path, lease).acquire()
+        assert time.monotonic() - start < lease  # A renewal is seen within a quarter lease or so.
+        holder.check()
+        assert _lock_of(str(tmp_path))['token'] == held['token']
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_renewal_never_overwrites_a_newer_holder(tmp_path, monkeypatch):
+    """A takeover holds run.lock.takeover while it replaces the lock: the holder's renewal waits for
+    it, then finds the lock taken, and leaves the new holder's lock as it is."""
+    lease = 0.4
+    with run_guard.WorkdirLock(str(tmp_path), lease_seconds=lease) as lock:
+        claim = tmp_path / 'run.lock.takeover'
+        claim.write_bytes(b'host-b 77 claim')  # host-b is taking over: its read, compare, replace.
+        before = (tmp_path / 'run.lock').read_bytes()
+        time.sleep(lease / 2)  # Two renewal periods: none may write while the claim is held.
+        assert (tmp_path / 'run.lock').read_bytes() == before
+        newer = _write_lock(tmp_path, {**_leased('host-b', renewed_seconds_ago=0, pid=77), 'token': 'b' * 32})
+        claim.unlink()
+        time.sleep(lease / 2)
+        assert (tmp_path / 'run.lock').read_bytes() == newer
+        with pytest.raises(run_guard.WorkdirBusyError, match='taken over by process 77 on host-b'):
+            lock.check()
+    assert (tmp_path / 'run.lock').read_bytes() == newer
+
+
+def test_a_failed_renewal_stops_the_run_before_its_next_write(tmp_path, monkeypatch):
+    lock = run_guard.WorkdirLock(str(tmp_path), lease_seconds=0.2)
+    with lock:
+        lock.check()
+
+        def refuse(record):
+            raise OSError(5, 'Input/output error')
+
+        monkeypatch.setattr(lock, '_write_temporary', refuse)
+        time.sleep(0.2)
+        with pytest.raises(run_guard.WorkdirBusyError, match=r'could not renew its lease \(\[Errno 5\] Input/output '
+                                                             r'error\): stopping before this run writes'):
+            lock.check()
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_dead_renewal_thread_stops_the_run_before_its_next_write(tmp_path, monkeypatch):
+    lock = run_guard.WorkdirLock(str(tmp_path), lease_seconds=0.2)
+    with lock:
+        monkeypatch.setattr(lock, '_renew', lambda: 1 / 0)  # Any error: the thread dies of it.
+        time.sleep(0.2)
+        with pytest.raises(run_guard.WorkdirBusyError, match='the thread that renews its lease has stopped'):
+            lock.check()
+
+
+def test_a_leftover_takeover_claim_is_recovered_after_its_grace(tmp_path, monkeypatch, caplog):
+    """A process killed during a takeover leaves run.lock.takeover: later starts wait out the grace,
+    remove it and go on, instead of refusing for ever."""
+    monkeypatch.setattr(run_guard.WorkdirLock, 'CLAIM_GRACE_SECONDS', 0.3)
+    _write_lock(tmp_path, _holder(_finished_pid()))
+    (tmp_path / 'run.lock.takeover').write_bytes(b'host-x 99 0123')
+    start = time.monotonic()
+    with caplog.at_level('WARNING'), run_guard.WorkdirLock(str(tmp_path)):
+        assert _lock_of(str(tmp_path))['pid'] == os.getpid()
+    assert 0.3 <= time.monotonic() - start < 2
+    assert any('run.lock.takeover was left by a process that died while taking over or renewing the lock '
+               '(host-x 99 0123; unchanged for 0.3 s): removing it' in r.getMessage() for r in caplog.records)
+    assert os.listdir(tmp_path) == []
 
 
 def _configs():

@@ -96,3 +96,37 @@ def test_eval_needs_no_optimizer_state(tiny_config, tmp_path):
         tiny_config.optimizer.grad_clip_norm = 0.0
     values = evaluate.evaluate(tiny_config, workdir, with_report=False)
     assert values['accuracy'] == trained['accuracy'] and values['checkpoint_step'] == tiny_config.total_steps
+
+
+def _files_of(workdir):
+    """Every file of a workdir but its lock and checkpoints, with its bytes."""
+    found = {}
+    for root, dirs, names in os.walk(workdir):
+        dirs[:] = [d for d in dirs if d != 'checkpoints']
+        for name in names:
+            if name != run_guard.LOCK_NAME:
+                path = os.path.join(root, name)
+                found[os.path.relpath(path, workdir)] = open(path, 'rb').read()
+    return found
+
+
+def test_after_a_takeover_the_old_holder_writes_nothing_more(tiny_config, tmp_path, at_batch):
+    """Another host takes the workdir over while the run trains its third step: the run stops at its
+    next write (step 3's validation metrics), and writes no metrics, checkpoint or evaluation."""
+    workdir = str(tmp_path / 'run')
+    seen = {}
+
+    def take_over():
+        seen['files'] = _files_of(workdir)
+        with open(os.path.join(workdir, run_guard.LOCK_NAME), 'w') as f:
+            json.dump({'host': 'host-b', 'pid': 4242, 'started': 'now', 'command': 'x', 'token': 'b' * 32,
+                       'generation': 2, 'renewed': 'now', 'lease_seconds': 60.0}, f)
+
+    at_batch(3, take_over)
+    with pytest.raises(run_guard.WorkdirBusyError, match='taken over by process 4242 on host-b'):
+        train.train_and_evaluate(tiny_config, workdir)
+    assert _files_of(workdir) == seen['files'] and 'metrics.jsonl' in seen['files']
+    assert not os.path.exists(os.path.join(workdir, 'eval'))
+    assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['2']  # Step 2's, saved before.
+    with open(os.path.join(workdir, run_guard.LOCK_NAME)) as f:
+        assert json.load(f)['host'] == 'host-b'  # The new holder's lock, left as it is.

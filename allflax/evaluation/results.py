@@ -3,6 +3,7 @@ intervals, per patient where known) and predictions.csv, which `--mode=compare` 
 import dataclasses
 import hashlib
 import os
+from collections.abc import Callable
 
 import ml_collections
 import numpy as np
@@ -73,9 +74,11 @@ class SplitPredictions:
 
 def evaluate_state(eval_step, state, dataset: Dataset, split_name: str, mesh, workdir: str, *,
                    options: ml_collections.ConfigDict, batch_size: int, seed: int,
-                   checkpoint_step: int) -> tuple[dict, SplitPredictions]:
+                   checkpoint_step: int, before_write: Callable[[], None] = lambda: None
+                   ) -> tuple[dict, SplitPredictions]:
     """Predicts `split_name` (with test-time augmentation and temperature scaling where the `eval`
-    section `options` asks) and writes its metrics.json and predictions.csv."""
+    section `options` asks) and writes its metrics.json and predictions.csv, calling `before_write`
+    first (training's check that it still holds the workdir)."""
     split = dataset.splits[split_name]
     directory = split_directory(workdir, split_name)
 
@@ -97,6 +100,7 @@ def evaluate_state(eval_step, state, dataset: Dataset, split_name: str, mesh, wo
                          f'checkpoint (--checkpoint_step)')
     values = detailed_metrics(split, probabilities, dataset.class_names,
                               bootstrap_samples=options.bootstrap_samples, seed=seed)
+    before_write()
     if options.temperature_scaling:
         uncalibrated = calibration.probabilities(logits)
         values['calibration'] = {

@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import time
+from collections.abc import Callable
 
 import jax
 import ml_collections
@@ -134,10 +135,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         imagenet.imagenet_params(config.model.name, default_cache_dir(config))
     lock = run_guard.WorkdirLock(workdir) if files.is_writer() else None
     with lock or contextlib.nullcontext():
-        return _train_and_evaluate(config, workdir, lock)
+        return _train_and_evaluate(config, workdir, writer_check(lock, workdir))
 
 
-def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, lock: run_guard.WorkdirLock | None) -> dict:
+def writer_check(lock: run_guard.WorkdirLock | None, workdir: str) -> Callable[[], None]:
+    """A check that every process calls before each write of the workdir, at the same point of the
+    run: it raises WorkdirBusyError on every process once process 0, which holds `lock`, has lost
+    it (taken over, a renewal failed), so that all stop together and none waits in a collective."""
+    def check():
+        reason = ''
+        if lock is not None:
+            try:
+                lock.check()
+            except run_guard.WorkdirBusyError as error:
+                reason = str(error)
+        if jax.process_count() > 1 and multihost_utils.broadcast_one_to_all(np.int32(bool(reason))) and not reason:
+            reason = (f'process 0 lost the lock of {workdir}: every process stops with it, before writing '
+                      f'(process 0\'s log says why)')
+        if reason:
+            raise run_guard.WorkdirBusyError(reason)
+    return check
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, check_writer: Callable[[], None]) -> dict:
     if files.is_writer():
         with files.atomic_open(os.path.join(workdir, 'config.json')) as f:
             f.write(config.to_json_best_effort(indent=1))
@@ -194,6 +214,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, lock: r
                                   checkpointer.directory)
                 if logging_now:
                     checkpointer.check_for_errors()  # A failed background save stops the run here.
+                    check_writer()
                     now = time.perf_counter()
                     record = {'step': step,
                               'train_loss': float(np.mean([m['loss'] for m in host])),
@@ -211,11 +232,11 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, lock: r
                                                           config.batch_size, mesh)
                     val_record = {'step': step, 'val_accuracy': validation['accuracy'],
                                   'val_f1_macro': validation['f1_macro'], 'val_nll': validation['nll']}
+                    check_writer()
                     metrics_log.write(val_record)
                     logging.info('step %d: validation accuracy %.4f', step, validation['accuracy'])
                 if validation or step % config.checkpoint_every_steps == 0 or stop['signal']:
-                    if lock:
-                        lock.check()  # Another run took the workdir over: this one must not write it.
+                    check_writer()
                     checkpointer.save(step, train_state, batches.consumed_state,
                                       metrics={'accuracy': validation['accuracy']} if validation else None)
                     last_saved = step
@@ -242,7 +263,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, lock: r
 
     # The same metrics.json and predictions.csv as --mode=eval, without its report (plots, Grad-CAM).
     test, _ = results.evaluate_state(eval_step, train_state, dataset, 'test', mesh, workdir, options=config.eval,
-                                     batch_size=config.batch_size, seed=config.seed, checkpoint_step=total_steps)
+                                     batch_size=config.batch_size, seed=config.seed, checkpoint_step=total_steps,
+                                     before_write=check_writer)
     logging.info('Test accuracy %.4f (step %d), written to %s', test['accuracy'], total_steps,
                  os.path.join(workdir, 'eval', 'test'))
     return test

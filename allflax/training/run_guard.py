@@ -13,7 +13,8 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Collection
+import uuid
+from collections.abc import Callable, Collection
 
 from allflax import files
 
@@ -50,32 +51,48 @@ class WorkdirLock:
     """`<workdir>/run.lock`, a lease naming the process that writes the workdir.
 
     Two runs writing one workdir overwrite each other's checkpoints and metrics. The lock records
-    host, pid, start time and command, and the time its holder last renewed it: a thread renews it
-    every quarter of `lease_seconds` while the run goes on. It is taken over, with a warning that
-    names the old holder,
+    host, pid, start time, command, a token that is new with each holder, and its renewals: a
+    thread rewrites it every quarter of `lease_seconds` while the run goes on.
+
+    A lock is taken over, with a warning that names the old holder,
       - from this host, when its process is gone;
-      - from any host, when its lease expired: by the renewal time it records, or, where clocks may
-        disagree, when it stays unrenewed for a whole lease while this process watches it;
-      - when it is empty or torn and older than `TORN_GRACE_SECONDS` (its writer died mid-write).
+      - from any host, when this process sees it unchanged for a whole lease on its own monotonic
+        clock. The holder's clock is never compared with this one (hosts' clocks disagree by
+        minutes: a laptop just resumed, a VM without NTP); the times it records are for messages;
+      - when it is empty or torn and stays so for `TORN_GRACE_SECONDS` (its writer died mid-write).
     A lock that names no lease (written before leases) is never taken over from another host.
 
-    Workdirs on network and FUSE filesystems (Google Drive's mount, GCS FUSE, SMB) may refuse hard
-    links and POSIX locks: the lock is then created with O_EXCL, which those filesystems honour,
-    and written in place, hence the grace for a lock read before its first bytes arrive.
+    Takeovers and renewals each read, compare and replace the lock while holding
+    `run.lock.takeover`, created exclusively, so that a renewal never overwrites a newer holder; one
+    left by a process that died holding it is removed once it stays for `CLAIM_GRACE_SECONDS`.
+    The holder calls `check()` before each write: it raises once the lock names another holder, a
+    renewal failed, or the renewing thread died. Workdirs on network and FUSE filesystems (Google
+    Drive's mount, GCS FUSE, SMB) may refuse hard links and POSIX locks: the lock is then created
+    with O_EXCL, which those filesystems honour, and written in place, hence the grace for a lock
+    read before its first bytes arrive.
     """
     TORN_GRACE_SECONDS = 2.0
+    # A claim is held for a read and a rename; one seen for this long was left by a dead process.
+    CLAIM_GRACE_SECONDS = 10.0
     _POLL_SECONDS = 0.05
 
-    def __init__(self, workdir: str, lease_seconds: float | None = None):
+    def __init__(self, workdir: str, lease_seconds: float | None = None, *,
+                 clock: Callable[[], float] = time.time, hostname: str | None = None):
+        """`clock` (wall time) only stamps the record for people to read; `hostname` defaults to
+        this host's (both are arguments for tests that play several hosts)."""
         self.workdir = workdir
         self.path = os.path.join(workdir, LOCK_NAME)
+        self.claim_path = self.path + '.takeover'
         self.lease_seconds = lease_seconds or float(os.environ.get(LEASE_ENV, DEFAULT_LEASE_SECONDS))
+        self._clock = clock
+        self._host = hostname or socket.gethostname()
         self._record = None  # Our lock file's bytes while held.
         self._hard_links = True  # Until the workdir's filesystem refuses one.
-        self._lost = None  # Why the lock stopped being ours, once it has.
+        self._lost = None  # Why this process may no longer write the workdir, once it may not.
         self._guard = threading.Lock()  # Renewal against release.
         self._stop_renewing = threading.Event()
         self._renewer = None
+        self._claims_seen = {}  # (bytes, inode) of another process's claim -> when first seen (monotonic).
 
     def __enter__(self) -> 'WorkdirLock':
         self.acquire()
@@ -88,13 +105,13 @@ class WorkdirLock:
         if self._record is not None:
             return
         os.makedirs(self.workdir, exist_ok=True)
-        started = _now()
-        record = self._record_of({'host': socket.gethostname(), 'pid': os.getpid(), 'started': _iso(started),
-                                  'command': ' '.join(sys.argv)}, started)
-        watched = {}  # Lock bytes of another host -> when this process first read them.
-        while not self._claim(record, watched):
+        started = self._clock()
+        fields = {'host': self._host, 'pid': os.getpid(), 'started': _iso(started), 'command': ' '.join(sys.argv),
+                  'token': uuid.uuid4().hex, 'generation': 1, 'renewals': 0}
+        watched = {}  # Lock bytes -> when this process first read them (monotonic).
+        while (record := self._claim(fields, watched)) is None:
             time.sleep(self._POLL_SECONDS)
-        self._record = record
+        self._record, self._lost = record, None
         self._stop_renewing.clear()
         self._renewer = threading.Thread(target=self._renew_until_released, name='run.lock lease', daemon=True)
         self._renewer.start()
@@ -109,66 +126,88 @@ class WorkdirLock:
             record, self._record = self._record, None
         if record is None:
             return
-        with contextlib.suppress(FileNotFoundError):
-            if self._read()[0] == record:
+        with contextlib.suppress(FileNotFoundError), self._claimed() as claimed:
+            if claimed and self._read()[0] == record:
                 os.remove(self.path)
 
     def check(self) -> None:
-        """Raises WorkdirBusyError if another process took the lock over (this one stopped renewing
-        it for a whole lease, e.g. suspended): it must not write the workdir any more."""
+        """Raises WorkdirBusyError unless this process still holds the lock: called before each
+        write of the workdir, it reads the lock and compares its token with ours."""
         if self._lost:
             raise WorkdirBusyError(self._lost)
-
-    def _record_of(self, fields: dict, renewed: float) -> bytes:
-        return json.dumps({**fields, 'renewed': _iso(renewed), 'lease_seconds': self.lease_seconds}).encode()
-
-    def _claim(self, record: bytes, watched: dict) -> bool:
-        """True once the lock is ours; False to look again."""
-        if self._create(record):
-            return True
+        if self._record is None:
+            raise WorkdirBusyError(f'{self.path} is not held by this process: it must not write {self.workdir}')
+        if self._renewer is None or not self._renewer.is_alive():
+            self._lose('the thread that renews its lease has stopped')
         try:
-            content, inode, modified = self._read()
-        except FileNotFoundError:  # Released meanwhile.
-            return False
-        holder = _parse(content)
-        if holder is None:
-            if time.time() - modified < self.TORN_GRACE_SECONDS:
-                return False  # Its writer may still be writing it.
-            reason = f'{self.path} was empty or unreadable (its writer died while writing it)'
-        elif holder['host'] == socket.gethostname():
-            reason = _lease_expired(self.path, holder)  # A live pid unrenewed for a lease: hung, or reused.
-            if reason is None and _alive(holder['pid']):
-                raise WorkdirBusyError(self._busy_message(holder))
-            reason = reason or f'{self.path} names process {holder["pid"]} on {holder["host"]}, which is no longer running'
-        else:
-            reason = self._expired(holder, content, watched)
-            if reason is None:
-                return False
-        if not self._take_over(record, content, inode):
-            return False
-        logging.warning('%s: taking it over', reason)
-        return True
+            holder = _parse(self._read()[0])
+        except OSError as error:
+            self._lose(f'it cannot be read ({error})')
+        if holder is None or holder.get('token') != json.loads(self._record)['token']:
+            self._lose(f'it was taken over by {_who(holder)}')
 
-    def _expired(self, holder: dict, content: bytes, watched: dict) -> str | None:
-        """Why another host's lease is over; None while it may still be renewed (look again);
-        raises WorkdirBusyError for a lease that is renewed, or a lock that names no lease."""
-        lease, renewed = _lease_of(holder)
-        if lease is None:
+    def _lose(self, why: str):
+        with self._guard:
+            self._lost = self._lost or (f'{self.path}: {why} while this run held it: stopping before this run '
+                                        f'writes {self.workdir} again, so that two runs never write it. Rerun '
+                                        f'the same command to resume from the last checkpoint once no other '
+                                        f'run writes there.')
+        logging.error('%s', self._lost)
+        raise WorkdirBusyError(self._lost)
+
+    def _claim(self, fields: dict, watched: dict) -> bytes | None:
+        """Our record once the lock is ours; None to look again."""
+        record = self._record_of(fields)
+        if self._create(record):
+            return record
+        try:
+            content = self._read()[0]
+        except FileNotFoundError:  # Released meanwhile.
+            return None
+        holder = _parse(content)
+        now = time.monotonic()
+        unchanged_for = now - watched.setdefault(content, now)
+        if holder is None:
+            if unchanged_for < self.TORN_GRACE_SECONDS:
+                return None  # Its writer may still be writing it.
+            reason = f'{self.path} was empty or unreadable for {self.TORN_GRACE_SECONDS:g} s (its writer died while writing it)'
+        elif holder['host'] == self._host and not _alive(holder['pid']):
+            reason = f'{self.path} names process {holder["pid"]} on {holder["host"]}, which is no longer running'
+        else:
+            reason = self._unrenewed(holder, content, watched, unchanged_for)
+            if reason is None:
+                return None
+        generation = holder.get('generation') if holder else None
+        fields = dict(fields, generation=(generation if isinstance(generation, int) else 0) + 1)
+        record = self._record_of(fields)
+        if not self._take_over(record, content):
+            return None
+        logging.warning('%s: taking it over', reason)
+        return record
+
+    def _unrenewed(self, holder: dict, content: bytes, watched: dict, unchanged_for: float) -> str | None:
+        """Why a live-looking holder's lease is over: its lock unchanged for a whole lease while this
+        process watched it. None to look again; raises WorkdirBusyError for a lease that is renewed
+        meanwhile, a lock that names no lease, or one of this host whose renewal is recent."""
+        lease = holder.get('lease_seconds')
+        if not isinstance(lease, (int, float)) or lease <= 0:
             raise WorkdirBusyError(self._busy_message(holder))
-        reason = _lease_expired(self.path, holder)
-        if reason:
-            return reason
+        if len(watched) > 1:  # Renewed while we watched: its holder runs.
+            raise WorkdirBusyError(self._busy_message(holder))
+        renewed = _parse_time(holder.get('renewed'))
+        ago = None if renewed is None else self._clock() - renewed
+        if holder['host'] == self._host and ago is not None and ago <= lease:
+            raise WorkdirBusyError(self._busy_message(holder))  # One clock here: a recent renewal is one.
         who = f'{self.path} names process {holder["pid"]} on host {holder["host"]}'
-        silent = _now() - renewed
-        if watched and content not in watched:  # Renewed while we watched: its holder runs.
-            raise WorkdirBusyError(self._busy_message(holder))
-        if not watched:
-            logging.warning('%s, renewed %.0f s ago: waiting up to %.0f s to see whether it is renewed',
-                            who, silent, lease - silent)
-        first_seen = watched.setdefault(content, time.monotonic())
-        if time.monotonic() - first_seen > lease:
-            return f'{who}, not renewed for {lease:g} s while this process watched it'
+        if unchanged_for == 0:
+            by_its_clock = '' if ago is None else f', renewed {ago:.0f} s ago by its clock (for information only)'
+            logging.warning('%s%s: waiting up to %g s to see whether it is renewed', who, by_its_clock, lease)
+        if unchanged_for > lease:
+            return f'{who}, not renewed for {lease:g} s while this process watched it (its {lease:g} s lease is over)'
         return None
+
+    def _record_of(self, fields: dict) -> bytes:
+        return json.dumps({**fields, 'renewed': _iso(self._clock()), 'lease_seconds': self.lease_seconds}).encode()
 
     def _create(self, record: bytes) -> bool:
         """Writes our lock where there is none: a hard link of a written file, so that it appears
@@ -201,69 +240,116 @@ class WorkdirLock:
             f.write(record)
         return tmp
 
-    def _take_over(self, record: bytes, content: bytes, inode: int) -> bool:
-        """Replaces the stale lock by ours; `run.lock.takeover`, created exclusively, makes this one
-        process's job when several find the same stale lock."""
-        claim = self.path + '.takeover'
+    @contextlib.contextmanager
+    def _claimed(self):
+        """Yields True while this process holds `run.lock.takeover` (False while another does), so
+        that reading, comparing and replacing the lock is one process's at a time. A claim that
+        stays unchanged for CLAIM_GRACE_SECONDS was left by a dead process: removed, with a warning."""
+        mine = f'{self._host} {os.getpid()} {uuid.uuid4().hex}'.encode()
         try:
-            os.close(os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            fd = os.open(self.claim_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
-            raise WorkdirBusyError(
-                f'another process is taking over the stale lock {self.path} of {self.workdir}: wait for it, or '
-                f'train into another --workdir. If no process is (one was killed during the takeover), delete '
-                f'{claim}.') from None
+            self._recover_claim()
+            yield False
+            return
+        with os.fdopen(fd, 'wb') as f:
+            f.write(mine)
+        self._claims_seen.clear()
         try:
+            yield True
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                with open(self.claim_path, 'rb') as f:
+                    ours = f.read() == mine
+                if ours:  # Not one another process made after taking ours for a dead process's.
+                    os.remove(self.claim_path)
+
+    def _recover_claim(self):
+        try:
+            with open(self.claim_path, 'rb') as f:
+                seen = (f.read(), os.fstat(f.fileno()).st_ino)
+        except FileNotFoundError:
+            return
+        first = self._claims_seen.setdefault(seen, time.monotonic())
+        if time.monotonic() - first < self.CLAIM_GRACE_SECONDS:
+            return
+        logging.warning('%s was left by a process that died while taking over or renewing the lock (%s; '
+                        'unchanged for %g s): removing it', self.claim_path,
+                        seen[0].decode(errors='replace') or 'empty', self.CLAIM_GRACE_SECONDS)
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(self.claim_path)
+        self._claims_seen.clear()
+
+    def _take_over(self, record: bytes, content: bytes) -> bool:
+        """Replaces the stale lock `content` by ours; False if it changed meanwhile or another
+        process is claiming it (look again)."""
+        with self._claimed() as claimed:
+            if not claimed:
+                return False
             try:
-                if self._read()[:2] != (content, inode):  # Released and taken by a live process since.
+                if self._read()[0] != content:  # Released, renewed or taken by another since.
                     return False
             except FileNotFoundError:
                 return False
             os.replace(self._write_temporary(record), self.path)
             return True
-        finally:
-            os.remove(claim)
 
     def _renew_until_released(self) -> None:
-        while not self._stop_renewing.wait(self.lease_seconds / 4):
+        period = self.lease_seconds / 4
+        while not self._stop_renewing.wait(period):
             with self._guard:
                 if self._record is None or self._lost:
                     return
                 try:
-                    self._renew()
-                except OSError as error:  # A network filesystem's hiccup: the next renewal may pass.
-                    logging.warning('could not renew %s: %s', self.path, error)
+                    renewed = self._renew()
+                except OSError as error:
+                    self._lost = (f'{self.path}: could not renew its lease ({error}): stopping before this run '
+                                  f'writes {self.workdir} again, as another run may take it over. Rerun the same '
+                                  f'command to resume from the last checkpoint.')
+                    logging.error('%s', self._lost)
+                    return
+            # Another process held the claim (a takeover under way): look again soon.
+            period = self.lease_seconds / 4 if renewed else self._POLL_SECONDS
 
-    def _renew(self) -> None:
-        try:
-            content = self._read()[0]
-        except FileNotFoundError:
-            content = b''
-        if content != self._record:
-            holder = _parse(content)
-            by = f'process {holder["pid"]} on {holder["host"]}' if holder else 'another process'
-            self._lost = (f'{self.path} was taken over by {by} while this run held it: stopping, so that two '
-                          f'runs do not write {self.workdir}')
-            logging.error('%s', self._lost)
-            return
-        record = self._record_of({k: v for k, v in json.loads(content).items()
-                                  if k not in ('renewed', 'lease_seconds')}, _now())
-        os.replace(self._write_temporary(record), self.path)
-        self._record = record
+    def _renew(self) -> bool:
+        """Rewrites our lock with a new renewal; False if the claim was busy. Sets `_lost` when the
+        lock is no longer ours."""
+        with self._claimed() as claimed:
+            if not claimed:
+                return False
+            try:
+                content = self._read()[0]
+            except FileNotFoundError:
+                content = b''
+            if content != self._record:
+                self._lost = (f'{self.path} was taken over by {_who(_parse(content))} while this run held it: '
+                              f'stopping, so that two runs do not write {self.workdir}')
+                logging.error('%s', self._lost)
+                return True
+            fields = json.loads(content)
+            fields['renewals'] = fields.get('renewals', 0) + 1
+            record = self._record_of({k: v for k, v in fields.items() if k not in ('renewed', 'lease_seconds')})
+            os.replace(self._write_temporary(record), self.path)
+            self._record = record
+            return True
 
-    def _read(self) -> tuple[bytes, int, float]:
+    def _read(self) -> tuple[bytes, int]:
         with open(self.path, 'rb') as f:
-            status = os.fstat(f.fileno())
-            return f.read(), status.st_ino, status.st_mtime
+            return f.read(), os.fstat(f.fileno()).st_ino
 
     def _busy_message(self, holder: dict) -> str:
-        where = ('this host' if holder['host'] == socket.gethostname()
+        where = ('this host' if holder['host'] == self._host
                  else f'host {holder["host"]}, which this machine cannot check')
-        lease = (f'; it renews a {holder["lease_seconds"]:g} s lease, last at {holder["renewed"]}'
+        lease = (f'; it renews a {holder["lease_seconds"]:g} s lease, last at {holder["renewed"]} by its clock'
                  if 'lease_seconds' in holder else '')
         return (f'{self.workdir} is in use by process {holder["pid"]} on {where}, running since '
                 f'{holder.get("started", "?")}{lease}: {holder.get("command", "?")}\n'
                 f'Wait for it to finish, or train into another --workdir. If that process is certainly gone '
                 f'(e.g. its machine crashed), delete {self.path}.')
+
+
+def _who(holder: dict | None) -> str:
+    return f'process {holder["pid"]} on {holder["host"]}' if holder else 'another process'
 
 
 def _parse(content: bytes) -> dict | None:
@@ -276,27 +362,6 @@ def _parse(content: bytes) -> dict | None:
             and isinstance(record.get('pid'), int) and record['pid'] > 0):
         return None
     return record
-
-
-def _lease_of(holder: dict) -> tuple[float | None, float | None]:
-    """(lease seconds, last renewal as a Unix time) of a lock's record; (None, None) without a lease."""
-    lease, renewed = holder.get('lease_seconds'), _parse_time(holder.get('renewed'))
-    if not isinstance(lease, (int, float)) or lease <= 0 or renewed is None:
-        return None, None
-    return float(lease), renewed
-
-
-def _lease_expired(path: str, holder: dict) -> str | None:
-    """Why the lease of `holder` is over by the time it records, or None."""
-    lease, renewed = _lease_of(holder)
-    if lease is None or _now() - renewed <= lease:
-        return None
-    return (f'{path} names process {holder["pid"]} on host {holder["host"]}, whose {lease:g} s lease expired '
-            f'{_now() - renewed - lease:.0f} s ago')
-
-
-def _now() -> float:
-    return time.time()
 
 
 def _iso(seconds: float) -> str:
