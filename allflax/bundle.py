@@ -119,7 +119,7 @@ def check_replaceable(output: str, workdir: str | None = None):
         refuse(f'exists and is not a bundle (its {METADATA} is not JSON: {error})')
     listed = metadata.get('files') if isinstance(metadata, dict) else None
     version = metadata.get('schema_version') if isinstance(metadata, dict) else None
-    if not (isinstance(listed, dict) and isinstance(version, int) and 1 <= version <= SCHEMA_VERSION):
+    if not (isinstance(listed, dict) and type(version) is int and 1 <= version <= SCHEMA_VERSION):
         refuse(f'exists and is not a bundle (its {METADATA} has no file list, or no schema version up to '
                f'{SCHEMA_VERSION})')
     if version == SCHEMA_VERSION:
