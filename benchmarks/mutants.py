@@ -22,14 +22,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORK = os.path.join(ROOT, 'mutants')
 
 # Module -> its fast tests (seconds, not the minutes of the tests that train a model).
-# bundle.py has none yet: every test of tests/test_export.py trains and exports a model first.
 MODULES = {
     'allflax/evaluation/metrics.py': ['tests/test_metrics.py', 'tests/test_stats.py'],
     'allflax/evaluation/stats.py': ['tests/test_stats.py'],
     'allflax/evaluation/calibration.py': ['tests/test_stats.py'],
     'allflax/data/splits.py': ['tests/test_splits.py'],
-    'allflax/bundle.py': [],
-    'allflax/training/run_guard.py': ['tests/test_run_guard.py'],
+    'allflax/bundle.py': ['tests/test_bundle.py'],
+    'allflax/training/run_guard.py': ['tests/test_run_guard.py', 'tests/test_outputs.py'],
 }
 # What the tests import or read besides allflax/ and tests/: the recipes (conftest.py), pytest's settings.
 ALSO_COPY = ['configs', 'pytest.ini']
