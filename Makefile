@@ -7,11 +7,13 @@ INSTALLED := $(VENV)/.installed
 TEST_INSTALLED := $(VENV)/.installed-test
 # The peer frameworks of `make peers` only (benchmarks/requirements.txt): PyTorch is large.
 PEERS_INSTALLED := $(VENV)/.installed-peers
+# The mutation tester of `make mutants` only (requirements-mutants.txt).
+MUTANTS_INSTALLED := $(VENV)/.installed-mutants
 # allflax's XLA:CPU kernels, one XLA FFI library (allflax/cpu/kernels.py).
 CPU_KERNELS := allflax/cpu/_cpu_kernels.so
 CPU_KERNEL_SOURCES := allflax/cpu/onednn_conv.cc allflax/cpu/activation_kernels.cc
 
-.PHONY: demo test pyversions peers clean
+.PHONY: demo test pyversions peers mutants clean
 
 $(INSTALLED): requirements.txt requirements-cpu.txt requirements-nodeps.txt
 	command -v $(PYTHON_BOOT) >/dev/null || { echo "need $(PYTHON_BOOT) (or run: make PYTHON_BOOT=python3 ...)"; exit 1; }
@@ -60,5 +62,14 @@ $(PEERS_INSTALLED): benchmarks/requirements.txt $(TEST_INSTALLED)
 peers: $(PEERS_INSTALLED) $(CPU_KERNELS)
 	$(PYTHON) -m benchmarks.peers
 
+$(MUTANTS_INSTALLED): requirements-mutants.txt $(TEST_INSTALLED)
+	$(PYTHON) -m pip install --quiet -r requirements-mutants.txt
+	touch $(MUTANTS_INSTALLED)
+
+# Mutation testing of the modules in benchmarks/mutants.py, each against its own fast tests: kill
+# rates, the mutants left, and a failure under 85 %. `make mutants MUTANTS="metrics splits"` for some.
+mutants: $(MUTANTS_INSTALLED) $(CPU_KERNELS)
+	$(PYTHON) -m benchmarks.mutants $(MUTANTS)
+
 clean:
-	rm -rf $(VENV) runs $(CPU_KERNELS)
+	rm -rf $(VENV) runs mutants $(CPU_KERNELS)
