@@ -25,7 +25,7 @@ WORK = os.path.join(ROOT, 'mutants')
 MODULES = {
     'allflax/evaluation/metrics.py': ['tests/test_metrics.py', 'tests/test_stats.py'],
     'allflax/evaluation/stats.py': ['tests/test_stats.py'],
-    'allflax/evaluation/calibration.py': ['tests/test_stats.py'],
+    'allflax/evaluation/calibration.py': ['tests/test_stats.py', 'tests/test_calibration.py'],
     'allflax/data/splits.py': ['tests/test_splits.py'],
     'allflax/bundle.py': ['tests/test_bundle.py'],
     'allflax/training/run_guard.py': ['tests/test_run_guard.py', 'tests/test_outputs.py'],

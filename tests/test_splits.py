@@ -180,3 +180,66 @@ def test_near_duplicate_pairs_are_across_splits_only():
 def test_describe_leaves_out_missing_patient_ids():
     summary = splits.describe({"train": np.array([0, 1])}, np.array([0, 1]), np.array(["", ""]), ("a", "b"))
     assert summary["train"]["patients"] == []
+
+
+def test_near_duplicate_pairs_match_a_plain_loop_across_blocks():
+    # The first split is over one block (1024 images); hashes as preprocess.perceptual_hash returns them
+    # (Python ints, half with the top bit set); a few planted copies 0-5 bits away, one within a split.
+    rng = np.random.default_rng(0)
+    hashes = [int(h) for h in rng.integers(0, 2**64, size=1070, dtype=np.uint64)]
+    for first, second, bits in [(5, 1030, 0), (1024, 1060, 2), (1029, 1069, 4), (7, 1050, 5), (1026, 1028, 1)]:
+        hashes[second] = hashes[first] ^ sum(1 << int(b) for b in rng.choice(64, bits, replace=False))
+    indices = {"train": np.arange(1030), "val": np.arange(1030, 1050), "test": np.arange(1050, 1070)}
+    names = list(indices)
+    expected = sorted((a, b, bin(hashes[a] ^ hashes[b]).count("1"))
+                      for i, first in enumerate(names) for second in names[i + 1:]
+                      for a in indices[first].tolist() for b in indices[second].tolist()
+                      if bin(hashes[a] ^ hashes[b]).count("1") <= 4)
+    assert sorted(splits.near_duplicate_pairs(hashes, indices)) == expected
+    assert [(a, b) for a, b, _ in expected] == [(5, 1030), (1024, 1060), (1029, 1069)]
+
+
+def test_k_fold_with_two_folds_and_train_val_fractions_alone():
+    labels, patients = _dataset(num_patients=10, num_classes=2)
+    tested = []
+    for fold in range(2):
+        result = splits.make_splits(labels, patients, method="patient", fractions={"train": 0.8, "val": 0.2}, seed=0,
+                                    fold=fold, num_folds=2)
+        _assert_partition(result, labels, patients)
+        tested.append(set(patients[result["test"]]))
+    assert tested[0] | tested[1] == set(patients) and not tested[0] & tested[1]
+    with pytest.raises(ValueError, match="num_folds >= 2"):
+        splits.make_splits(labels, patients, method="patient", fractions=FRACTIONS, seed=0, fold=0, num_folds=1)
+    fractions = {"train": 0.7, "test": 0.3}
+    with pytest.raises(ValueError, match=str(fractions)):
+        splits.make_splits(labels, patients, method="patient", fractions=fractions, seed=0, fold=0, num_folds=2)
+
+
+def test_official_split_has_no_folds_and_warns_of_patients_on_both_sides(caplog):
+    labels, patients = _dataset(num_patients=20, num_classes=2)
+    official = np.isin(patients, ["P000", "P001"])
+    official[np.flatnonzero(patients == "P002")[:1]] = True  # One image of P002 in the official test set.
+    with pytest.raises(ValueError, match="set data.fold=-1"):
+        splits.make_splits(labels, patients, method="official", fractions=FRACTIONS, seed=0, fold=0,
+                           official_test=official)
+    result = splits.make_splits(labels, patients, method="official", fractions=FRACTIONS, seed=0,
+                                official_test=official)
+    _assert_partition(result, labels)
+    warnings = [record.getMessage() for record in caplog.records if "official" in record.getMessage()]
+    assert len(warnings) == 1 and "P002" in warnings[0] and "P000" not in warnings[0] and "P001" not in warnings[0]
+
+
+def test_describe_counts_classes_a_split_lacks():
+    labels = np.array([0, 0, 1, 2])
+    summary = splits.describe({"train": np.array([0, 1]), "test": np.array([2, 3])}, labels,
+                              np.array(["a", "a", "b", "c"]), ("x", "y", "z"))
+    assert summary["train"]["class_counts"] == {"x": 2, "y": 0, "z": 0}
+    assert summary["test"]["class_counts"] == {"x": 0, "y": 1, "z": 1}
+
+
+def test_mismatched_or_non_vector_labels_are_refused():
+    with pytest.raises(ValueError, match=r"\(3,\) and patients \(2,\)"):
+        splits.patient_split(np.array([0, 1, 0]), np.array(["a", "b"]), FRACTIONS, seed=0)
+    with pytest.raises(ValueError, match="equal-length vectors"):
+        splits.patient_split(np.zeros((2, 3), int), np.full((2, 3), "a"), FRACTIONS, seed=0)
+

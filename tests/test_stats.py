@@ -1,4 +1,6 @@
 """The new metrics against scikit-learn and hand-computed cases; bootstrap, McNemar, intervals."""
+import statistics
+
 import numpy as np
 import pytest
 import scipy.stats
@@ -160,3 +162,73 @@ def test_probabilities_average_the_views():
     sigmoid = 1 / (1 + np.exp(-logits))
     expected = (sigmoid / sigmoid.sum(-1, keepdims=True)).mean(1)
     np.testing.assert_allclose(calibration.probabilities(logits), expected, rtol=1e-6)
+
+
+def test_percentile_interval_by_hand():
+    # The 2.5th and 97.5th percentiles of 0, 1, ..., 1000 are 25 and 975; the 5th and 95th, 50 and 950.
+    values = np.arange(1001.0)
+    assert stats.percentile_interval(values) == pytest.approx([25, 975])
+    assert stats.percentile_interval(values, level=0.9) == pytest.approx([50, 950])
+    assert stats.percentile_interval(np.append(values, [np.nan, np.nan])) == pytest.approx([25, 975])
+    assert stats.percentile_interval([np.nan]) is None
+
+
+def _binary(seed, n, separation):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 2, n)
+    positive = 1 / (1 + np.exp(-(rng.normal(size=n) + separation * (2 * labels - 1))))
+    return labels, np.stack([1 - positive, positive], 1)
+
+
+def test_bootstrap_interval_widths_match_the_normal_approximation():
+    # 95 % normal intervals are ±1.96 standard errors: accuracy's is sqrt(p (1 − p) / n), the
+    # ROC-AUC's Hanley & McNeil's (1982). (Binary: the macro AUC is the AUC.)
+    labels, probabilities = _binary(6, 1000, 0.6)
+    intervals = stats.bootstrap_intervals(labels, probabilities, None, samples=500, seed=0)
+    accuracy = np.mean(probabilities.argmax(1) == labels)
+    auc = skm.roc_auc_score(labels, probabilities[:, 1])
+    n1, n2 = labels.sum(), (1 - labels).sum()
+    q1, q2 = auc / (2 - auc), 2 * auc ** 2 / (1 + auc)
+    for name, standard_error in [
+            ('accuracy', np.sqrt(accuracy * (1 - accuracy) / len(labels))),
+            ('roc_auc', np.sqrt((auc * (1 - auc) + (n1 - 1) * (q1 - auc ** 2) + (n2 - 1) * (q2 - auc ** 2)) / (n1 * n2)))]:
+        low, high = intervals[name]
+        assert high - low == pytest.approx(2 * 1.96 * standard_error, rel=0.15), name
+
+
+def test_paired_bootstrap_difference_width_and_patients():
+    # A − B accuracy on the same images: its variance is (b + c − (b − c)² / n) / n², b and c McNemar's
+    # discordant counts.
+    labels, probabilities_a = _binary(7, 1000, 0.8)
+    _, probabilities_b = _binary(8, 1000, 0.5)
+    result = stats.paired_bootstrap_difference(labels, probabilities_a, probabilities_b, None, samples=500, seed=0)
+    correct_a, correct_b = probabilities_a.argmax(1) == labels, probabilities_b.argmax(1) == labels
+    b, c, n = np.sum(correct_a & ~correct_b), np.sum(~correct_a & correct_b), len(labels)
+    assert result['accuracy']['difference'] == pytest.approx(correct_a.mean() - correct_b.mean())
+    low, high = result['accuracy']['ci95']
+    assert high - low == pytest.approx(2 * 1.96 * np.sqrt(b + c - (b - c) ** 2 / n) / n, rel=0.15)
+    assert stats.paired_bootstrap_difference(labels, probabilities_a, probabilities_b, None, samples=500,
+                                             seed=0) == result
+    # A is right on all cells of some patients, B on a random half of every patient's: the difference
+    # moves patient by patient, so resampling patients widens its interval several times.
+    rng = np.random.default_rng(1)
+    patients = np.repeat([f'P{i}' for i in range(20)], 30)
+    labels = rng.integers(0, 2, len(patients))
+    right_a = np.repeat(rng.random(20) < 0.6, 30)
+    right_b = rng.random(len(patients)) < 0.5
+    one_hot = [np.eye(2)[np.where(right, labels, 1 - labels)] * 0.8 + 0.1 for right in (right_a, right_b)]
+    widths = [np.diff(stats.paired_bootstrap_difference(labels, *one_hot, clusters, samples=300, seed=0)
+                      ['accuracy']['ci95'])[0] for clusters in (None, patients)]
+    assert widths[1] > 2 * widths[0]
+
+
+def test_summarize_one_two_and_no_runs():
+    one = stats.summarize([0.9])
+    assert (one['n'], one['mean'], one['std'], one['t_interval_95']) == (1, 0.9, 0.0, None)  # No spread yet.
+    assert one['percentile_95'] == pytest.approx([0.9, 0.9])
+    two = stats.summarize([0.9, None, 0.94])
+    assert two['n'] == 2 and two['std'] == pytest.approx(statistics.stdev([0.9, 0.94]))
+    # t(0.975, 1 degree of freedom) = 12.706 (tables): 0.92 ± 12.706 · 0.02.
+    assert two['t_interval_95'] == pytest.approx([0.92 - 12.706 * 0.02, 0.92 + 12.706 * 0.02], abs=1e-4)
+    assert stats.summarize([0.91, 0.93, 0.95, 0.92, 0.94])['n'] == 5
+    assert stats.summarize([None]) == {'n': 0, **{name: None for name in two if name != 'n'}}
