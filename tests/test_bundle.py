@@ -5,8 +5,6 @@ import csv
 import hashlib
 import json
 import os
-import subprocess
-import sys
 
 import cv2
 import numpy as np
@@ -17,7 +15,6 @@ from onnx import TensorProto, helper, numpy_helper
 from allflax import bundle, files
 from allflax.data import preprocess
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = 8
 CLASSES = ('all', 'hem', 'other')
 STEPS = ['resize_pad']
@@ -86,6 +83,31 @@ def read_json(path):
         return json.load(f)
 
 
+def test_finish_makes_every_file_readable_as_the_umask_allows(tmp_path):
+    """jax2onnx writes the weights owner-only; a bundle is for sharing."""
+    directory = tmp_path / 'bundle'
+    directory.mkdir()
+    write_model(str(directory / bundle.ONNX))
+    (directory / bundle.STABLEHLO).write_bytes(b'x')
+    os.chmod(directory / bundle.ONNX, 0o600)
+    umask = os.umask(0o027)
+    try:
+        bundle.finish(str(directory), metadata_of(), '# card\n')
+    finally:
+        os.umask(umask)
+    assert {name: os.stat(directory / name).st_mode & 0o777 for name in os.listdir(directory)} == {
+        'model.onnx': 0o640, 'model.jax': 0o640, 'MODEL_CARD.md': 0o640, 'metadata.json': 0o640}
+
+
+def test_finish_refuses_invalid_metadata_naming_the_file(tmp_path):
+    directory = tmp_path / 'bundle'
+    directory.mkdir()
+    with pytest.raises(bundle.BundleError, match=f'^{directory}/metadata.json: not a valid bundle metadata.json '
+                                                 f'at model: '):
+        bundle.finish(str(directory), dict(metadata_of(), model=''), '# card\n')
+    assert os.listdir(directory) == ['MODEL_CARD.md']  # No metadata.json: not a bundle.
+
+
 def test_finish_hashes_every_other_file_and_read_checks_them(tiny_bundle):
     metadata = read_json(os.path.join(tiny_bundle, 'metadata.json'))
     assert set(metadata['files']) == {'model.onnx', 'model.jax', 'MODEL_CARD.md'}
@@ -142,7 +164,15 @@ def test_preprocessing_unlike_this_allflax_is_refused(tiny_bundle):
     metadata['preprocessing']['steps'][0]['params'] = {'size': SIZE + 1}
     with open(path, 'w') as f:
         json.dump(metadata, f)
-    with pytest.raises(bundle.BundleError, match=f'^{path}: its preprocessing is not what this allflax does'):
+    expected = json.dumps(preprocess.describe(STEPS, SIZE))  # What this allflax does at the input's size.
+    with pytest.raises(bundle.BundleError) as refused:
+        bundle.read_metadata(tiny_bundle)
+    assert str(refused.value) == (f'{path}: its preprocessing is not what this allflax does ({expected}); read it '
+                                  f'with the allflax that wrote it')
+    metadata['classes'] = []
+    with open(path, 'w') as f:
+        json.dump(metadata, f)
+    with pytest.raises(bundle.BundleError, match=f'^{path}: not a valid bundle metadata.json at classes'):
         bundle.read_metadata(tiny_bundle)
 
 
@@ -154,7 +184,8 @@ def test_predictor_matches_its_numpy_reference_in_any_batch(tiny_bundle):
         probabilities = predictor.probabilities(tiles, batch_size)
         assert probabilities.shape == (7, 3) and probabilities.dtype == np.float32
         np.testing.assert_allclose(probabilities, reference_probabilities(tiles), atol=1e-6)
-    assert predictor.probabilities(tiles[:0]).shape == (0, 3)
+    none = predictor.probabilities(tiles[:0])
+    assert none.shape == (0, 3) and none.dtype == np.float32
     for bad in (tiles[0], tiles[:, :-1], tiles[..., :1], tiles.astype(np.float32)):
         with pytest.raises(bundle.BundleError, match=rf'takes uint8 tiles of shape \(N, {SIZE}, {SIZE}, 3\)'):
             predictor.probabilities(bad)
@@ -173,15 +204,19 @@ def write_cells(folder, count=5):
     return paths
 
 
-def test_the_cli_writes_predict_csvs_and_refuses_in_one_line(tiny_bundle, tmp_path):
+def test_the_cli_writes_predict_csvs_and_refuses_in_one_line(tiny_bundle, tmp_path, capsys):
     cells = str(tmp_path / 'cells')
     paths = write_cells(cells)
     output = str(tmp_path / 'out' / 'preds.csv')
 
     def cli(*args):
-        run = subprocess.run([sys.executable, '-m', 'allflax.bundle', f'--bundle={tiny_bundle}', *args],
-                             capture_output=True, text=True, cwd=ROOT)
-        return run.returncode, json.loads(run.stdout) if run.returncode == 0 else run.stderr.strip().splitlines()
+        """python -m allflax.bundle, in this process: (exit code, its summary or its stderr lines)."""
+        capsys.readouterr()
+        try:
+            bundle.main([f'--bundle={tiny_bundle}', *args])
+        except SystemExit as error:
+            return error.code, capsys.readouterr().err.strip().splitlines()
+        return 0, json.loads(capsys.readouterr().out)
 
     code, summary = cli(f'--input={cells}', f'--output={output}', '--batch_size=2')
     assert code == 0 and summary == {'output': output, 'predicted': 5, 'unreadable': 1,
@@ -207,6 +242,10 @@ def test_the_cli_writes_predict_csvs_and_refuses_in_one_line(tiny_bundle, tmp_pa
     assert mine.read_text() == 'patient,age\nP1,7\n' and not (tmp_path / 'mine.errors.csv').exists()
     code, lines = cli(f'--input={tmp_path / "none"}', f'--output={tmp_path / "x.csv"}')
     assert code == 1 and len(lines) == 1 and lines[0].startswith('error: ') and 'none' in lines[0]
+    os.remove(os.path.join(tiny_bundle, 'model.jax'))
+    code, lines = cli(f'--input={cells}', f'--output={tmp_path / "x.csv"}')
+    assert code == 1 and lines == [f'error: {tiny_bundle}/model.jax is missing from the bundle (metadata.json lists it)']
+    assert not (tmp_path / 'x.csv').exists()
 
 
 def test_writing_replaces_its_own_bundle_whole_or_not_at_all(tiny_bundle, tmp_path):
@@ -258,14 +297,24 @@ def test_only_an_empty_folder_or_a_bundle_may_be_replaced(tiny_bundle, tmp_path)
         refused(notes, r'exists and is not a bundle \(its metadata.json has no file list, or no schema version up '
                        r'to 1\)')
     (notes / 'metadata.json').write_text(json.dumps(dict(metadata, classes=[])))
-    refused(notes, r'exists and is not a bundle \(its metadata.json is not valid: .*classes.*\)')
+    refused(notes, rf'exists and is not a bundle \(its metadata.json is not valid: {notes}/metadata.json: not a '
+                   rf'valid bundle metadata.json at classes: .*\)')
     (notes / 'metadata.json').write_text(json.dumps(metadata))
     refused(notes, r'holds files that its metadata.json does not list \(notes.txt\)')
-    os.remove(notes / 'notes.txt')
+    for name in 'abcdef':
+        (notes / name).write_text('mine')
+    refused(notes, r'holds files that its metadata.json does not list \(a, b, c, d, e\)')
+    for name in ['notes.txt', *'abcdef']:
+        os.remove(notes / name)
     bundle.check_replaceable(str(notes))  # Its listed files missing: a damaged bundle is still a bundle.
-    os.symlink('/etc/hostname', notes / 'model.onnx')
-    refused(notes, r'holds links or folders, which no bundle has \(model.onnx\)')
-    os.remove(notes / 'model.onnx')
+    for name in ['model.onnx', *'abcde']:
+        os.symlink('/etc/hostname', notes / name)
+    listed = dict(metadata, files={name: '0' * 64 for name in ['model.onnx', *'abcde']})
+    (notes / 'metadata.json').write_text(json.dumps(listed))
+    refused(notes, r'holds links or folders, which no bundle has \(a, b, c, d, e\)')
+    for name in ['model.onnx', *'abcde']:
+        os.remove(notes / name)
+    (notes / 'metadata.json').write_text(json.dumps(metadata))
     (notes / 'model.jax').mkdir()
     refused(notes, r'holds links or folders, which no bundle has \(model.jax\)')
     os.symlink(tiny_bundle, tmp_path / 'link')
@@ -279,3 +328,4 @@ def test_only_an_empty_folder_or_a_bundle_may_be_replaced(tiny_bundle, tmp_path)
     refused(workdir / 'eval' / 'b', f'lies in the checkpoints or evaluation of the run {workdir}', str(workdir))
     bundle.check_replaceable(str(workdir / 'bundle'), str(workdir))
     bundle.check_replaceable(str(tmp_path / 'runs' / 'run2'), str(workdir))  # A sibling whose name extends it.
+    refused('/', f'is or holds the run\'s workdir {workdir}', str(workdir))
