@@ -6,6 +6,7 @@ import shutil
 
 import jax
 import jax.numpy as jnp
+import platform_deps
 import pytest
 
 from allflax import aot_check, sharding, train
@@ -16,12 +17,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # What the CUDA plugin needs to compile here: the plugin, and ptxas (nvidia-cuda-nvcc-cu12).
 PLUGIN = importlib.util.find_spec('jax_plugins.xla_cuda12') is not None and (
     importlib.util.find_spec('nvidia.cuda_nvcc') is not None or shutil.which('ptxas') is not None)
-needs_plugin = pytest.mark.skipif(not PLUGIN, reason='no CUDA plugin and ptxas here (requirements-test.txt '
-                                  'installs them on Linux x86-64 only): GPU compiles are not checked')
 
 
-@needs_plugin
-def test_demo_train_step_compiles_for_a_gpu():
+@pytest.fixture
+def cuda_plugin():
+    if not PLUGIN:
+        platform_deps.missing('no CUDA plugin and ptxas here (requirements-test.txt installs them on Linux x86-64 '
+                              'only): GPU compiles are not checked')
+
+
+def test_demo_train_step_compiles_for_a_gpu(cuda_plugin):
     """The VGG19+MHSA demo's bfloat16 train step at 32 px, compiled for one H100 on this host with
     the check's flags: XLA's operations only, memory that is the weights, AdamW's moments and a
     small batch's activations, and the same FLOPs per image as XLA counts for a TPU."""
@@ -50,9 +55,8 @@ def test_demo_train_step_compiles_for_a_gpu():
     assert report['bytes_accessed_per_chip'] > 12 * weights  # At least the optimiser's reads.
 
 
-@needs_plugin
 @pytest.mark.parametrize('name', targets.GPUS)
-def test_every_target_description_is_accepted(name):
+def test_every_target_description_is_accepted(name, cuda_plugin):
     gpu, devices = targets.devices(f'2x{name}')
     assert [d.device_kind for d in devices] == [gpu.device_kind] * 2
 
