@@ -1,4 +1,5 @@
-"""Recipe arg strings: `:gpu` and `:tpu` give bfloat16 runs at accelerator batch sizes."""
+"""Recipe arg strings: `:gpu` and `:tpu` give bfloat16 runs at accelerator batch sizes, and agree
+with the compiled reports of benchmarks/tpu_check and benchmarks/gpu_check."""
 import importlib
 import os
 
@@ -8,12 +9,25 @@ import pytest
 from flax import nnx
 
 from allflax import aot_check, models
+from allflax.gpu import targets
 from configs import common, efficientnetv2_b3_se, vgg19_mhsa
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPES = (vgg19_mhsa, efficientnetv2_b3_se)
 # Every accelerator arg a run may use: each must have compiled reports behind it.
 VARIANTS = ('tpu', 'gpu', *(f'gpu,{name}' for name in common.GPU_VARIANTS))
+# What an accelerator arg may change: the arithmetic and how a batch is cut, never the recipe.
+_ACCELERATOR_KEYS = {'dtype', 'batch_size', 'max_device_batch', 'checkpoint_every_steps'}
+
+
+def _flat(config, prefix=''):
+    flat = {}
+    for key, value in config.items():
+        if hasattr(value, 'items'):
+            flat.update(_flat(value, f'{prefix}{key}.'))
+        else:
+            flat[f'{prefix}{key}'] = value
+    return flat
 
 
 def reports_with_configs():
@@ -31,10 +45,10 @@ def reports_with_configs():
 @pytest.mark.parametrize('recipe', RECIPES)
 @pytest.mark.parametrize('accelerator', sorted(common.ACCELERATORS))
 def test_accelerator_arg_builds_a_bfloat16_model(recipe, accelerator):
-    config = recipe.get_config(accelerator)
-    assert config.dtype == 'bfloat16'
-    assert config.batch_size == common.ACCELERATORS[accelerator]['batch_size']
-    assert config.data.image_size == recipe.get_config().data.image_size  # Only dtype and batch change.
+    config, default = recipe.get_config(accelerator), recipe.get_config()
+    assert config.dtype == 'bfloat16' and config.batch_size > default.batch_size
+    changed = {key for key, value in _flat(config).items() if _flat(default)[key] != value}
+    assert changed <= _ACCELERATOR_KEYS, changed
     model = nnx.eval_shape(lambda: models.create(config.model.name, 2, dtype=config.dtype,
                                                  image_size=config.data.image_size, **config.model.options))
     graphdef, state = nnx.split(model)
@@ -46,8 +60,10 @@ def test_accelerator_arg_builds_a_bfloat16_model(recipe, accelerator):
 
 
 def test_args_apply_in_order_and_unknown_ones_are_refused():
-    assert vgg19_mhsa.get_config('demo,gpu').batch_size == common.ACCELERATORS['gpu']['batch_size']
-    assert vgg19_mhsa.get_config('gpu,demo').batch_size == common.DEMO['batch_size']
+    gpu, demo = vgg19_mhsa.get_config('gpu'), vgg19_mhsa.get_config('demo')
+    assert gpu.batch_size != demo.batch_size
+    assert vgg19_mhsa.get_config('demo,gpu').batch_size == gpu.batch_size
+    assert vgg19_mhsa.get_config('gpu,demo').batch_size == demo.batch_size
     with pytest.raises(ValueError, match='known: demo, gpu, tpu'):
         vgg19_mhsa.get_config('h100')
 
@@ -57,6 +73,28 @@ def test_demo_overrides_apply_only_to_the_demo():
     assert 'hed' in full.data.augment and 'drop_connect_rate' not in full.model.options
     assert demo.data.augment == ('flip', 'rot90') and demo.model.options.drop_connect_rate == 0.0
     assert demo.total_steps == common.DEMO['total_steps']
+
+
+def test_the_reports_are_of_the_configs_as_they_are():
+    """Each report's dtype, batch and micro-batches are what its config gives today: a config
+    changed since its report was compiled fails here (rerun `python -m allflax.aot_check`)."""
+    for report, config in reports_with_configs():
+        where = f"{report['config']} on {report['topology']}"
+        assert (report['dtype'], report['global_batch'], report['image_size']) == (
+            config.dtype, config.batch_size, config.data.image_size), where
+        per_device = config.batch_size // report['devices']
+        micro_batches = -(-per_device // config.max_device_batch)  # Whole micro-batches of at most the limit.
+        assert per_device % micro_batches == 0 and report['train']['micro_batches'] == micro_batches, where
+
+
+@pytest.mark.parametrize('recipe', RECIPES)
+def test_a_t4_makes_the_gpu_update_in_a_dtype_it_has(recipe):
+    """`:gpu,t4`: the update of `:gpu` (the same global batch), in a dtype that a T4 computes
+    (allflax/gpu/targets.py: it has no bfloat16) and `:gpu`'s dtype on every other GPU."""
+    gpu, t4 = recipe.get_config('gpu'), recipe.get_config('gpu,t4')
+    assert t4.batch_size == gpu.batch_size and t4.optimizer == gpu.optimizer
+    assert t4.dtype in targets.GPUS['t4'].peak_flops and gpu.dtype not in targets.GPUS['t4'].peak_flops
+    assert all(gpu.dtype in target.peak_flops for name, target in targets.GPUS.items() if name != 't4')
 
 
 # A tenth of the roofline: what a real step reaches is below it (data loading, the host, the
@@ -86,9 +124,3 @@ def test_a_disconnect_loses_at_most_ten_minutes_and_a_synthetic_run_checkpoints_
             train_images = int(config.data.split_fractions.train * config.data.num_images)
             total = config.num_epochs * (train_images // config.batch_size)
             assert config.checkpoint_every_steps < total / 2, (recipe.__name__, arg, total)
-
-
-def test_a_t4_computes_in_float32_in_micro_batches():
-    """`:gpu,t4`: a T4 has no bfloat16 tensor cores; the batch stays the recipe's `:gpu` batch."""
-    config = vgg19_mhsa.get_config('gpu,t4')
-    assert (config.dtype, config.batch_size, config.max_device_batch) == ('float32', 128, 64)
