@@ -10,14 +10,16 @@ DEMO = dict(image_size=64, batch_size=16, total_steps=800, num_images=2400, num_
 # (gradient accumulation: the same update), e.g. 256 on one v5e chip's 16 GiB
 # (`python -m allflax.aot_check` measures what fits).
 # `checkpoint_every_steps`: a disconnect (Colab) loses at most ~10 minutes of a run, at a tenth of
-# the slowest Colab TPU's roofline (benchmarks/RESULTS.md, "Checkpoints on Colab"); on the
-# synthetic sets' 300-500 steps the first checkpoint comes before half of the run.
+# the slowest roofline of the TPUs and GPUs the config was checked for (benchmarks/tpu_check,
+# benchmarks/gpu_check; benchmarks/RESULTS.md, "Checkpoints on Colab"); on the synthetic sets'
+# 300 to 1,050 steps the first checkpoint comes before half of the run.
 ACCELERATORS = {'gpu': dict(dtype='bfloat16', batch_size=128, max_device_batch=128, checkpoint_every_steps=100),
                 'tpu': dict(dtype='bfloat16', batch_size=256, max_device_batch=64, checkpoint_every_steps=100)}
 # After `gpu`, for GPUs that need other settings (`:gpu,t4`). A T4 (Turing) has no bfloat16 tensor
 # cores; its float16 ones would need dynamic loss scaling, which the train step does not have, so
-# it computes in float32 (8.1 TFLOP/s), in micro-batches that fit its 15 GiB.
-GPU_VARIANTS = {'t4': dict(dtype='float32', max_device_batch=64)}
+# it computes in float32 (8.1 TFLOP/s), in micro-batches that fit its 15 GiB. At a tenth of its
+# VGG19+MHSA roofline (72 images/s), 30 steps of 128 take 9 minutes.
+GPU_VARIANTS = {'t4': dict(dtype='float32', max_device_batch=64, checkpoint_every_steps=30)}
 
 
 def base_config(*, model: str, data: str, image_size: int, batch_size: int, num_epochs: int,

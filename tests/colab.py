@@ -1,7 +1,8 @@
 """What a Colab runtime does differently, reproduced on this host for the tests: a Drive folder on a
 FUSE mount without hard links (tests/drive_fs.py), the variables Colab's TPU runtimes set, and a
 reset that brings a new hostname (`unshare --uts`). Each skips with its reason where the host
-cannot do it (no /dev/fuse, fuse3 or mfusepy; not root)."""
+cannot do it (no /dev/fuse, fuse3 or mfusepy; not root), or fails where CI requires it
+(tests/platform_deps.py)."""
 import contextlib
 import importlib.util
 import os
@@ -10,7 +11,7 @@ import subprocess
 import sys
 import time
 
-import pytest
+import platform_deps
 
 DRIVE_FS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'drive_fs.py')
 # As a single-host Colab TPU runtime sets them (v5e-1).
@@ -33,7 +34,7 @@ def drive_mount(source, mountpoint):
     """`source` served at `mountpoint` by a FUSE filesystem that refuses link(), as Drive's mount."""
     reason = _fuse_missing()
     if reason:
-        pytest.skip(reason)
+        platform_deps.missing(reason)
     os.makedirs(source, exist_ok=True)
     os.makedirs(mountpoint, exist_ok=True)
     server = subprocess.Popen([sys.executable, DRIVE_FS, str(source), str(mountpoint)], stdout=subprocess.PIPE,
@@ -42,7 +43,7 @@ def drive_mount(source, mountpoint):
     while not os.path.ismount(mountpoint):
         if server.poll() is not None or time.monotonic() > deadline:
             server.kill()
-            pytest.skip(f'the FUSE mount did not come up: {server.communicate()[0][-500:]}')
+            platform_deps.missing(f'the FUSE mount did not come up: {server.communicate()[0][-500:]}')
         time.sleep(0.05)
     try:
         yield str(mountpoint)
@@ -56,9 +57,10 @@ def drive_mount(source, mountpoint):
 
 def new_hostname_command(hostname: str) -> list[str]:
     """A command prefix that runs a program under another hostname (a UTS namespace of its own),
-    as a Colab runtime comes back from a reset; skips where namespaces cannot be made."""
+    as a Colab runtime comes back from a reset; skips (platform_deps) where namespaces cannot be made."""
     probe = subprocess.run(['unshare', '--uts', 'sh', '-c', f'hostname {hostname} && hostname'],
                            capture_output=True, text=True)
     if probe.returncode or probe.stdout.strip() != hostname:
-        pytest.skip(f'cannot run under another hostname here (unshare --uts needs root): {probe.stderr.strip()}')
+        platform_deps.missing('cannot run under another hostname here (unshare --uts needs root): '
+                              f'{probe.stderr.strip()}')
     return ['unshare', '--uts', 'sh', '-c', f'hostname {hostname} && exec "$@"', 'sh']

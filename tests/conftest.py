@@ -10,6 +10,7 @@ os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
+import platform_deps  # noqa: E402
 from allflax.cpu import kernels as cpu_kernels  # noqa: E402
 from allflax.data import pipeline  # noqa: E402
 from configs import vgg19_mhsa  # noqa: E402
@@ -30,7 +31,7 @@ def kernels_built(request, monkeypatch):
         if not cpu_kernels.available():
             if sys.platform == 'linux' and platform.machine() == 'x86_64':
                 pytest.fail(f'{cpu_kernels.LIBRARY} is not built: run `make test` (it builds it)')
-            pytest.skip('no oneDNN wheel for this platform')
+            platform_deps.missing('no oneDNN wheel for this platform: allflax/cpu/_cpu_kernels.so is not built')
     else:
         monkeypatch.setattr(cpu_kernels, 'available', lambda: False)
     return request.param

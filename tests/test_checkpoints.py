@@ -7,6 +7,7 @@ import subprocess
 
 import jax
 import numpy as np
+import platform_deps
 import pytest
 
 from allflax import evaluate, train
@@ -91,7 +92,7 @@ def test_a_full_disk_stops_the_run_in_one_line(tiny_config, tmp_path):
     workdir = str(tmp_path / 'small_disk')
     os.makedirs(workdir)
     if subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=4m', 'tmpfs', workdir], capture_output=True).returncode:
-        pytest.skip('cannot mount a small tmpfs here (needs root)')
+        platform_deps.missing('cannot mount a small tmpfs here (needs root)')
     try:
         with tiny_config.unlocked():
             tiny_config.total_steps = 12

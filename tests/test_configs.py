@@ -1,22 +1,54 @@
-"""Recipe arg strings: `:gpu` and `:tpu` give bfloat16 runs at accelerator batch sizes."""
+"""Recipe arg strings: `:gpu` and `:tpu` give bfloat16 runs at accelerator batch sizes, and agree
+with the compiled reports of benchmarks/tpu_check and benchmarks/gpu_check."""
+import importlib
+import os
+
 import jax
 import jax.numpy as jnp
 import pytest
 from flax import nnx
 
-from allflax import models
+from allflax import aot_check, models
+from allflax.gpu import targets
 from configs import common, efficientnetv2_b3_se, vgg19_mhsa
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPES = (vgg19_mhsa, efficientnetv2_b3_se)
+# Every accelerator arg a run may use: each must have compiled reports behind it.
+VARIANTS = ('tpu', 'gpu', *(f'gpu,{name}' for name in common.GPU_VARIANTS))
+# What an accelerator arg may change: the arithmetic and how a batch is cut, never the recipe.
+_ACCELERATOR_KEYS = {'dtype', 'batch_size', 'max_device_batch', 'checkpoint_every_steps'}
+
+
+def _flat(config, prefix=''):
+    flat = {}
+    for key, value in config.items():
+        if hasattr(value, 'items'):
+            flat.update(_flat(value, f'{prefix}{key}.'))
+        else:
+            flat[f'{prefix}{key}'] = value
+    return flat
+
+
+def reports_with_configs():
+    """(report, the config it names) for every report of both folders."""
+    pairs = []
+    for folder in ('tpu_check', 'gpu_check'):
+        for report in aot_check.read_reports(os.path.join(ROOT, 'benchmarks', folder)):
+            path, _, arg = report['config'].partition(':')
+            assert report['overrides'] == {}, report['config']
+            module = importlib.import_module(path.removesuffix('.py').replace('/', '.'))
+            pairs.append((report, module.get_config(arg)))
+    return pairs
 
 
 @pytest.mark.parametrize('recipe', RECIPES)
 @pytest.mark.parametrize('accelerator', sorted(common.ACCELERATORS))
 def test_accelerator_arg_builds_a_bfloat16_model(recipe, accelerator):
-    config = recipe.get_config(accelerator)
-    assert config.dtype == 'bfloat16'
-    assert config.batch_size == common.ACCELERATORS[accelerator]['batch_size']
-    assert config.data.image_size == recipe.get_config().data.image_size  # Only dtype and batch change.
+    config, default = recipe.get_config(accelerator), recipe.get_config()
+    assert config.dtype == 'bfloat16' and config.batch_size > default.batch_size
+    changed = {key for key, value in _flat(config).items() if _flat(default)[key] != value}
+    assert changed <= _ACCELERATOR_KEYS, changed
     model = nnx.eval_shape(lambda: models.create(config.model.name, 2, dtype=config.dtype,
                                                  image_size=config.data.image_size, **config.model.options))
     graphdef, state = nnx.split(model)
@@ -28,8 +60,10 @@ def test_accelerator_arg_builds_a_bfloat16_model(recipe, accelerator):
 
 
 def test_args_apply_in_order_and_unknown_ones_are_refused():
-    assert vgg19_mhsa.get_config('demo,gpu').batch_size == common.ACCELERATORS['gpu']['batch_size']
-    assert vgg19_mhsa.get_config('gpu,demo').batch_size == common.DEMO['batch_size']
+    gpu, demo = vgg19_mhsa.get_config('gpu'), vgg19_mhsa.get_config('demo')
+    assert gpu.batch_size != demo.batch_size
+    assert vgg19_mhsa.get_config('demo,gpu').batch_size == gpu.batch_size
+    assert vgg19_mhsa.get_config('gpu,demo').batch_size == demo.batch_size
     with pytest.raises(ValueError, match='known: demo, gpu, tpu'):
         vgg19_mhsa.get_config('h100')
 
@@ -41,34 +75,52 @@ def test_demo_overrides_apply_only_to_the_demo():
     assert demo.total_steps == common.DEMO['total_steps']
 
 
+def test_the_reports_are_of_the_configs_as_they_are():
+    """Each report's dtype, batch and micro-batches are what its config gives today: a config
+    changed since its report was compiled fails here (rerun `python -m allflax.aot_check`)."""
+    for report, config in reports_with_configs():
+        where = f"{report['config']} on {report['topology']}"
+        assert (report['dtype'], report['global_batch'], report['image_size']) == (
+            config.dtype, config.batch_size, config.data.image_size), where
+        per_device = config.batch_size // report['devices']
+        micro_batches = -(-per_device // config.max_device_batch)  # Whole micro-batches of at most the limit.
+        assert per_device % micro_batches == 0 and report['train']['micro_batches'] == micro_batches, where
+
+
+@pytest.mark.parametrize('recipe', RECIPES)
+def test_a_t4_makes_the_gpu_update_in_a_dtype_it_has(recipe):
+    """`:gpu,t4`: the update of `:gpu` (the same global batch), in a dtype that a T4 computes
+    (allflax/gpu/targets.py: it has no bfloat16) and `:gpu`'s dtype on every other GPU."""
+    gpu, t4 = recipe.get_config('gpu'), recipe.get_config('gpu,t4')
+    assert t4.batch_size == gpu.batch_size and t4.optimizer == gpu.optimizer
+    assert t4.dtype in targets.GPUS['t4'].peak_flops and gpu.dtype not in targets.GPUS['t4'].peak_flops
+    assert all(gpu.dtype in target.peak_flops for name, target in targets.GPUS.items() if name != 't4')
+
+
 # A tenth of the roofline: what a real step reaches is below it (data loading, the host, the
-# roofline's perfect overlap), by less than this for convolution networks on TPU.
+# roofline's perfect overlap), by less than this for convolution networks on TPU; GPUs are taken
+# at the same fraction.
 _FRACTION_OF_ROOFLINE = 0.1
+_MOST_SECONDS_LOST = 600
 
 
-@pytest.mark.parametrize('accelerator', sorted(common.ACCELERATORS))
-def test_a_disconnect_loses_at_most_ten_minutes_and_a_synthetic_run_checkpoints_before_its_half(accelerator):
-    """Colab can disconnect at any time: at a tenth of each Colab TPU's roofline (benchmarks/tpu_check),
-    the checkpoints of `:tpu` and `:gpu` come at most ~10 minutes apart, and on the default synthetic
-    sets (300-500 steps) the first one comes before half of the run."""
-    from allflax import tpu_check
-    reports = [report for report in tpu_check.read_reports('benchmarks/tpu_check')
-               if tpu_check.accelerator_type(report['chip'], report['chips']) in tpu_check.COLAB_TYPES]
-    assert len(reports) == 2 * len(tpu_check.COLAB_TYPES)
-    for report in reports:
-        config = {recipe.get_config().model.name: recipe for recipe in RECIPES}[report['model']].get_config(accelerator)
-        images_per_second = _FRACTION_OF_ROOFLINE * report['train']['roofline']['images_per_second_per_chip'] * \
-            report['chips']
-        steps_in_ten_minutes = 600 * images_per_second / config.batch_size
-        assert config.checkpoint_every_steps <= steps_in_ten_minutes, report['topology']
+def test_a_disconnect_loses_at_most_ten_minutes_and_a_synthetic_run_checkpoints_before_its_half():
+    """Colab can disconnect at any time: at a tenth of the roofline of every TPU and GPU that a
+    config was compiled for (its reports), its checkpoints come at most 10 minutes apart; on the
+    default synthetic sets the first one comes before half of the run."""
+    checked = set()
+    for report, config in reports_with_configs():
+        images_per_second = (_FRACTION_OF_ROOFLINE * report['chips']
+                             * report['train']['roofline']['images_per_second_per_chip'])
+        seconds = config.checkpoint_every_steps * config.batch_size / images_per_second
+        assert seconds <= _MOST_SECONDS_LOST, (
+            f"{report['config']} on {report['topology']}: a checkpoint every {config.checkpoint_every_steps} steps "
+            f'of {config.batch_size} is every {seconds / 60:.0f} minutes at {images_per_second:.1f} images/s')
+        checked.add((config.model.name, report['config'].rpartition(':')[2]))
+    assert checked == {(recipe.get_config().model.name, arg) for recipe in RECIPES for arg in VARIANTS}
     for recipe in RECIPES:
-        config = recipe.get_config(accelerator)
-        train_images = int(config.data.split_fractions.train * config.data.num_images)
-        total = config.num_epochs * (train_images // config.batch_size)
-        assert config.checkpoint_every_steps < total / 2, (recipe.__name__, total)
-
-
-def test_a_t4_computes_in_float32_in_micro_batches():
-    """`:gpu,t4`: a T4 has no bfloat16 tensor cores; the batch stays the recipe's `:gpu` batch."""
-    config = vgg19_mhsa.get_config('gpu,t4')
-    assert (config.dtype, config.batch_size, config.max_device_batch) == ('float32', 128, 64)
+        for arg in VARIANTS:
+            config = recipe.get_config(arg)
+            train_images = int(config.data.split_fractions.train * config.data.num_images)
+            total = config.num_epochs * (train_images // config.batch_size)
+            assert config.checkpoint_every_steps < total / 2, (recipe.__name__, arg, total)

@@ -6,6 +6,7 @@ import subprocess
 import jax
 import jax.numpy as jnp
 import numpy as np
+import platform_deps
 import pytest
 from flax import nnx
 from jax import lax
@@ -215,7 +216,7 @@ def test_kernel_library_problems_say_what_to_do(tmp_path, monkeypatch):
     source = tmp_path / 'stale.c'
     source.write_text('int allflax_nothing_here(void) { return 0; }\n')
     if shutil.which('cc') is None:
-        pytest.skip('no C compiler to build a stand-in library')
+        platform_deps.missing('no C compiler (cc) to build a stand-in library')
     subprocess.run(['cc', '-shared', '-fPIC', str(source), '-o', str(stale)], check=True)
     monkeypatch.setattr(cpu_kernels, 'LIBRARY', stale)
     with pytest.raises(RuntimeError, match=r'stale.so is older than its sources.*rebuild it with `make`'):
@@ -224,7 +225,7 @@ def test_kernel_library_problems_say_what_to_do(tmp_path, monkeypatch):
 
 def test_onednn_conv_says_which_dtypes_it_takes():
     if not cpu_kernels.available():
-        pytest.skip('no CPU kernels built here')
+        platform_deps.missing('no CPU kernels built here (make test builds allflax/cpu/_cpu_kernels.so)')
     images, kernel, _ = random_case(1, 5, 5, 3, (3, 3, 3, 4), 1)
     with pytest.raises(TypeError, match='a kernel of their dtype or float32.*got float32, bfloat16'):
         onednn.conv(images, kernel.astype(jnp.bfloat16), (1, 1), ((1, 1), (1, 1)))
