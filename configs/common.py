@@ -107,7 +107,7 @@ def eval_config() -> ml_collections.ConfigDict:
     """Evaluation settings; also filled into the config.json of runs trained before they existed."""
     config = ml_collections.ConfigDict()
     config.tta = False  # Average the probabilities of the 8 flips/transposes of each image.
-    config.temperature_scaling = False  # Fit a temperature on val logits (NLL), apply it to the split.
+    config.temperature_scaling = True  # Fit a temperature on val logits (NLL), apply it to the split and predictions.
     config.bootstrap_samples = 1000  # Resamples (of patients where known) behind the 95 % intervals.
     config.gradcam_examples = 16  # Grad-CAM overlays in the report, half of them errors where there are enough.
     return config

@@ -68,6 +68,16 @@ def test_training_ends_with_intervals_patients_predictions_and_tensorboard(tiny_
     assert accuracy == pytest.approx(values['accuracy'])
     (events,) = os.listdir(os.path.join(workdir, 'tensorboard'))
     assert events.startswith('events.out.tfevents.')
+    # Calibrated by default: a temperature fitted on val, stored with its step, ECE and NLL before and after.
+    with open(os.path.join(workdir, 'eval', 'temperature.json')) as f:
+        fitted = json.load(f)
+    assert fitted['checkpoint_step'] == config.total_steps
+    assert values['calibration']['temperature'] == fitted['temperature'] != 1.0
+    assert values['calibration']['fitted_on'] == 'val' and values['calibration']['ece_after'] == values['ece']
+    labels = np.array([class_names.index(r['label']) for r in rows])
+    probabilities = np.array([[float(r[c]) for c in class_names] for r in rows])
+    nll = -np.mean(np.log(probabilities[np.arange(len(labels)), labels]))
+    assert values['calibration']['nll_after'] == pytest.approx(nll, rel=1e-5)
     with open(os.path.join(workdir, 'tensorboard', events), 'rb') as f:
         data = f.read()
     assert b'train/loss' in data and b'val/accuracy' in data and b'learning_rate' in data
