@@ -18,27 +18,30 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run_processes(workdir, cache_dir, *, num_processes, devices_each, preempt_at=None) -> list[dict]:
-    port = _free_port()
+def _processes(script: str, runs: list[dict], *, devices_each: int, timeout: int) -> list[dict]:
+    """Runs tests/<script> once per entry of `runs` (its JSON argument), all at once; each one's
+    last line of output, as JSON."""
     env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu',
                XLA_FLAGS=f'--xla_force_host_platform_device_count={devices_each}')
-    processes = []
-    for process_id in range(num_processes):
-        run = {'num_processes': num_processes, 'process_id': process_id, 'port': port, 'workdir': workdir,
-               'cache_dir': cache_dir, 'xla_cache': os.path.join(os.path.dirname(workdir), 'xla_cache'),
-               'preempt_at': preempt_at if process_id == 0 else None}
-        processes.append(subprocess.Popen([sys.executable, os.path.join(ROOT, 'tests', 'multiprocess_run.py'),
-                                           json.dumps(run)], env=env, stdout=subprocess.PIPE,
-                                          stderr=subprocess.PIPE, text=True))
+    processes = [subprocess.Popen([sys.executable, os.path.join(ROOT, 'tests', script), json.dumps(run)], env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for run in runs]
     outputs = []
     for process in processes:
         try:
-            stdout, stderr = process.communicate(timeout=600)
+            stdout, stderr = process.communicate(timeout=timeout)
         finally:
             process.kill()
         assert process.returncode == 0, stderr[-4000:]
         outputs.append(json.loads(stdout.strip().splitlines()[-1]))
     return outputs
+
+
+def _run_processes(workdir, cache_dir, *, num_processes, devices_each, preempt_at=None) -> list[dict]:
+    port = _free_port()
+    runs = [{'num_processes': num_processes, 'process_id': process_id, 'port': port, 'workdir': workdir,
+             'cache_dir': cache_dir, 'xla_cache': os.path.join(os.path.dirname(workdir), 'xla_cache'),
+             'preempt_at': preempt_at if process_id == 0 else None} for process_id in range(num_processes)]
+    return _processes('multiprocess_run.py', runs, devices_each=devices_each, timeout=600)
 
 
 def _final_params(workdir, process=0):
@@ -82,19 +85,8 @@ def test_every_process_stops_when_process_0_loses_the_lock(tmp_path):
     """Only process 0 holds the lock; when it is taken over, the other process stops at the same
     check instead of waiting in the next collective."""
     port = _free_port()
-    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu')
-    processes = [subprocess.Popen(
-        [sys.executable, os.path.join(ROOT, 'tests', 'multiprocess_lock.py'),
-         json.dumps({'process_id': i, 'port': port, 'workdir': str(tmp_path)})],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
-    outputs = []
-    for process in processes:
-        try:
-            stdout, stderr = process.communicate(timeout=120)
-        finally:
-            process.kill()
-        assert process.returncode == 0, stderr[-4000:]
-        outputs.append(json.loads(stdout.strip().splitlines()[-1]))
+    outputs = _processes('multiprocess_lock.py', [{'process_id': i, 'port': port, 'workdir': str(tmp_path)}
+                                                  for i in range(2)], devices_each=1, timeout=120)
     assert [(o['process'], o['stopped_at']) for o in outputs] == [(0, 1), (1, 1)]
     assert 'taken over by process 4242 on host-b' in outputs[0]['error']
     assert outputs[1]['error'].startswith(f'process 0 lost the lock of {tmp_path}: every process stops with it')
