@@ -11,6 +11,24 @@ from allflax.evaluation import interpret
 from allflax.models.attention import MultiHeadSelfAttention, SqueezeExcitation
 
 
+def with_numpy_weights(model: nnx.Module, seed: int = 0) -> nnx.Module:
+    """`model`, built by nnx.eval_shape, given weights drawn by numpy, scaled by fan-in, in eval
+    mode: JAX's initialisers compile once per parameter shape, a third of a second each here."""
+    rng = np.random.default_rng(seed)
+
+    def draw(leaf):
+        if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+            return jax.random.key(0)  # Dropout's, never drawn in eval mode.
+        if not jnp.issubdtype(leaf.dtype, jnp.floating):
+            return np.zeros(leaf.shape, leaf.dtype)
+        scale = np.sqrt(2 / np.prod(leaf.shape[:-1])) if len(leaf.shape) > 1 else 0.1
+        return (rng.normal(size=leaf.shape) * scale).astype(leaf.dtype)
+
+    nnx.update(model, jax.tree.map(draw, nnx.state(model)))
+    model.eval()
+    return model
+
+
 class OnePositionModel(nnx.Module):
     """Features are the image; the logits read the features at one position only."""
 
@@ -26,16 +44,17 @@ class OnePositionModel(nnx.Module):
 
 
 def test_gradcam_peaks_where_the_logit_looks():
-    images = jax.random.uniform(jax.random.key(0), (3, 8, 8, 2), minval=0.5, maxval=1.0)
+    images = np.random.default_rng(0).uniform(0.5, 1.0, (3, 8, 8, 2)).astype(np.float32)
     model = OnePositionModel(5, 2, [[1.0, -1.0], [0.5, -0.5]])  # Class 0 grows with both channels.
-    logits, cams = interpret.gradcam(model, images)
+    spot = np.full((1, 8, 8, 2), 0.1, np.float32)
+    spot[0, 5, 2] = 1.0
+    (logits, cams), (_, cam) = jax.jit(lambda images, spot: (interpret.gradcam(model, images),
+                                                             interpret.gradcam(model, spot)))(images, spot)
     np.testing.assert_array_equal(jnp.argmax(logits, -1), [0, 0, 0])
     # Gradient only at (5, 2), so each channel's weight is its class weight / 64.
-    expected = jax.nn.relu((images * jnp.array([1.0, 0.5]) / 64).sum(-1))
+    expected = np.maximum((images * np.array([1.0, 0.5]) / 64).sum(-1), 0)
     np.testing.assert_allclose(cams, expected, rtol=1e-6)
     # Only the looked-at position matters: an image bright there, dark elsewhere, peaks there.
-    spot = jnp.full((1, 8, 8, 2), 0.1).at[0, 5, 2].set(1.0)
-    _, cam = interpret.gradcam(model, spot)
     assert np.unravel_index(np.argmax(cam[0]), (8, 8)) == (5, 2)
 
 
@@ -53,32 +72,40 @@ class AttentionModel(nnx.Module):
         return self.predictions(features.mean(axis=(1, 2)))
 
 
+def _attention_model(block_type, channels, **options):
+    def build():
+        rngs = nnx.Rngs(0)
+        block = block_type(channels, **options, dtype=jnp.float32, param_dtype=jnp.float32, rngs=rngs)
+        return AttentionModel(block, channels, rngs)
+    return with_numpy_weights(nnx.eval_shape(build))
+
+
 def test_attention_map_is_the_mean_softmax_over_heads_and_queries():
-    rngs = nnx.Rngs(0)
-    block = MultiHeadSelfAttention(16, 9, num_heads=2, dropout_rate=0.0, dtype=jnp.float32,
-                                   param_dtype=jnp.float32, rngs=rngs)
-    model = AttentionModel(block, 16, rngs)
-    model.eval()
-    images = jax.random.normal(jax.random.key(1), (2, 3, 3, 16))
-    out = interpret.explain(model, images)
-    tokens = block.norm(images.reshape(2, 9, 16) + block.position_embedding[...])
-    query, key = block.attention.query(tokens), block.attention.key(tokens)
-    weights = jax.nn.softmax(jnp.einsum('bqhd,bkhd->bhqk', query, key) / np.sqrt(8), axis=-1)
+    model = _attention_model(MultiHeadSelfAttention, 16, num_tokens=9, num_heads=2, dropout_rate=0.0)
+    images = np.random.default_rng(1).normal(size=(2, 3, 3, 16)).astype(np.float32)
+    out = nnx.jit(interpret.explain)(model, images)
+    block = model.attention
+    tokens = images.reshape(2, 9, 16) + np.asarray(block.position_embedding[...])
+    tokens = (tokens - tokens.mean(-1, keepdims=True)) / np.sqrt(tokens.var(-1, keepdims=True) + 1e-6)
+    tokens = tokens * np.asarray(block.norm.scale[...]) + np.asarray(block.norm.bias[...])
+    query, key = (np.einsum('btc,chd->bthd', tokens, np.asarray(dense.kernel[...])) + np.asarray(dense.bias[...])
+                  for dense in (block.attention.query, block.attention.key))
+    logits = np.einsum('bqhd,bkhd->bhqk', query, key) / np.sqrt(8)
+    weights = np.exp(logits - logits.max(-1, keepdims=True))
+    weights /= weights.sum(-1, keepdims=True)
     np.testing.assert_allclose(out['attention'], weights.mean(axis=(1, 2)).reshape(2, 3, 3), rtol=1e-5)
     np.testing.assert_allclose(out['attention'].sum(axis=(1, 2)), 1.0, rtol=1e-5)
     assert out['gradcam'].shape == (2, 3, 3) and 'se_gates' not in out
 
 
 def test_se_gates_are_the_blocks_channel_weights():
-    rngs = nnx.Rngs(0)
-    block = SqueezeExcitation(8, 2, kernel_init=nnx.initializers.lecun_normal(), dtype=jnp.float32,
-                              param_dtype=jnp.float32, rngs=rngs)
-    model = AttentionModel(block, 8, rngs)
-    images = jax.random.normal(jax.random.key(2), (2, 4, 4, 8))
-    out = interpret.explain(model, images)
+    model = _attention_model(SqueezeExcitation, 8, squeeze_channels=2, kernel_init=nnx.initializers.lecun_normal())
+    images = np.random.default_rng(2).normal(size=(2, 4, 4, 8)).astype(np.float32)
+    out, gates, gated = nnx.jit(lambda model, images: (interpret.explain(model, images), model.attention.gates(images),
+                                                       model.attention(images)))(model, images)
     assert out['se_gates'].shape == (2, 8) and np.all((out['se_gates'] > 0) & (out['se_gates'] < 1))
-    np.testing.assert_allclose(out['se_gates'] * 1.0, block.gates(images)[:, 0, 0], rtol=1e-6)
-    np.testing.assert_allclose(block(images), images * block.gates(images), rtol=1e-6)
+    np.testing.assert_allclose(out['se_gates'], gates[:, 0, 0], rtol=1e-6)
+    np.testing.assert_allclose(gated, images * gates, rtol=1e-6)
 
 
 def test_select_examples_mixes_errors_and_correct_predictions():
