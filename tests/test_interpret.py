@@ -160,6 +160,19 @@ def test_se_gates_are_the_blocks_channel_weights():
     np.testing.assert_allclose(gated, images * gates, rtol=1e-6)
 
 
+def test_panels_scale_gradcam_to_its_maximum_and_attention_from_its_minimum():
+    rng = np.random.default_rng(4)
+    attention = rng.dirichlet(np.full(49, 400.0), size=2).reshape(2, 7, 7)  # Each sums to 1 ...
+    assert attention[1].min() > 0.6 * attention[1].max()  # ... so its floor is high.
+    gradcam = rng.uniform(size=(2, 3, 14, 14))
+    gradcam_map, attention_map = interpret.panel_maps({'gradcam': gradcam, 'attention': attention}, 1, 2)
+    np.testing.assert_allclose(gradcam_map, gradcam[1, 2] / gradcam[1, 2].max(), rtol=1e-6)
+    low, high = attention[1].min(), attention[1].max()
+    np.testing.assert_allclose(attention_map, (attention[1] - low) / (high - low), rtol=1e-5, atol=1e-6)
+    assert interpret.panel_maps({'gradcam': gradcam}, 0, 0)[0].max() == 1
+    np.testing.assert_array_equal(interpret.scaled_min_to_max(np.full((7, 7), 1 / 49)), 0)  # Flat: nothing shown.
+
+
 def test_gallery_explains_the_class_of_the_averaged_views(tmp_path):
     """With test-time augmentation, the panel's Grad-CAM is for the class its caption and file name
     give, the argmax of the probabilities averaged over the 8 views, where the image's own view disagrees."""
@@ -182,8 +195,8 @@ def test_gallery_explains_the_class_of_the_averaged_views(tmp_path):
     (name,) = os.listdir(tmp_path / 'gradcam')
     assert name.endswith('_pred-b.png') and 'predicted b' in entries[0]['caption']
     drawn = cv2.cvtColor(cv2.imread(str(tmp_path / 'gradcam' / name)), cv2.COLOR_BGR2RGB)
-    np.testing.assert_array_equal(drawn, interpret.panel(tiles[0], [explanation['gradcam'][0, 1]]))
-    assert not np.array_equal(drawn, interpret.panel(tiles[0], [explanation['gradcam'][0, 0]]))
+    np.testing.assert_array_equal(drawn, interpret.panel(tiles[0], interpret.panel_maps(explanation, 0, 1)))
+    assert not np.array_equal(drawn, interpret.panel(tiles[0], interpret.panel_maps(explanation, 0, 0)))
 
 
 def test_select_examples_mixes_errors_and_correct_predictions():

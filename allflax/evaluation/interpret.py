@@ -103,12 +103,35 @@ def display_rgb(tile: np.ndarray, preprocess_steps) -> np.ndarray:
     return cv2.cvtColor(tile, cv2.COLOR_LAB2RGB) if 'lab' in tuple(preprocess_steps) else tile
 
 
+def scaled_to_max(heatmap: np.ndarray) -> np.ndarray:
+    """A map ≥ 0 (Grad-CAM, after its ReLU) over its maximum: 0 stays "no evidence"."""
+    heatmap = np.asarray(heatmap, np.float32)
+    return heatmap / heatmap.max() if heatmap.max() > 0 else heatmap
+
+
+def scaled_min_to_max(heatmap: np.ndarray) -> np.ndarray:
+    """A map from its minimum (0) to its maximum (1). Attention received sums to 1 over the
+    positions, so its floor sits near its maximum: scaled by the maximum alone, it is hot everywhere."""
+    heatmap = np.asarray(heatmap, np.float32)
+    spread = heatmap.max() - heatmap.min()
+    return (heatmap - heatmap.min()) / spread if spread > 0 else np.zeros_like(heatmap)
+
+
+def panel_maps(explanation: dict[str, np.ndarray], index: int, explained_class: int) -> list[np.ndarray]:
+    """The heat maps of image `index`'s panel, each in [0, 1]: Grad-CAM for `explained_class`,
+    and the attention received where there is one (the same for every class)."""
+    maps = [scaled_to_max(explanation['gradcam'][index, explained_class])]
+    if 'attention' in explanation:
+        maps.append(scaled_min_to_max(explanation['attention'][index]))
+    return maps
+
+
 def overlay(image: np.ndarray, heatmap: np.ndarray) -> np.ndarray:
-    """The heat map upsampled to the image, scaled to its maximum and blended in as a jet colormap."""
+    """A heat map in [0, 1] upsampled to the image and blended in as a jet colormap."""
     height, width = image.shape[:2]
     heat = cv2.resize(np.asarray(heatmap, np.float32), (width, height), interpolation=cv2.INTER_LINEAR)
-    heat = heat / heat.max() if heat.max() > 0 else heat
-    colored = cv2.cvtColor(cv2.applyColorMap(np.uint8(255 * heat), cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)
+    colored = cv2.cvtColor(cv2.applyColorMap(np.uint8(255 * np.clip(heat, 0, 1)), cv2.COLORMAP_JET),
+                           cv2.COLOR_BGR2RGB)
     return cv2.addWeighted(image, 1 - OVERLAY_OPACITY, colored, OVERLAY_OPACITY, 0)
 
 
@@ -134,9 +157,7 @@ def write_panels(directory: str, images: list[np.ndarray], explanation: dict[str
     for i, (image, name) in enumerate(zip(images, names)):
         path = os.path.join(directory, f'{name}.png')
         if files.is_writer():
-            heatmaps = [explanation['gradcam'][i, classes[i]]] + (
-                [explanation['attention'][i]] if 'attention' in explanation else [])
-            cv2.imwrite(path, cv2.cvtColor(panel(image, heatmaps), cv2.COLOR_RGB2BGR))
+            cv2.imwrite(path, cv2.cvtColor(panel(image, panel_maps(explanation, i, classes[i])), cv2.COLOR_RGB2BGR))
         paths.append(path)
     return paths
 

@@ -40,16 +40,18 @@ def _gallery(entries: list[dict], explanation: dict) -> str:
     if not entries:
         return '<p class="note">No images to show.</p>'
     height, width = explanation['gradcam'].shape[2:]
-    columns = f'image · Grad-CAM at {explanation["gradcam_layer"]} ({height}×{width})'
+    columns = f'image · Grad-CAM at {explanation["gradcam_layer"]} ({height}×{width}, scaled to its maximum)'
     if 'attention' in explanation:
-        columns += f' · self-attention received ({"×".join(map(str, explanation["attention"].shape[1:]))})'
+        size = '×'.join(map(str, explanation['attention'].shape[1:]))
+        columns += (f' · self-attention received ({size}, mean over heads and queries, scaled from its '
+                    f'minimum to its maximum: each sums to 1 over the positions)')
     figures = ''.join(
         f'<figure class="{"" if e["correct"] else "wrong"}">{embed_png(e["path"], e["caption"], "panel")}'
         f'<figcaption>{html.escape(e["caption"])}</figcaption></figure>' for e in entries)
     return (f'<p class="note">Each panel: {html.escape(columns)}. Grad-CAM explains the class the caption '
             f'names (with test-time augmentation, that of the averaged views; the maps are of the image '
             f'as shown). Green: correct, red: wrong; (p) is the predicted probability. Maps are '
-            f'upsampled, each scaled to its own maximum (so a map says where, not how much).</p>'
+            f'upsampled, each scaled on its own (so a map says where, not how much).</p>'
             f'<div class="gallery">{figures}</div>')
 
 
