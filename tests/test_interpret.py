@@ -17,8 +17,8 @@ from allflax.models.attention import MultiHeadSelfAttention, SqueezeExcitation
 
 
 def with_numpy_weights(model: nnx.Module, seed: int = 0) -> nnx.Module:
-    """`model`, built by nnx.eval_shape, given weights drawn by numpy, scaled by fan-in, in eval
-    mode: JAX's initialisers compile once per parameter shape, a third of a second each here."""
+    """`model` (without batch norm), built by nnx.eval_shape, given weights drawn by numpy, scaled by
+    fan-in, in eval mode: JAX's initialisers compile once per parameter shape, a third of a second each here."""
     rng = np.random.default_rng(seed)
 
     def draw(leaf):
