@@ -57,7 +57,7 @@ def predict(config: ml_collections.ConfigDict, workdir: str, input_pattern: str,
         names = [f'{i:04d}_{interpret.slug(os.path.splitext(os.path.basename(path))[0])}'
                  f'_pred-{interpret.slug(class_names[p])}' for i, (path, p) in enumerate(zip(readable, predicted))]
         images = [interpret.display_rgb(tile, config.data.preprocess) for tile in tiles]
-        interpret.write_panels(gradcam_folder(output), images, explanation, names)
+        interpret.write_panels(gradcam_folder(output), images, explanation, predicted, names)
         summary['gradcam'] = gradcam_folder(output)
     return summary
 

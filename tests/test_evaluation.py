@@ -105,6 +105,8 @@ def test_eval_mode_writes_the_report(tiny_run, monkeypatch):
     assert page.count('src="data:image/png;base64,') == len(PLOTS) + len(panels)
     assert 'src="http' not in page and 'src="/' not in page
     assert 'Balanced accuracy' in page and 'Cohen' in page and 'Patients' in page
+    # At 32 px: block5_conv4's map is 2×2, the attention's (after block5_pool) 1×1.
+    assert 'Grad-CAM at block5_conv4 (2×2' in page and 'self-attention received (1×1' in page
 
 
 def test_eval_with_test_time_augmentation_and_temperature_scaling(tiny_run, tmp_path):

@@ -39,21 +39,27 @@ def _metrics_tables(values: dict) -> str:
 def _gallery(entries: list[dict], explanation: dict) -> str:
     if not entries:
         return '<p class="note">No images to show.</p>'
-    columns = 'image · Grad-CAM' + (' · self-attention received' if 'attention' in explanation else '')
-    height, width = explanation['gradcam'].shape[1:]
+    height, width = explanation['gradcam'].shape[2:]
+    columns = f'image · Grad-CAM at {explanation["gradcam_layer"]} ({height}×{width}, scaled to its maximum)'
+    if 'attention' in explanation:
+        size = '×'.join(map(str, explanation['attention'].shape[1:]))
+        columns += (f' · self-attention received ({size}, mean over heads and queries, scaled from its '
+                    f'minimum to its maximum: each sums to 1 over the positions)')
     figures = ''.join(
         f'<figure class="{"" if e["correct"] else "wrong"}">{embed_png(e["path"], e["caption"], "panel")}'
         f'<figcaption>{html.escape(e["caption"])}</figcaption></figure>' for e in entries)
-    return (f'<p class="note">Each panel: {columns}, for the predicted class. Green: correct, red: wrong; '
-            f'(p) is the predicted probability. Heat maps come from the {height}×{width} last feature map, '
-            f'upsampled, each scaled to its own maximum (so a map says where, not how much).</p>'
+    return (f'<p class="note">Each panel: {html.escape(columns)}. Grad-CAM explains the class the caption '
+            f'names (with test-time augmentation, that of the averaged views; the maps are of the image '
+            f'as shown). Green: correct, red: wrong; (p) is the predicted probability. Maps are '
+            f'upsampled, each scaled on its own (so a map says where, not how much).</p>'
             f'<div class="gallery">{figures}</div>')
 
 
 def write_gallery(directory: str, split: Split, class_names, probabilities: np.ndarray,
                   explain: Callable[[Split], dict], *, count: int, preprocess) -> tuple[list[dict], dict]:
-    """Grad-CAM (and attention) panels of `count` chosen images into `directory/gradcam/`;
-    `explain(split)` explains a split's images (`interpret.explain` on the mesh), `preprocess`
+    """Grad-CAM (and attention) panels of `count` chosen images into `directory/gradcam/`, each for
+    the class of `probabilities` (the model's final ones, averaged over the views with test-time
+    augmentation); `explain(split)` explains a split's images (`restore.explainer`), `preprocess`
     names the tiles' preprocessing (to show them in RGB). Returns the gallery entries and the
     raw explanation."""
     indices = interpret.select_examples(split.labels, probabilities, count)
@@ -66,7 +72,7 @@ def write_gallery(directory: str, split: Split, class_names, probabilities: np.n
     names = [interpret.example_name(rank, class_names[t], class_names[p])
              for rank, (t, p) in enumerate(zip(split.labels[indices], predicted))]
     images = [interpret.display_rgb(image, preprocess) for image in chosen.images]
-    paths = interpret.write_panels(os.path.join(directory, 'gradcam'), images, explanation, names)
+    paths = interpret.write_panels(os.path.join(directory, 'gradcam'), images, explanation, predicted, names)
     entries = [{'path': path, 'correct': bool(c),
                 'caption': f'#{i}: true {class_names[t]}, predicted {class_names[p]} '
                            f'({probabilities[i, p]:.2f})'}

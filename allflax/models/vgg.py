@@ -74,6 +74,11 @@ class VGG(nnx.Module):
                              f'choose one of {", ".join(layer_names)}')
         self.layer_names = tuple(layer_names)
         self.attention_after = attention_after
+        # The forward pass in order, the attention block as a step of its own.
+        self.steps = sum(((name, 'attention') if name == attention_after else (name,) for name in layer_names), ())
+        # Grad-CAM's layer (Selvaraju et al. take VGG's last convolution): a map at H/16 whose
+        # positions are still the image's, unmixed by the attention and its position embedding.
+        self.gradcam_layer = [name for name in layer_names if not name.endswith('_pool')][-1]
         if not include_top:
             return
         if head == 'flatten':
@@ -94,17 +99,27 @@ class VGG(nnx.Module):
         return MultiHeadSelfAttention(channels, size * size, num_heads=heads, dropout_rate=dropout,
                                       dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-    def features(self, images: jax.Array) -> jax.Array:
-        """The last feature map (after the attention block, where there is one): Grad-CAM's target."""
-        x = images.astype(self.dtype)
-        for name in self.layer_names:
-            if name.endswith('_pool'):
+    def _run(self, x: jax.Array, steps) -> jax.Array:
+        for name in steps:
+            if name == 'attention':
+                x = self.attention(x)
+            elif name.endswith('_pool'):
                 x = max_pool_2x2(x)
             else:
                 x = ops.conv_relu(getattr(self, name), x)
-            if name == self.attention_after:
-                x = self.attention(x)
         return x
+
+    def features(self, images: jax.Array) -> jax.Array:
+        """The last feature map (after the attention block, where there is one)."""
+        return self._run(images.astype(self.dtype), self.steps)
+
+    def to_gradcam_layer(self, images: jax.Array) -> jax.Array:
+        """The output of `gradcam_layer` (after its ReLU, as Keras's layer of that name)."""
+        return self._run(images.astype(self.dtype), self.steps[:self.steps.index(self.gradcam_layer) + 1])
+
+    def from_gradcam_layer(self, x: jax.Array) -> jax.Array:
+        """The logits from the output of `gradcam_layer`."""
+        return self.head(self._run(x, self.steps[self.steps.index(self.gradcam_layer) + 1:]))
 
     def head(self, features: jax.Array) -> jax.Array:
         x = features

@@ -8,7 +8,6 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 from flax import nnx
 
@@ -85,9 +84,16 @@ def _concrete_rng(leaf):
 
 
 def explainer(restored: Restored, *, data: ml_collections.ConfigDict, dtype: str,
-              batch_size: int) -> Callable[[Split], dict[str, np.ndarray]]:
-    """`explain(split)`: `interpret.explain` of every image of a split, batched over the mesh."""
+              batch_size: int) -> Callable[[Split], dict]:
+    """`explain(split)`: `interpret.explain` of every image of a split, batched over the mesh, and
+    `gradcam_layer`, the layer its Grad-CAM maps are taken at."""
     explain_step = steps.make_inference_step(interpret.explain, restored.built, restored.mesh, data=data,
                                              dtype=dtype)
-    return lambda split: inference.map_batches(lambda images, put: explain_step(restored.state, put(images)),
-                                               split, batch_size, restored.mesh)
+    parts = restored.built.parts
+    layer = interpret.gradcam_layer(nnx.merge(parts.eval_graph, restored.state.params,
+                                              restored.state.batch_stats, parts.rng_state))
+
+    def explain(split):
+        return {**inference.map_batches(lambda images, put: explain_step(restored.state, put(images)),
+                                        split, batch_size, restored.mesh), 'gradcam_layer': layer}
+    return explain
