@@ -307,7 +307,7 @@ def test_export_replaces_only_its_own_bundle(vgg_bundle, tmp_path):
     linked = tmp_path / 'linked'
     os.symlink(output, str(linked))
     cases = [
-        (dataset, 'exists and is not a bundle (its metadata.json has no file list, or no schema version'),
+        (dataset, r'exists and is not a bundle \(its metadata.json has no file list, or no schema version'),
         (extra, r'holds files that its metadata.json does not list \(notes.txt\)'),
         (linked, 'is a symbolic link'),
         (workdir, 'is or holds the run\'s workdir'),
