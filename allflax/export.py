@@ -8,6 +8,8 @@ program with allflax's CPU custom calls can be neither converted to ONNX nor exp
 platforms. ONNX by jax2onnx, StableHLO by `jax.export`, both for any batch size; the ONNX model is
 checked against the checkpoint's own JAX prediction before the bundle is written.
 """
+import contextlib
+import csv
 import datetime
 import importlib.metadata
 import json
@@ -15,6 +17,7 @@ import logging as python_logging
 import os
 import subprocess
 
+import cv2
 import flax
 import jax
 import jax.numpy as jnp
@@ -24,17 +27,43 @@ from absl import logging
 from flax import nnx
 
 from allflax import bundle, model_card
-from allflax.data import augment, preprocess, sources
-from allflax.data.dataset import Split
-from allflax.evaluation import calibration, inference
+from allflax.data import augment, pipeline, preprocess, sources
+from allflax.data.dataset import Split, default_cache_dir
+from allflax.evaluation import calibration, inference, plots
 from allflax.models import ops
-from allflax.training import restore
+from allflax.training import checkpoints, restore
 
 PLATFORMS = ('cpu', 'cuda', 'tpu')
 ONNX_OPSET = 23
 INTENDED_USE = ('Research on automated classification of acute lymphoblastic leukemia cell images: reproducing '
                 'and improving published recipes. Not a medical device: not for diagnosis, treatment or any '
                 'decision about a patient.')
+OUT_OF_SCOPE_USES = (
+    'Diagnosis, screening, triage, treatment or monitoring of any patient, or any clinical decision: it is not a '
+    'medical device and has not been validated for clinical use.',
+    'Images unlike those it was trained on: another specimen (bone marrow or peripheral blood), stain, '
+    'magnification, microscope or camera, or multi-cell fields for a model trained on single-cell crops (and the '
+    'reverse), without validating it there first.',
+    'Cells or diseases outside its classes (other leukaemias, other leukocytes, debris): it assigns every image to '
+    'one of its classes and cannot answer "none of these".',
+    'Diagnosing a patient from its cells\' predictions, unless a patient-level evaluation of this bundle supports '
+    'that use.',
+    'Redistributing the training images, or weights learned from them, against the data set\'s terms (see the '
+    'data licence).',
+)
+SYNTHETIC_OUT_OF_SCOPE = 'Any use on real cell images: it was trained on synthetic images only.'
+LICENCE = 'Apache-2.0'
+PAPERS = (
+    'Maruf M, Haque MM, Paul B. Deep Learning with Self-Attention and Enhanced Preprocessing for Precise Diagnosis '
+    'of Acute Lymphoblastic Leukemia from Bone Marrow Smears in Hemato-Oncology. arXiv:2508.17216, 2025. '
+    '(VGG19 + MHSA, configs/vgg19_mhsa.py)',
+    'Braga DC, Dantas DO. Enhanced Leukemic Cell Classification Using Attention-Based CNN and Data Augmentation. '
+    'arXiv:2601.01026, 2026. (EfficientNetV2-B3 + SE, configs/efficientnetv2_b3_se.py)',
+)
+RELIABILITY_DIAGRAM = 'reliability.png'
+# The most confident test errors the card lists, with a thumbnail of at most THUMBNAIL_SIZE pixels each.
+CONFIDENT_ERRORS = 4
+THUMBNAIL_SIZE = 96
 # Against the checkpoint's JAX prediction, on tiles drawn for the check.
 MAX_PROBABILITY_DIFFERENCE = 1e-4
 CHECK_TILES = 8
@@ -68,12 +97,24 @@ def _quiet_converter_logs():
         python_logging.getLogger(name).setLevel(python_logging.ERROR)
 
 
+@contextlib.contextmanager
+def without_source_locations():
+    """Traces without the Python file and line of each operation: they are paths on the exporting
+    machine, and `jax.export` would serialise them into model.jax."""
+    previous = jax.config.jax_traceback_in_locations_limit
+    jax.config.update('jax_traceback_in_locations_limit', 0)
+    try:
+        yield
+    finally:
+        jax.config.update('jax_traceback_in_locations_limit', previous)
+
+
 def write_onnx(probabilities, image_size: int, path: str):
     """model.onnx (+ model.onnx.data, the weights) from a portable trace of `probabilities`."""
     _quiet_converter_logs()
     from jax2onnx import to_onnx  # Here: only export converts, and the import takes seconds.
     batch = jax.export.symbolic_shape('batch')[0]
-    with ops.portable_only():
+    with ops.portable_only(), without_source_locations():
         to_onnx(probabilities, [jax.ShapeDtypeStruct((batch, image_size, image_size, 3), jnp.uint8)],
                 model_name='allflax', opset=ONNX_OPSET, return_mode='file', output_path=path,
                 input_names=['image'], output_names=['probabilities'])
@@ -82,7 +123,7 @@ def write_onnx(probabilities, image_size: int, path: str):
 def write_stablehlo(probabilities, image_size: int, path: str):
     """model.jax: `jax.export` of `probabilities` for PLATFORMS, with a symbolic batch size."""
     shape = jax.export.symbolic_shape(f'batch, {image_size}, {image_size}, 3')
-    with ops.portable_only():
+    with ops.portable_only(), without_source_locations():
         exported = jax.export.export(jax.jit(probabilities), platforms=PLATFORMS)(
             jax.ShapeDtypeStruct(shape, jnp.uint8))
     with open(path, 'wb') as f:
@@ -117,14 +158,129 @@ def allflax_version() -> str:
     return commit + ('+modified' if dirty else '')
 
 
-def data_facts(data: ml_collections.ConfigDict, splits: dict) -> dict:
-    """The data set: name, whether synthetic, how split, and per split its images, patients, classes."""
+def data_facts(data: ml_collections.ConfigDict, splits: dict, *, seed: int) -> dict:
+    """The data set: name, whether synthetic, what its images are and where they came from (its
+    published facts), how split (and which fold is the test split), and per split its images,
+    patients, classes."""
     named = {name: split for name, split in splits.items() if isinstance(split, dict) and 'num_examples' in split}
     return {'name': data.name, 'synthetic': data.name in sources.synthetic.CLASS_NAMES,
-            'split': data.split if data.fold < 0 else f'{data.split} (fold {data.fold} of {data.num_folds})',
+            'facts': sources.describe(data, seed=seed).as_dict(),
+            **({'variant': data.variant} if data.name == 'all_aria' else {}),
+            'split': data.split,
+            'fold': None if data.fold < 0 else {'index': data.fold, 'count': data.num_folds},
             'splits': {name: {'images': split['num_examples'], 'patients': len(split.get('patients', [])),
                               'class_counts': split['class_counts']} for name, split in named.items()},
             'skipped_images': len(splits.get('skipped', []))}
+
+
+def checkpoint_facts(workdir: str, step: int, named: bool) -> dict:
+    """Which checkpoint is exported and why: the latest readable one, or the step named by
+    --checkpoint_step; with the steps kept and the best of them by validation accuracy."""
+    checkpointer = checkpoints.Checkpointer(os.path.join(workdir, 'checkpoints'), read_only=True)
+    try:
+        steps = sorted(checkpointer.all_steps())
+        validation = {s: (checkpointer.metrics(s) or {}).get('accuracy') for s in steps}
+    finally:
+        checkpointer.close()
+    scored = {s: accuracy for s, accuracy in validation.items() if accuracy is not None}
+    best = max(scored, key=lambda s: (scored[s], s)) if scored else None
+    if named:
+        how = f'the step named by --checkpoint_step ({step})'
+    elif steps and step != steps[-1]:
+        how = f'the latest readable checkpoint (step {steps[-1]} could not be read)'
+    else:
+        how = 'the latest checkpoint of the run'
+    return {'step': step, 'chosen': 'named' if named else 'latest', 'how': how, 'saved_steps': steps,
+            'best_validation_step': best, 'validation_accuracy': scored.get(step)}
+
+
+def decision_rule() -> dict:
+    """The rule that turns probabilities into a class: argmax, which the bundle's CLI applies. `kind`
+    'threshold' (with `threshold` and `positive_class`) is the form for a binary operating point."""
+    return {'kind': 'argmax', 'description': 'the class of highest probability', 'threshold': None,
+            'positive_class': None}
+
+
+def shareable_path(path: str, data_dir: str) -> str:
+    """`path` without the exporting machine's folders: relative to data.dir where it lies in it, else
+    its base name; a path that is not absolute (an image id such as 'test/3/sha1:...') as it is."""
+    if data_dir and (os.path.isabs(path) or path.startswith(data_dir)):
+        root, full = os.path.abspath(data_dir), os.path.abspath(path)
+        if full.startswith(root.rstrip(os.sep) + os.sep):
+            return os.path.relpath(full, root)
+    return os.path.basename(path) if os.path.isabs(path) else path
+
+
+def without_machine_paths(tree):
+    """A config's tree with every absolute path (data.dir, data.cache_dir, model.init_from...)
+    reduced to its base name: a bundle is shared, its exporting machine's folders are not."""
+    if isinstance(tree, dict):
+        return {key: without_machine_paths(value) for key, value in tree.items()}
+    if isinstance(tree, list):
+        return [without_machine_paths(value) for value in tree]
+    if isinstance(tree, str) and os.path.isabs(tree):
+        return os.path.basename(tree.rstrip(os.sep)) or tree
+    return tree
+
+
+def read_test_predictions(workdir: str, class_names) -> tuple[list[dict], np.ndarray, np.ndarray]:
+    """eval/test/predictions.csv: its rows, their labels (class indices) and probabilities."""
+    with open(os.path.join(workdir, 'eval', 'test', 'predictions.csv'), newline='') as f:
+        rows = list(csv.DictReader(f))
+    labels = np.array([class_names.index(row['label']) for row in rows], np.int64)
+    probabilities = np.array([[float(row[name]) for name in class_names] for row in rows], np.float64)
+    return rows, labels, probabilities
+
+
+def _test_tiles(config: ml_collections.ConfigDict, indices: list[int]) -> tuple[list | None, str]:
+    """The test split's tiles at `indices`, where they may be shown and are at hand: the synthetic
+    sets' own images, read from their cache. Real images stay out of the bundle: most sets' terms
+    forbid redistributing them."""
+    data = config.data
+    if data.name not in sources.synthetic.CLASS_NAMES:
+        return None, ('none: the images of a real data set are not copied into a bundle (its terms may forbid '
+                      'redistributing them); find them by their ids')
+    cached = sources.synthetic.cache_path(data.name, num_images=data.num_images, image_size=data.image_size,
+                                          num_patients=data.num_patients, seed=config.seed,
+                                          cache_dir=default_cache_dir(config))
+    if not os.path.exists(cached):
+        return None, 'none: the generated images were not in their cache at export'
+    test = pipeline.load(config).splits['test']  # RGB: data.preprocess applies to real sets only.
+    return [np.asarray(test.images[i]) for i in indices], 'the test tiles as the model saw them (synthetic images)'
+
+
+def confident_errors(config: ml_collections.ConfigDict, rows: list[dict], labels: np.ndarray,
+                     probabilities: np.ndarray, class_names, folder: str) -> dict:
+    """The CONFIDENT_ERRORS test images predicted wrong with the highest probability: ids,
+    classes, probability, and a thumbnail in `folder` where `_test_tiles` allows."""
+    predicted = probabilities.argmax(axis=1)
+    wrong = np.flatnonzero(predicted != labels)
+    chosen = wrong[np.argsort(-probabilities[wrong, predicted[wrong]], kind='stable')][:CONFIDENT_ERRORS]
+    tiles, thumbnails = _test_tiles(config, [int(rows[i]['index']) for i in chosen]) if len(chosen) else (None, '')
+    shown = []
+    for rank, i in enumerate(chosen):
+        thumbnail = None
+        if tiles is not None:
+            thumbnail = f'error_{rank + 1}.png'
+            tile = tiles[rank]
+            scale = min(1.0, THUMBNAIL_SIZE / max(tile.shape[:2]))
+            small = cv2.resize(tile, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA) if scale < 1 else tile
+            cv2.imwrite(os.path.join(folder, thumbnail), cv2.cvtColor(small, cv2.COLOR_RGB2BGR))
+        shown.append({'image_id': shareable_path(rows[i]['image_id'], config.data.dir),
+                      'patient': rows[i]['patient'], 'label': class_names[labels[i]],
+                      'predicted': class_names[predicted[i]],
+                      'probability': float(probabilities[i, predicted[i]]), 'thumbnail': thumbnail})
+    return {'errors': int(len(wrong)), 'images': int(len(labels)), 'shown': shown,
+            'thumbnails': thumbnails or 'none: no errors'}
+
+
+def reliability_diagram(labels: np.ndarray, probabilities: np.ndarray, temperature: float, folder: str) -> dict:
+    """RELIABILITY_DIAGRAM in `folder`: the reliability of the test split's probabilities, as the
+    bundle gives them (`plots.plot_calibration`)."""
+    name = 'probabilities' + (f', T = {temperature:.2f}' if temperature != 1.0 else '')
+    plots.plot_calibration(labels, {name: probabilities}, os.path.join(folder, RELIABILITY_DIAGRAM))
+    return {'file': RELIABILITY_DIAGRAM, 'split': 'test', 'from': 'eval/test/predictions.csv',
+            'temperature': float(temperature), 'bins': calibration.NUM_BINS}
 
 
 def evaluation_facts(workdir: str, checkpoint_step: int) -> dict | None:
@@ -168,10 +324,23 @@ def export(config: ml_collections.ConfigDict, workdir: str, output: str, *, chec
                                      tta=config.eval.tta), temperature)
         difference = check_onnx(onnx_path, reference, tiles)
 
+        evaluation = evaluation_facts(workdir, restored.step)
+        if evaluation is not None and os.path.exists(os.path.join(workdir, 'eval', 'test', 'predictions.csv')):
+            rows, labels, test_probabilities = read_test_predictions(workdir, list(class_names))
+            evaluation['reliability_diagram'] = reliability_diagram(labels, test_probabilities, temperature, folder)
+            evaluation['confident_errors'] = confident_errors(config, rows, labels, test_probabilities,
+                                                             list(class_names), folder)
+        data = data_facts(config.data, run['splits'], seed=config.seed)
         metadata = {
             'schema_version': bundle.SCHEMA_VERSION,
             'model': config.model.name,
             'intended_use': INTENDED_USE,
+            'out_of_scope_uses': [*([SYNTHETIC_OUT_OF_SCOPE] if data['synthetic'] else []), *OUT_OF_SCOPE_USES],
+            'licence': {'code': f'{LICENCE} (allflax: LICENSE in its repository)',
+                        'weights': (f'learned from {data["name"]}, whose terms are: {data["facts"]["licence"]}; '
+                                    'the code\'s licence does not waive them')},
+            'citation': {'software': 'allflax: CITATION.cff in its repository', 'papers': list(PAPERS),
+                         'data': data['facts']['citation']},
             'classes': list(class_names),
             'input': {'name': 'image', 'shape': ['batch', size, size, 3], 'layout': 'NHWC', 'dtype': 'uint8',
                       'value_range': [0, 255], 'size': size, 'channels': 3,
@@ -194,8 +363,12 @@ def export(config: ml_collections.ConfigDict, workdir: str, output: str, *, chec
                                        if config.eval.temperature_scaling and temperature != 1.0 else
                                        'none (1.0): eval.temperature_scaling off or not fitted for this step'),
                 'test_time_augmentation': bool(config.eval.tta), 'compute_dtype': 'float32'},
-            'source': {'workdir': os.path.abspath(workdir), 'checkpoint_step': restored.step,
-                       'exported': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')},
+            'decision_rule': decision_rule(),
+            'source': {'workdir': os.path.basename(os.path.abspath(workdir)), 'checkpoint_step': restored.step,
+                       'exported': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
+                       'paths': 'base names (or relative to data.dir) only: the exporting machine\'s folders '
+                                'are left out'},
+            'checkpoint': checkpoint_facts(workdir, restored.step, named=checkpoint_step is not None),
             'formats': {
                 'onnx': {'file': bundle.ONNX, 'opset': ONNX_OPSET,
                          'external_data': bundle.ONNX + '.data' if os.path.exists(onnx_path + '.data') else None,
@@ -203,9 +376,9 @@ def export(config: ml_collections.ConfigDict, workdir: str, output: str, *, chec
                 'stablehlo': {'file': bundle.STABLEHLO, 'platforms': list(PLATFORMS), 'batch': 'symbolic'}},
             'verification': {'onnx_vs_checkpoint_max_abs_probability_difference': difference,
                              'tiles': f'{CHECK_TILES} uniformly random uint8 tiles'},
-            'config': json.loads(config.to_json_best_effort()),
-            'data': data_facts(config.data, run['splits']),
-            'evaluation': evaluation_facts(workdir, restored.step),
+            'config': without_machine_paths(json.loads(config.to_json_best_effort())),
+            'data': data,
+            'evaluation': evaluation,
             'versions': {'allflax': allflax_version(), 'jax': jax.__version__, 'flax': flax.__version__,
                          'jax2onnx': importlib.metadata.version('jax2onnx'),
                          'onnx': importlib.metadata.version('onnx'), 'onnx_opset': ONNX_OPSET},

@@ -1,4 +1,7 @@
-"""MODEL_CARD.md of a bundle, written from its metadata.json's facts only, so the two never disagree."""
+"""MODEL_CARD.md of a bundle, written from its metadata.json's facts only, so the two never disagree.
+It answers what the CLAIM 2024 and TRIPOD+AI checklists ask of a model: what the images are and
+where they came from, who labelled them, the split, which checkpoint and decision rule, how it
+scores, where it errs, what it must not be used for, its licence and how to cite it."""
 
 METRICS = (('accuracy', 'Accuracy'), ('balanced_accuracy', 'Balanced accuracy'), ('f1_macro', 'F1 (macro)'),
            ('roc_auc', 'ROC AUC (macro)'), ('cohen_kappa', "Cohen's kappa"), ('ece', 'ECE'))
@@ -27,6 +30,115 @@ def _per_class_table(values: dict) -> list[str]:
     return lines
 
 
+# The data facts a card shows, in order: (metadata.json's data.facts key, row label).
+FACT_ROWS = (('title', 'Data set'), ('specimen', 'Specimen'), ('stain', 'Stain'), ('acquisition', 'Acquisition'),
+             ('magnification', 'Magnification'), ('microns_per_pixel', 'µm per pixel'), ('image_type', 'Images are'),
+             ('patients', 'Patients (as published)'), ('images', 'Images (as published)'), ('sites', 'Sites'),
+             ('labels', 'Labelled by, against'), ('source', 'Source'), ('licence', 'Licence'))
+
+
+def fold_phrase(fold: dict | None) -> str:
+    """'fold 2 of 5' (data.fold=2, folds numbered from 0), or '' for a run without k-fold."""
+    return '' if fold is None else f'fold {fold["index"]} of {fold["count"]}'
+
+
+def _split_sentence(data: dict) -> str:
+    unit = 'patient' if data['split'] == 'patient' else 'image' if data['split'] == 'random' else data['split']
+    if data.get('fold') is None:
+        return f'Data set `{data["name"]}`{" (synthetic)" if data["synthetic"] else ""}, split by {data["split"]}:'
+    return (f'Data set `{data["name"]}`{" (synthetic)" if data["synthetic"] else ""}, k-fold by {unit}: this model '
+            f'is {fold_phrase(data["fold"])} (data.fold={data["fold"]["index"]}, folds numbered 0–'
+            f'{data["fold"]["count"] - 1}). Its test split is that fold; train and val come from the other '
+            f'{data["fold"]["count"] - 1} folds. The other folds are other runs, each with its own bundle:')
+
+
+def _cell(text: str) -> str:
+    """`text` in a Markdown table cell (a user's data.facts may hold a '|')."""
+    return str(text).replace('|', '\\|')
+
+
+def _facts_section(data: dict) -> list[str]:
+    facts = data.get('facts')
+    if not facts:
+        return []
+    lines = ['## What the images are and where they came from', '',
+             '"unknown": not published; "(unconfirmed)": not confirmed from a primary source.', '',
+             '| | |', '|---|---|']
+    lines += [f'| {label} | {_cell(facts.get(key, "unknown"))} |' for key, label in FACT_ROWS]
+    if data.get('variant'):
+        lines += [f'| Variant used | {data["variant"]} |']
+    lines += ['', *[f'- {note}' for note in facts.get('notes', [])]]
+    if facts.get('fact_sources'):
+        lines += ['', f'These facts were read from: {"; ".join(facts["fact_sources"])}.']
+    return lines + ['']
+
+
+def _checkpoint_line(metadata: dict) -> str:
+    checkpoint = metadata.get('checkpoint')
+    line = f'- Checkpoint: step {metadata["source"]["checkpoint_step"]} of the run `{metadata["source"]["workdir"]}`'
+    if checkpoint is None:
+        return line + '.'
+    line += f', exported as {checkpoint["how"]}.'
+    best = checkpoint.get('best_validation_step')
+    if best is not None:
+        same = ' (this one)' if best == checkpoint['step'] else ''
+        line += f' Saved steps: {", ".join(map(str, checkpoint["saved_steps"]))}; the best by validation ' \
+                f'accuracy is step {best}{same}.'
+    return line
+
+
+def decision_rule_line(rule: dict | None) -> str:
+    if rule is None or rule['kind'] == 'argmax':
+        return '- Decision rule: argmax, the class of highest probability; no threshold.'
+    return (f'- Decision rule: a threshold of {rule["threshold"]:.4g} on the probability of '
+            f'`{rule["positive_class"]}`: {rule["description"]}.')
+
+
+def _confusion_table(cell: dict, classes: list[str]) -> list[str]:
+    matrix = cell.get('confusion_matrix')
+    if not matrix:
+        return []
+    lines = ['### Confusion matrix', '', 'Images; rows: true class, columns: predicted class.', '',
+             '| True class | ' + ' | '.join(f'predicted {name}' for name in classes) + ' |',
+             '|---' * (len(classes) + 1) + '|']
+    lines += [f'| {name} | ' + ' | '.join(str(count) for count in row) + ' |' for name, row in zip(classes, matrix)]
+    return lines + ['']
+
+
+def _image(file: str | None) -> str:
+    return f'![{file}]({file})' if file else '–'
+
+
+def _errors_section(errors: dict | None) -> list[str]:
+    if errors is None:
+        return []
+    lines = ['### Most confident errors', '',
+             f'{errors["errors"]} of {errors["images"]} test images are predicted wrong. '
+             + (f'The {len(errors["shown"])} with the highest probability for the wrong class:' if errors['shown']
+                else '')]
+    if errors['shown']:
+        lines += ['', '| Image | Patient | True | Predicted | Probability | Thumbnail |', '|---|---|---|---|---|---|']
+        lines += [f'| `{e["image_id"]}` | {e["patient"] or "–"} | {e["label"]} | {e["predicted"]} | '
+                  f'{e["probability"]:.3f} | {_image(e["thumbnail"])} |' for e in errors['shown']]
+        lines += ['', f'Thumbnails: {errors["thumbnails"]}.']
+    return lines
+
+
+def _licence_section(metadata: dict) -> list[str]:
+    licence, citation = metadata.get('licence'), metadata.get('citation')
+    if licence is None and citation is None:
+        return []
+    lines = ['## Licence and citation', '']
+    if licence:
+        lines += [f'- Code: {licence["code"]}.', f'- Weights: {licence["weights"]}.']
+    if citation:
+        lines += [f'- Cite the software: {citation["software"]}; and the papers whose recipes it reproduces:',
+                  *[f'  - {paper}' for paper in citation['papers']]]
+        if citation.get('data'):
+            lines += ['- Cite the data:', *[f'  - {entry}' for entry in citation['data']]]
+    return lines + ['']
+
+
 def limitations(metadata: dict) -> list[str]:
     """Each limitation that applies to this bundle, in a sentence."""
     data, evaluation = metadata['data'], metadata['evaluation']
@@ -44,12 +156,21 @@ def limitations(metadata: dict) -> list[str]:
         if cells < 1000 or patients < 30:
             found.append(f'A small test split ({cells} images, {patients} patients): the intervals are wide; '
                          'read them, not the point estimates.')
+        if data.get('fold') is not None:
+            found.append(f'One fold of a k-fold run ({fold_phrase(data["fold"])}): its scores are of this fold\'s '
+                         f'test patients only; the cross-validated estimate is over all {data["fold"]["count"]} '
+                         'folds\' runs.')
         if evaluation['patient_level'] is None:
             found.append('No patient-level evaluation: the test images carry no patient identifiers, so the '
                          'intervals resample images, which understates their width when a patient has many.')
     if data['split'] != 'patient':
         found.append(f'The split is by {data["split"]}, not by patient: cells of one patient may be in training '
                      'and test, which flatters the test metrics.')
+    facts = data.get('facts') or {}
+    unknown = [label.lower() for key, label in FACT_ROWS[1:7] if str(facts.get(key, 'unknown')).startswith('unknown')]
+    if facts and unknown and not data['synthetic']:
+        found.append(f'Not published for this data set: {", ".join(unknown)}; images that differ in them may not be '
+                     'like the training images.')
     if metadata['probability_rule']['temperature_source'].startswith('none'):
         found.append('The probabilities are not calibrated by a fitted temperature.')
     found.append(f'Takes {metadata["input"]["size"]}-pixel tiles preprocessed exactly as its metadata.json says; '
@@ -60,22 +181,28 @@ def limitations(metadata: dict) -> list[str]:
 def render(metadata: dict) -> str:
     """The card as Markdown."""
     data, rule, evaluation = metadata['data'], metadata['probability_rule'], metadata['evaluation']
-    lines = [f'# Model card: {metadata["model"]} ({", ".join(metadata["classes"])})', '',
-             '## Intended use', '', metadata['intended_use'], '',
-             '## Model', '',
-             f'- Network: `{metadata["model"]}`, checkpoint step {metadata["source"]["checkpoint_step"]} of '
-             f'`{metadata["source"]["workdir"]}`; allflax {metadata["versions"]["allflax"]}, '
-             f'JAX {metadata["versions"]["jax"]}, Flax {metadata["versions"]["flax"]}.',
-             f'- Input: {metadata["input"]["dtype"]} tiles of shape (batch, {metadata["input"]["size"]}, '
-             f'{metadata["input"]["size"]}, {metadata["input"]["channels"]}), {metadata["input"]["color"]}, values '
-             f'{metadata["input"]["value_range"][0]}–{metadata["input"]["value_range"][1]}.',
-             f'- Output: {metadata["output"]["meaning"]}, classes in this order: '
-             f'{", ".join(metadata["classes"])}.',
-             f'- Probability rule: {rule["description"]} Temperature {rule["temperature"]:.4g} '
-             f'({rule["temperature_source"]}).', '',
-             '## Training data and split', '',
-             f'Data set `{data["name"]}`{" (synthetic)" if data["synthetic"] else ""}, split by {data["split"]}:', '',
-             '| Split | Images | Patients | Images per class |', '|---|---|---|---|']
+    lines = [f'# Model card: {metadata["model"]} ({", ".join(metadata["classes"])})'
+             + (f', {fold_phrase(data["fold"])}' if data.get('fold') else ''), '',
+             '## Intended use', '', metadata['intended_use'], '']
+    if metadata.get('out_of_scope_uses'):
+        lines += ['### Out of scope: do not use it for', '', *[f'- {use}' for use in metadata['out_of_scope_uses']],
+                  '']
+    lines += ['## Model', '',
+              f'- Network: `{metadata["model"]}`; allflax {metadata["versions"]["allflax"]}, '
+              f'JAX {metadata["versions"]["jax"]}, Flax {metadata["versions"]["flax"]}.',
+              _checkpoint_line(metadata),
+              f'- Input: {metadata["input"]["dtype"]} tiles of shape (batch, {metadata["input"]["size"]}, '
+              f'{metadata["input"]["size"]}, {metadata["input"]["channels"]}), {metadata["input"]["color"]}, values '
+              f'{metadata["input"]["value_range"][0]}–{metadata["input"]["value_range"][1]}.',
+              f'- Output: {metadata["output"]["meaning"]}, classes in this order: '
+              f'{", ".join(metadata["classes"])}.',
+              f'- Probability rule: {rule["description"]} Temperature {rule["temperature"]:.4g} '
+              f'({rule["temperature_source"]}).',
+              decision_rule_line(metadata.get('decision_rule')), '',
+              *_facts_section(data),
+              '## Training data and split', '',
+              _split_sentence(data), '',
+              '| Split | Images | Patients | Images per class |', '|---|---|---|---|']
     lines += [f'| {name} | {split["images"]} | {split["patients"]} | '
               f'{", ".join(f"{c} {n}" for c, n in split["class_counts"].items())} |'
               for name, split in data['splits'].items()]
@@ -87,11 +214,13 @@ def render(metadata: dict) -> str:
     else:
         tta = ' with test-time augmentation (8 dihedral views)' if evaluation.get('test_time_augmentation') else ''
         cell = evaluation['cell_level']
-        lines += [f'The {evaluation["split"]} split ({cell["num_examples"]} images), step '
+        held_out = f'{fold_phrase(data["fold"])}; ' if data.get('fold') else ''
+        lines += [f'The {evaluation["split"]} split ({held_out}{cell["num_examples"]} images), step '
                   f'{evaluation["checkpoint_step"]}{tta}. Intervals: 95 % bootstrap '
                   f'({cell.get("bootstrap", {}).get("samples", "?")} resamples of '
                   f'{cell.get("bootstrap", {}).get("resampled", "?")}).', '',
-                  '### Per cell', '', *_metrics_table(cell), '', *_per_class_table(cell), '']
+                  '### Per cell', '', *_metrics_table(cell), '', *_per_class_table(cell), '',
+                  *_confusion_table(cell, metadata['classes'])]
         patient = evaluation['patient_level']
         if patient is not None:
             lines += ['### Per patient (mean probability of its cells)', '',
@@ -103,7 +232,13 @@ def render(metadata: dict) -> str:
             lines += [f'- Temperature {calibration["temperature"]:.4g} fitted on {calibration.get("fitted_on", "val")}: '
                       f'ECE {_number(calibration.get("ece_before"))} before, {_number(calibration.get("ece_after"))} '
                       f'after.']
+        diagram = evaluation.get('reliability_diagram')
+        if diagram:
+            lines += ['', f'Reliability of the {diagram["split"]} split\'s probabilities as the bundle gives them '
+                          f'(`{diagram["file"]}`, {diagram["bins"]} bins):', '', _image(diagram['file'])]
+        lines += ['', *_errors_section(evaluation.get('confident_errors'))]
     lines += ['', '## Limitations', '', *[f'- {line}' for line in limitations(metadata)], '',
+              *_licence_section(metadata),
               '## How to run it', '',
               'In a checkout of allflax (its `allflax/` package; JAX is not needed):', '',
               '```',

@@ -42,6 +42,11 @@ def base_config(*, model: str, data: str, image_size: int, batch_size: int, num_
     # Applied once, in order, when the cache of uint8 tiles is prepared (real data sets).
     config.data.preprocess = ('resize_pad',)
     config.data.skip_corrupt = False  # True: skip unreadable images (listed in splits.json).
+    # image_folder: what the images are and where they came from, for the bundle's model card (the
+    # known sets carry their published facts); each field left 'unknown' is shown as unknown.
+    config.data.facts = ml_collections.ConfigDict({name: 'unknown' for name in (
+        'title', 'specimen', 'stain', 'acquisition', 'magnification', 'microns_per_pixel', 'image_type',
+        'patients', 'images', 'sites', 'labels', 'source', 'licence', 'citation')})
     config.data.split = 'patient'  # patient | official (C-NMC's labelled test set) | random.
     config.data.fold = -1  # >= 0: k-fold by patient, this fold is the test split.
     config.data.num_folds = 5

@@ -12,8 +12,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from allflax import bundle, files
-from allflax.data import preprocess
+from allflax import bundle, files, model_card
+from allflax.data import preprocess, sources
+from configs import common
 
 SIZE = 8
 CLASSES = ('all', 'hem', 'other')
@@ -329,3 +330,153 @@ def test_only_an_empty_folder_or_a_bundle_may_be_replaced(tiny_bundle, tmp_path)
     bundle.check_replaceable(str(workdir / 'bundle'), str(workdir))
     bundle.check_replaceable(str(tmp_path / 'runs' / 'run2'), str(workdir))  # A sibling whose name extends it.
     refused('/', f'is or holds the run\'s workdir {workdir}', str(workdir))
+
+
+def card_metadata(*, fold=None) -> dict:
+    """metadata_of() with the fields export adds for the card: a C-NMC-like run's facts, checkpoint,
+    decision rule, evaluation with a reliability diagram and its most confident errors."""
+    metadata = metadata_of()
+    metadata.update(
+        out_of_scope_uses=['diagnosis'], licence={'code': 'Apache-2.0', 'weights': 'the data\'s terms'},
+        citation={'software': 'allflax', 'papers': ['paper 1', 'paper 2'], 'data': ['data']},
+        decision_rule={'kind': 'argmax', 'description': 'the class of highest probability', 'threshold': None,
+                       'positive_class': None},
+        checkpoint={'step': 3, 'chosen': 'named', 'how': 'the step named by --checkpoint_step (3)',
+                    'saved_steps': [2, 3], 'best_validation_step': 2, 'validation_accuracy': 0.5})
+    metadata['data'] = {'name': 'cnmc2019', 'synthetic': False, 'facts': sources.cnmc2019.FACTS.as_dict(),
+                        'split': 'patient', 'fold': fold, 'skipped_images': 0,
+                        'splits': {'test': {'images': 6, 'patients': 3, 'class_counts': {'all': 2, 'hem': 2,
+                                                                                          'other': 2}}}}
+    per_class = {name: {'precision': 0.5, 'recall': 0.5, 'f1': 0.5, 'specificity': 0.5, 'support': 2}
+                 for name in CLASSES}
+    metadata['evaluation'] = {
+        'split': 'test', 'checkpoint_step': 3, 'patient_level': None, 'calibration': {'ece': 0.1},
+        'cell_level': {'num_examples': 6, 'accuracy': 0.5, 'f1_macro': 0.5, 'ci95': {}, 'per_class': per_class,
+                       'confusion_matrix': [[1, 1, 0], [0, 1, 1], [1, 0, 1]]},
+        'reliability_diagram': {'file': 'reliability.png', 'split': 'test', 'from': 'eval/test/predictions.csv',
+                                'temperature': 1.0, 'bins': 15},
+        'confident_errors': {'errors': 3, 'images': 6, 'thumbnails': 'none: real images',
+                             'shown': [{'image_id': 'fold_0/all/UID_57_29_1_all.bmp', 'patient': '57',
+                                        'label': 'all', 'predicted': 'hem', 'probability': 0.9,
+                                        'thumbnail': None}]}}
+    return metadata
+
+
+def test_each_known_source_carries_its_published_facts():
+    """The facts against /work/shared/DATA_FACTS.md (the data sets' published facts with their sources),
+    typed here from it; unconfirmed ones keep their qualifier, unpublished ones read unknown."""
+    cnmc, aria, idb = sources.cnmc2019.FACTS, sources.all_aria.FACTS, sources.all_idb2.FACTS
+    assert cnmc.source.startswith('doi:10.7937/tcia.2019.dc64i46r') and cnmc.patients == '118 subjects'
+    assert cnmc.images.startswith('15,135 (15,114 ') and 'final test 2,586, unlabelled' in cnmc.images
+    assert cnmc.labels == 'ground truth marked by an expert oncologist'
+    assert cnmc.citation[0].endswith('The Cancer Imaging Archive, 2019. doi:10.7937/tcia.2019.dc64i46r')
+    assert cnmc.stain.startswith('unknown') and cnmc.stain.endswith('(unconfirmed)')
+    assert cnmc.licence.startswith('unknown for C-NMC itself (unconfirmed)')
+    assert cnmc.image_type.endswith('450×450 BMP (unconfirmed)') and 'not stated (unconfirmed)' in cnmc.specimen
+    assert aria.patients == '89: 25 benign (hematogones), 64 ALL' and aria.images.startswith('3,256 (')
+    assert aria.images.endswith('(unconfirmed))') and aria.source.startswith('doi:10.34740/KAGGLE/DSV/2175623')
+    assert aria.specimen.startswith('peripheral blood smears') and aria.magnification == '100×'
+    assert aria.stain == 'unknown (not named)' and 'do not distribute the database' in aria.licence
+    assert aria.labels == 'types and subtypes set by a specialist using flow cytometry'
+    assert aria.citation[1].endswith('doi:10.1002/int.22753')
+    assert idb.patients == 'unknown (not published)' and idb.images == '260: 130 blasts, 130 normal (unconfirmed)'
+    assert idb.specimen == 'peripheral blood' and idb.magnification == '300–500'
+    assert 'Canon PowerShot G5' in idb.acquisition and idb.citation[0].endswith('doi:10.1109/ICIP.2011.6115881')
+    for facts in (cnmc, aria, idb):
+        assert facts.microns_per_pixel == 'unknown (not published)' and facts.fact_sources
+        assert all(value for value in facts.as_dict().values())
+
+    config = common.base_config(model='m', data='synthetic_cnmc', image_size=32, batch_size=1, num_epochs=1,
+                                learning_rate=0.1)
+    synthetic = sources.describe(config.data, seed=3)
+    assert synthetic.specimen.startswith('none: synthetic') and synthetic.patients == '80 synthetic patients, ' \
+                                                                                       'one class each'
+    assert 'seed 3' in synthetic.acquisition and synthetic.images == '4000'
+    config.data.name = 'image_folder'
+    assert set(config.data.facts) == {*sources.facts.TEXT_FIELDS, 'citation'}  # Every field the user can state.
+    mine = sources.describe(config.data, seed=0).as_dict()
+    assert {key: mine[key] for key in sources.facts.TEXT_FIELDS} == dict.fromkeys(sources.facts.TEXT_FIELDS,
+                                                                                   'unknown')
+    assert mine['citation'] == [] and mine['fact_sources'] == ['stated by the user in the config (data.facts)']
+    config.data.facts.stain = 'May-Grünwald-Giemsa'
+    config.data.facts.citation = 'Me et al. 2026'
+    mine = sources.describe(config.data, seed=0)
+    assert (mine.stain, mine.citation, mine.specimen) == ('May-Grünwald-Giemsa', ('Me et al. 2026',), 'unknown')
+    card = model_card.render(dict(card_metadata(), data=dict(card_metadata()['data'], name='image_folder',
+                                                             facts=mine.as_dict())))
+    assert '| Stain | May-Grünwald-Giemsa |' in card and '| Specimen | unknown |' in card
+    assert 'Not published for this data set: specimen, acquisition, magnification, µm per pixel' in card
+
+
+def test_the_schema_takes_the_card_fields_and_refuses_wrong_types():
+    metadata = dict(card_metadata(fold={'index': 2, 'count': 5}), files={'reliability.png': '0' * 64})
+    bundle.validate(metadata, 'x.json')
+    bundle.validate(dict(metadata, decision_rule={'kind': 'threshold', 'description': 'all when p(all) >= 0.3',
+                                                  'threshold': 0.3, 'positive_class': 'all'}), 'x.json')
+    evaluation, data = metadata['evaluation'], metadata['data']
+    error = evaluation['confident_errors']['shown'][0]
+    for change, where in [
+        ({'out_of_scope_uses': 'diagnosis'}, 'out_of_scope_uses'),
+        ({'licence': {'code': 'Apache-2.0'}}, 'licence'),
+        ({'decision_rule': {'kind': 'threshold', 'description': 'd', 'threshold': None, 'positive_class': 'all'}},
+         'decision_rule/threshold'),
+        ({'decision_rule': {'kind': 'top-2', 'description': 'd'}}, 'decision_rule/kind'),
+        ({'checkpoint': dict(metadata['checkpoint'], chosen='best')}, 'checkpoint/chosen'),
+        ({'data': dict(data, facts=dict(data['facts'], patients=118))}, 'data/facts/patients'),
+        ({'data': dict(data, facts=dict(data['facts'], stain=''))}, 'data/facts/stain'),
+        ({'data': dict(data, facts={k: v for k, v in data['facts'].items() if k != 'licence'})}, 'data/facts'),
+        ({'data': dict(data, fold={'index': 2})}, 'data/fold'),
+        ({'data': dict(data, fold=2)}, 'data/fold'),
+        ({'evaluation': dict(evaluation, reliability_diagram={'file': '/tmp/reliability.png', 'split': 'test'})},
+         'evaluation'),
+        ({'evaluation': dict(evaluation, confident_errors=dict(
+            evaluation['confident_errors'], shown=[dict(error, probability='high')]))}, 'evaluation'),
+        ({'evaluation': dict(evaluation, confident_errors=dict(
+            evaluation['confident_errors'], shown=[dict(error, thumbnail='../error.png')]))}, 'evaluation'),
+    ]:
+        with pytest.raises(bundle.BundleError, match=f'^x.json: not a valid bundle metadata.json at {where}'):
+            bundle.validate(dict(metadata, **change), 'x.json')
+
+
+def test_the_card_answers_the_checklists_from_its_metadata():
+    card = model_card.render(card_metadata())
+    assert '| Patients (as published) | 118 subjects |' in card
+    assert '| Source | doi:10.7937/tcia.2019.dc64i46r (The Cancer Imaging Archive) |' in card
+    assert '| Stain | unknown: not stated for C-NMC' in card and '(unconfirmed)' in card
+    assert ('- Checkpoint: step 3 of the run `run`, exported as the step named by --checkpoint_step (3). Saved '
+            'steps: 2, 3; the best by validation accuracy is step 2.') in card
+    assert '- Decision rule: argmax, the class of highest probability; no threshold.' in card
+    assert '| all | 1 | 1 | 0 |\n| hem | 0 | 1 | 1 |\n| other | 1 | 0 | 1 |' in card  # Rows: true classes.
+    assert '| `fold_0/all/UID_57_29_1_all.bmp` | 57 | all | hem | 0.900 | – |' in card
+    assert '![reliability.png](reliability.png)' in card
+    assert '### Out of scope: do not use it for\n\n- diagnosis' in card and '- Cite the data:\n  - data' in card
+    assert 'k-fold' not in card and 'fold 0 of' not in card
+    threshold = dict(card_metadata(), decision_rule={'kind': 'threshold', 'description': 'chosen on val',
+                                                     'threshold': 0.3, 'positive_class': 'all'})
+    assert '- Decision rule: a threshold of 0.3 on the probability of `all`: chosen on val.' in \
+        model_card.render(threshold)
+
+
+def test_the_card_of_a_fold_names_it_and_reads_for_it():
+    card = model_card.render(card_metadata(fold={'index': 2, 'count': 5}))
+    assert card.startswith('# Model card: tiny (all, hem, other), fold 2 of 5\n')
+    assert ('k-fold by patient: this model is fold 2 of 5 (data.fold=2, folds numbered 0–4). Its test split is that '
+            'fold; train and val come from the other 4 folds.') in card
+    assert 'The test split (fold 2 of 5; 6 images), step 3.' in card
+    assert "One fold of a k-fold run (fold 2 of 5): its scores are of this fold's test patients only" in card
+    assert 'The split is by' not in card  # A fold of a patient split is a patient split.
+
+
+def test_a_reliability_diagram_is_hashed_and_checked_as_every_file(tmp_path):
+    directory = tmp_path / 'bundle'
+    directory.mkdir()
+    write_model(str(directory / bundle.ONNX))
+    (directory / bundle.STABLEHLO).write_bytes(b'x')
+    png = cv2.imencode('.png', np.zeros((4, 4, 3), np.uint8))[1].tobytes()
+    (directory / 'reliability.png').write_bytes(png)
+    bundle.finish(str(directory), card_metadata(), model_card.render(card_metadata()))
+    metadata = bundle.read_metadata(str(directory))
+    assert metadata['files']['reliability.png'] == hashlib.sha256(png).hexdigest()
+    (directory / 'reliability.png').write_bytes(png + b'\0')
+    with pytest.raises(bundle.BundleError, match='reliability.png has changed since export'):
+        bundle.read_metadata(str(directory))

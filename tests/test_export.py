@@ -1,5 +1,6 @@
 """--mode=export's bundle against the checkpoint it came from, and `python -m allflax.bundle` without JAX."""
 import csv
+import hashlib
 import json
 import os
 import shutil
@@ -15,8 +16,9 @@ from absl import flags
 from flax import nnx
 
 import main
-from allflax import bundle, export, files, models, predict, train
+from allflax import bundle, export, files, model_card, models, predict, train
 from allflax.data import pipeline, sources
+from allflax.evaluation import metrics
 from configs import efficientnetv2_b3_se
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -126,7 +128,9 @@ TOLERANCE = 1e-6
 def test_bundle_predicts_as_the_checkpoint(recipe, request):
     config, workdir, output, summary = request.getfixturevalue(recipe)
     metadata = bundle.read_metadata(output)
-    assert set(metadata['files']) == {'model.onnx', 'model.onnx.data', 'model.jax', 'MODEL_CARD.md'}
+    thumbnails = {error['thumbnail'] for error in metadata['evaluation']['confident_errors']['shown']}
+    assert set(metadata['files']) == {'model.onnx', 'model.onnx.data', 'model.jax', 'MODEL_CARD.md',
+                                      'reliability.png', *thumbnails}
     assert set(summary['bytes']) == {*metadata['files'], 'metadata.json'}
     class_names = sources.synthetic.CLASS_NAMES[config.data.name]  # The data set's own definition.
     assert metadata['classes'] == list(class_names)
@@ -307,7 +311,7 @@ def test_export_replaces_only_its_own_bundle(vgg_bundle, tmp_path):
     linked = tmp_path / 'linked'
     os.symlink(output, str(linked))
     cases = [
-        (dataset, 'exists and is not a bundle (its metadata.json has no file list, or no schema version'),
+        (dataset, r'exists and is not a bundle \(its metadata.json has no file list, or no schema version'),
         (extra, r'holds files that its metadata.json does not list \(notes.txt\)'),
         (linked, 'is a symbolic link'),
         (workdir, 'is or holds the run\'s workdir'),
@@ -319,3 +323,93 @@ def test_export_replaces_only_its_own_bundle(vgg_bundle, tmp_path):
         with pytest.raises(files.OutputRefused, match=message):
             export.export(None, workdir, str(output_path))
     assert (tree(tmp_path), tree(workdir)) == before
+
+
+def bundle_texts(output):
+    return {name: open(os.path.join(output, name), 'rb').read() for name in os.listdir(output)}
+
+
+@pytest.mark.parametrize('recipe', ['vgg_bundle', 'b3_bundle'])
+def test_the_bundle_answers_the_card_from_the_run_and_names_no_local_path(recipe, request, tmp_path_factory):
+    config, workdir, output, _ = request.getfixturevalue(recipe)
+    metadata, texts = bundle.read_metadata(output), bundle_texts(output)
+    # No file names a folder of this machine: not the run's, the data cache's (both under pytest's tmp) nor
+    # this checkout's (which model.jax's source locations would hold).
+    for local in (str(tmp_path_factory.getbasetemp()), ROOT):
+        assert [name for name, text in texts.items() if local.encode() in text] == [], local
+    assert metadata['source']['workdir'] == 'run'
+    assert metadata['config']['data']['cache_dir'] == os.path.basename(config.data.cache_dir)
+
+    assert metadata['data']['facts'] == sources.describe(config.data, seed=config.seed).as_dict()
+    assert metadata['data']['fold'] is None and metadata['decision_rule']['kind'] == 'argmax'
+    steps = sorted(int(name) for name in os.listdir(os.path.join(workdir, 'checkpoints')) if name.isdigit())
+    assert metadata['checkpoint'] == {'step': steps[-1], 'chosen': 'latest', 'how': 'the latest checkpoint of the run',
+                                      'saved_steps': steps, 'best_validation_step': steps[-1],
+                                      'validation_accuracy': metadata['checkpoint']['validation_accuracy']}
+    assert export.checkpoint_facts(workdir, steps[-1], named=True)['how'] == \
+        f'the step named by --checkpoint_step ({steps[-1]})'
+
+    # The reliability diagram: a PNG, hashed like every file, shown in the card.
+    diagram = metadata['evaluation']['reliability_diagram']
+    assert diagram['file'] == 'reliability.png' and texts['reliability.png'].startswith(b'\x89PNG\r\n\x1a\n')
+    assert metadata['files']['reliability.png'] == hashlib.sha256(texts['reliability.png']).hexdigest()
+    card = texts['MODEL_CARD.md'].decode()
+    assert '![reliability.png](reliability.png)' in card
+
+    # The confusion matrix and the most confident errors, counted here from what evaluation wrote.
+    class_names = list(metadata['classes'])
+    with open(os.path.join(workdir, 'eval', 'test', 'predictions.csv'), newline='') as f:
+        rows = list(csv.DictReader(f))
+    labels = np.array([class_names.index(row['label']) for row in rows])
+    probabilities = evaluated_probabilities(workdir, class_names)
+    matrix = metrics.confusion_matrix(labels, probabilities.argmax(1), len(class_names)).tolist()
+    assert metadata['evaluation']['cell_level']['confusion_matrix'] == matrix
+    for name, row in zip(class_names, matrix):
+        assert f'| {name} | ' + ' | '.join(map(str, row)) + ' |' in card
+    wrong = [i for i in range(len(rows)) if probabilities[i].argmax() != labels[i]]
+    ranked = sorted(wrong, key=lambda i: -probabilities[i].max())[:export.CONFIDENT_ERRORS]
+    errors = metadata['evaluation']['confident_errors']
+    assert (errors['errors'], errors['images']) == (len(wrong), len(rows)) and ranked
+    assert [e['image_id'] for e in errors['shown']] == [rows[i]['image_id'] for i in ranked]
+    test = pipeline.load(config).splits['test']
+    for error, i in zip(errors['shown'], ranked):
+        assert error['probability'] == probabilities[i].max() and f'`{error["image_id"]}`' in card
+        thumbnail = cv2.cvtColor(cv2.imread(os.path.join(output, error['thumbnail'])), cv2.COLOR_BGR2RGB)
+        np.testing.assert_array_equal(thumbnail, test.images[int(rows[i]['index'])])  # 32 px: not resized.
+        assert f'![{error["thumbnail"]}]({error["thumbnail"]})' in card
+
+    for answer in ('### Out of scope: do not use it for', '- Decision rule: argmax', '## Licence and citation',
+                   'arXiv:2508.17216', 'arXiv:2601.01026', '| Specimen | none: synthetic',
+                   f'- Checkpoint: step {steps[-1]} of the run `run`, exported as the latest checkpoint of the run.'):
+        assert answer in card, answer
+
+
+def test_the_card_of_a_fold_run_names_its_fold(vgg_bundle):
+    """data.fold = 1 of 3, as export records it from the config and splits.json, without a training."""
+    config, workdir, output, _ = vgg_bundle
+    with open(os.path.join(workdir, 'splits.json')) as f:
+        splits = json.load(f)
+    fold = config.copy_and_resolve_references()
+    with fold.unlocked():
+        fold.data.fold, fold.data.num_folds = 1, 3
+    data = export.data_facts(fold.data, splits, seed=config.seed)
+    assert (data['split'], data['fold']) == ('patient', {'index': 1, 'count': 3})
+    metadata = dict(bundle.read_metadata(output), data=data)
+    bundle.validate(metadata, 'metadata.json')
+    card = model_card.render(metadata)
+    assert card.splitlines()[0].endswith(', fold 1 of 3')
+    assert 'k-fold by patient: this model is fold 1 of 3 (data.fold=1, folds numbered 0–2)' in card
+    assert 'The test split (fold 1 of 3; ' in card and 'The split is by' not in card
+
+
+def test_paths_of_the_exporting_machine_are_cut_to_what_a_reader_can_use():
+    assert export.shareable_path('/data/me/C-NMC_Leukemia/fold_0/all/UID_1_1_1_all.bmp', '/data/me') == \
+        'C-NMC_Leukemia/fold_0/all/UID_1_1_1_all.bmp'
+    assert export.shareable_path('data/fold_0/all/UID_1_1_1_all.bmp', 'data/') == 'fold_0/all/UID_1_1_1_all.bmp'
+    assert export.shareable_path('/elsewhere/UID_1_1_1_all.bmp', '/data/me') == 'UID_1_1_1_all.bmp'
+    assert export.shareable_path('test/3/sha1:0123', '') == 'test/3/sha1:0123'
+    config = {'data': {'dir': '/home/me/C-NMC_Leukemia/', 'cache_dir': '/tmp/cache', 'name': 'cnmc2019',
+                       'augment': ['flip', '/abs/x']}, 'model': {'init_from': ''}, 'seed': 0}
+    assert export.without_machine_paths(config) == {
+        'data': {'dir': 'C-NMC_Leukemia', 'cache_dir': 'cache', 'name': 'cnmc2019', 'augment': ['flip', 'x']},
+        'model': {'init_from': ''}, 'seed': 0}

@@ -31,7 +31,7 @@ _NO_LINKS = frozenset({errno.EPERM, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSU
 # Settings that do not change the trained result: a resume may change them.
 _FREE_KEYS = frozenset({'log_every_steps', 'eval_every_steps', 'checkpoint_every_steps', 'keep_checkpoints',
                         'data.cache_dir', 'data.dir'})
-_FREE_PREFIXES = ('eval.', 'montecarlo.')
+_FREE_PREFIXES = ('eval.', 'montecarlo.', 'data.facts.')
 _ABSENT = object()
 
 

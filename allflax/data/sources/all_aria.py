@@ -9,8 +9,38 @@ Renamed copies are accepted too, e.g. Benign, [Malignant] early Pre-B, [Malignan
 import os
 import re
 
+from allflax.data.sources.facts import UNCONFIRMED, UNKNOWN, Facts
 from allflax.data.sources.listing import (Listing, Record, check_every_class_present, class_folder_images,
                                           find_layout, subfolders)
+
+FACTS = Facts(
+    title='Acute Lymphoblastic Leukemia (ALL) image dataset, Taleqani Hospital, Tehran (Aria et al.)',
+    specimen=('peripheral blood smears, bone-marrow laboratory of Taleqani Hospital, Tehran, as the data set\'s '
+              'curators publish it (paper 1, arXiv:2508.17216, says "bone marrow smear images")'),
+    stain=f'{UNKNOWN} (not named)',
+    acquisition='Zeiss camera on a microscope at 100× magnification, JPG',
+    magnification='100×',
+    microns_per_pixel=f'{UNKNOWN} (not published)',
+    image_type=(f'multi-cell fields {UNCONFIRMED}; the curators also ship colour-threshold segmented copies '
+                '(Segmented/, data.variant=\'segmented\')'),
+    patients='89: 25 benign (hematogones), 64 ALL',
+    images=f'3,256 (Benign 504, Early Pre-B 985, Pre-B 963, Pro-B 804 {UNCONFIRMED})',
+    sites='Taleqani Hospital, Tehran',
+    labels='types and subtypes set by a specialist using flow cytometry',
+    source='doi:10.34740/KAGGLE/DSV/2175623 (Kaggle)',
+    licence=('the authors\' terms: cite the paper; "do not distribute the database ... without the authorization '
+             'from authors"'),
+    citation=('Aria M, Ghaderzadeh M, Bashash D, Abolghasemi H, Asadi F, Hosseini A. Acute Lymphoblastic Leukemia '
+              '(ALL) image dataset. Kaggle, 2021. doi:10.34740/KAGGLE/DSV/2175623',
+              'Ghaderzadeh M et al. A fast and efficient CNN model for B-ALL diagnosis and its subtypes '
+              'classification using peripheral blood smear images. Int J Intell Syst 2022;37:5113–5133. '
+              'doi:10.1002/int.22753'),
+    notes=('File names carry no patient id: no patient-wise split is possible, so cells of one patient may be in '
+           'training and test.',
+           'Paper 1 (arXiv:2508.17216) says "bone marrow smear images"; the set it appears to use is this '
+           f'peripheral-blood one {UNCONFIRMED}.'),
+    fact_sources=('github.com/MehradAria/ALL-Subtype-Classification',
+                  'kaggle.com/datasets/mehradaria/leukemia (page text)'))
 
 CLASS_NAMES = ('Benign', 'Early Pre-B', 'Pre-B', 'Pro-B')  # The order of synthetic_all4.
 VARIANT_FOLDERS = {'original': 'Original', 'segmented': 'Segmented'}

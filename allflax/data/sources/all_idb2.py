@@ -4,8 +4,30 @@ for a blast, 0 for a normal cell. No patient ids.
 import os
 import re
 
+from allflax.data.sources.facts import UNCONFIRMED, UNKNOWN, Facts
 from allflax.data.sources.listing import (Listing, LayoutError, Record, check_every_class_present, find_layout,
                                           image_files)
+
+FACTS = Facts(
+    title='ALL-IDB2, of ALL-IDB: the acute lymphoblastic leukemia image database (Donida Labati, Piuri, Scotti)',
+    specimen='peripheral blood',
+    stain=f'{UNKNOWN} (not stated)',
+    acquisition='optical microscope with a Canon PowerShot G5; ALL-IDB1 fields as 24-bit JPG, 2592×1944',
+    magnification='300–500',
+    microns_per_pixel=f'{UNKNOWN} (not published)',
+    image_type=f'single-cell crops cut from ALL-IDB1\'s fields, 257×257 TIFF {UNCONFIRMED}',
+    patients=f'{UNKNOWN} (not published)',
+    images=f'260: 130 blasts, 130 normal {UNCONFIRMED}',
+    sites=UNKNOWN,
+    labels=f'ALL-IDB1 was labelled by expert oncologists; ALL-IDB2 is cut from it {UNCONFIRMED}',
+    source='homes.di.unimi.it/scotti/all; doi:10.1109/ICIP.2011.6115881',
+    licence=f'access by application form; not redistributable {UNCONFIRMED}',
+    citation=('Donida Labati R, Piuri V, Scotti F. ALL-IDB: the acute lymphoblastic leukemia image database for '
+              'image processing. Proc. IEEE ICIP 2011, pp. 2045–2048. doi:10.1109/ICIP.2011.6115881',),
+    notes=('No patient ids: no patient-wise split is possible.',
+           'Never mix ALL-IDB1 and ALL-IDB2: ALL-IDB2 is cut from ALL-IDB1.'),
+    fact_sources=('homes.di.unimi.it/scotti/all (the ALL-IDB site)', 'the ICIP 2011 paper',
+                  'the ALL-IDB authors\' repositories'))
 
 CLASS_NAMES = ('normal', 'blast')
 _FILE_NAME = re.compile(r'Im\d+_([01])\.\w+', re.IGNORECASE)

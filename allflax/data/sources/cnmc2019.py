@@ -16,8 +16,40 @@ import re
 
 from absl import logging
 
+from allflax.data.sources.facts import UNCONFIRMED, UNKNOWN, Facts
 from allflax.data.sources.listing import (Listing, LayoutError, Record, check_every_class_present,
                                           class_folder_images, find_layout, image_files, subfolders)
+
+FACTS = Facts(
+    title=('C-NMC 2019: ISBI 2019 challenge "Classification of Normal vs Malignant Cells in B-ALL White Blood '
+           'Cancer Microscopic Images" (ALL Challenge dataset of ISBI 2019)'),
+    specimen=f'blood smears; peripheral blood or bone marrow is not stated {UNCONFIRMED}',
+    stain=f'{UNKNOWN}: not stated for C-NMC (Jenner-Giemsa is stated for sibling SBILab sets) {UNCONFIRMED}',
+    acquisition=(f'source fields of 2560×1920 pixels; cells segmented after the organisers\' stain normalisation '
+                 f'{UNCONFIRMED}; microscope and camera {UNKNOWN}'),
+    magnification=UNKNOWN,
+    microns_per_pixel=f'{UNKNOWN} (not published)',
+    image_type=f'single segmented cells on black, 450×450 BMP {UNCONFIRMED}',
+    patients='118 subjects',
+    images=('15,135 (15,114 by the organisers\' paper and the file counts): training folds 0–2 10,661 (all 7,272, '
+            'hem 3,389); preliminary test 1,867, labelled (all 1,219, hem 648); final test 2,586, unlabelled'),
+    sites='SBILab, IIIT-Delhi with the Laboratory Oncology Unit, AIIMS New Delhi (the organisers)',
+    labels='ground truth marked by an expert oncologist',
+    source='doi:10.7937/tcia.2019.dc64i46r (The Cancer Imaging Archive)',
+    licence=(f'{UNKNOWN} for C-NMC itself {UNCONFIRMED}; TCIA collections are mostly CC BY 3.0, with citation '
+             'required'),
+    citation=('Gupta A, Gupta R. ALL Challenge dataset of ISBI 2019 [Data set]. The Cancer Imaging Archive, 2019. '
+              'doi:10.7937/tcia.2019.dc64i46r',
+              'Gehlot S, Gupta A, Gupta R. SDCT-AuxNet-θ. Med Image Anal 2020;61:101661. '
+              'doi:10.1016/j.media.2020.101661',
+              'Clark K et al. The Cancer Imaging Archive (TCIA). J Digit Imaging 2013;26(6):1045–57. '
+              'doi:10.1007/s10278-013-9622-7'),
+    notes=('Paper 2 (arXiv:2601.01026) used "12,528 original images from 62 patients": 12,528 = the training '
+           f'folds (10,661) + the labelled preliminary test (1,867); its 62 patients could not be reconciled '
+           f'{UNCONFIRMED}.',),
+    fact_sources=('competitions.codalab.org/competitions/20429', 'arXiv:2006.00304 (the organisers\' paper)',
+                  'kaggle.com/datasets/andrewmvd/leukemia-classification (page text)',
+                  'github.com/jprellberg/isbi2019cancer', 'the TCIA data usage policy'))
 
 CLASS_NAMES = ('hem', 'all')  # Label 0, 1: the order of synthetic.CLASS_NAMES['synthetic_cnmc'].
 _LABEL_OF_FOLDER = {name: label for label, name in enumerate(CLASS_NAMES)}

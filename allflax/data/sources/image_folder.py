@@ -1,6 +1,7 @@
 """Any other set as root/<class>/<image>: class names are the sorted folder names. An optional
 root/patients.csv (columns path,patient; path relative to root) gives patient ids, so splits can
-keep each patient whole.
+keep each patient whole. What the images are and where they came from is the user's to state, in
+the config's `data.facts` (`facts.from_config`); what is not stated is shown as unknown.
 """
 import csv
 import os
