@@ -225,7 +225,8 @@ def predict(directory: str, input_pattern: str, output: str, *, batch_size: int 
                                                                                     predictor.size, 3), np.uint8),
                                             batch_size)
     errors_path = image_files.write_errors(output, errors)
-    image_files.write_predictions(output, readable, predictor.classes, probabilities)
+    image_files.write_predictions(output, readable, predictor.classes, probabilities,
+                                  predictor.metadata.get('decision_rule'))
     return {'output': output, 'predicted': len(readable), 'unreadable': len(errors), 'errors': errors_path,
             'checkpoint_step': predictor.metadata['source']['checkpoint_step']}
 

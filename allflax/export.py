@@ -29,7 +29,7 @@ from flax import nnx
 from allflax import bundle, model_card
 from allflax.data import augment, pipeline, preprocess, sources
 from allflax.data.dataset import Split, default_cache_dir
-from allflax.evaluation import calibration, inference, plots
+from allflax.evaluation import calibration, inference, operating_point, plots
 from allflax.models import ops
 from allflax.training import checkpoints, restore
 
@@ -194,9 +194,12 @@ def checkpoint_facts(workdir: str, step: int, named: bool) -> dict:
             'best_validation_step': best, 'validation_accuracy': scored.get(step)}
 
 
-def decision_rule() -> dict:
-    """The rule that turns probabilities into a class: argmax, which the bundle's CLI applies. `kind`
-    'threshold' (with `threshold` and `positive_class`) is the form for a binary operating point."""
+def decision_rule(evaluation: dict | None) -> dict:
+    """The rule that turns probabilities into a class, which the bundle's CLI applies: a binary task's
+    operating point (a threshold chosen on val, `operating_point.rule_of`) where the evaluation of
+    the exported step has one, else argmax."""
+    if evaluation and evaluation.get('operating_point'):
+        return operating_point.rule_of(evaluation['operating_point'])
     return {'kind': 'argmax', 'description': 'the class of highest probability', 'threshold': None,
             'positive_class': None}
 
@@ -294,10 +297,14 @@ def evaluation_facts(workdir: str, checkpoint_step: int) -> dict | None:
         logging.warning('%s is of step %s, not the exported %d: the bundle records no test metrics',
                         path, values.get('checkpoint_step'), checkpoint_step)
         return None
-    cell = {k: v for k, v in values.items() if k not in ('patient_level', 'calibration', 'tta', 'checkpoint_step')}
+    cell = {k: v for k, v in values.items()
+            if k not in ('patient_level', 'calibration', 'tta', 'checkpoint_step', 'operating_point')}
     calibration_values = {'ece': values['ece'], **values.get('calibration', {})}
-    return {'split': 'test', 'checkpoint_step': checkpoint_step, 'test_time_augmentation': values.get('tta', False),
-            'cell_level': cell, 'patient_level': values.get('patient_level'), 'calibration': calibration_values}
+    facts = {'split': 'test', 'checkpoint_step': checkpoint_step, 'test_time_augmentation': values.get('tta', False),
+             'cell_level': cell, 'patient_level': values.get('patient_level'), 'calibration': calibration_values}
+    if values.get('operating_point'):
+        facts['operating_point'] = values['operating_point']
+    return facts
 
 
 def export(config: ml_collections.ConfigDict, workdir: str, output: str, *, checkpoint_step: int | None = None) -> dict:
@@ -363,7 +370,7 @@ def export(config: ml_collections.ConfigDict, workdir: str, output: str, *, chec
                                        if config.eval.temperature_scaling and temperature != 1.0 else
                                        'none (1.0): eval.temperature_scaling off or not fitted for this step'),
                 'test_time_augmentation': bool(config.eval.tta), 'compute_dtype': 'float32'},
-            'decision_rule': decision_rule(),
+            'decision_rule': decision_rule(evaluation),
             'source': {'workdir': os.path.basename(os.path.abspath(workdir)), 'checkpoint_step': restored.step,
                        'exported': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
                        'paths': 'base names (or relative to data.dir) only: the exporting machine\'s folders '

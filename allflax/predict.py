@@ -12,7 +12,7 @@ import numpy as np
 from allflax import files
 from allflax.data import image_files
 from allflax.data.dataset import Split
-from allflax.evaluation import calibration, inference, interpret
+from allflax.evaluation import calibration, inference, interpret, operating_point
 from allflax.training import restore
 
 
@@ -43,14 +43,16 @@ def predict(config: ml_collections.ConfigDict, workdir: str, input_pattern: str,
     summary = {'output': output, 'predicted': len(readable), 'unreadable': len(errors), 'errors': errors_path,
                'checkpoint_step': restored.step}
     if not tiles:
-        image_files.write_predictions(output, [], class_names, np.zeros((0, len(class_names))))
+        image_files.write_predictions(output, [], class_names, np.zeros((0, len(class_names))),
+                                      operating_point.saved_rule(workdir, restored.step))
         return summary
     split = Split(np.stack(tiles), np.full(len(tiles), -1, np.int32), np.full(len(tiles), '', str), tuple(readable))
     logits = inference.predict_logits(restored.eval_step, restored.state, split, config.batch_size,
                                       restored.mesh, tta=config.eval.tta)
     temperature = calibration.saved_temperature(workdir, restored.step, scaling=config.eval.temperature_scaling)
     predicted = image_files.write_predictions(output, readable, class_names,
-                                              calibration.probabilities(logits, temperature))
+                                              calibration.probabilities(logits, temperature),
+                                              operating_point.saved_rule(workdir, restored.step))
     if gradcam:
         explain = restore.explainer(restored, data=config.data, dtype=config.dtype, batch_size=config.batch_size)
         explanation = explain(split)

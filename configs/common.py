@@ -113,6 +113,11 @@ def eval_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.tta = False  # Average the probabilities of the 8 flips/transposes of each image.
     config.temperature_scaling = True  # Fit a temperature on val logits (NLL), apply it to the split and predictions.
+    # Binary tasks: a threshold on the positive class's probability (eval.positive_class; '' is the second
+    # class, the malignant one of C-NMC and ALL-IDB2) chosen on val for this sensitivity, used by predict
+    # and bundles (allflax/evaluation/operating_point.py).
+    config.target_sensitivity = 0.95
+    config.positive_class = ''
     config.bootstrap_samples = 1000  # Resamples (of patients where known) behind the 95 % intervals.
     config.gradcam_examples = 16  # Grad-CAM overlays in the report, half of them errors where there are enough.
     return config

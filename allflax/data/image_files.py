@@ -69,10 +69,31 @@ def write_errors(output: str, errors: list[tuple[str, str]]) -> str:
     return files.write_csv(errors_path(output), list(ERRORS_COLUMNS), errors)
 
 
-def write_predictions(output: str, paths: list[str], class_names, probabilities: np.ndarray) -> np.ndarray:
-    """`output`: path, predicted_class, one probability column per class; returns the predicted classes."""
-    predicted = probabilities.argmax(axis=1) if len(paths) else np.zeros(0, np.int64)
-    files.write_csv(output, [*PREDICTIONS_COLUMNS, *class_names],
-                    ([path, class_names[p], *map(repr, row)]
+def predicted_classes(probabilities: np.ndarray, class_names, rule: dict | None) -> np.ndarray:
+    """Each row's class index under a bundle's `decision_rule`: argmax (also for None), or for a
+    threshold rule the positive class where its probability reaches the threshold, else the other."""
+    probabilities = np.asarray(probabilities)
+    if not len(probabilities):
+        return np.zeros(0, np.int64)
+    if rule is None or rule['kind'] == 'argmax':
+        return probabilities.argmax(axis=1)
+    positive = list(class_names).index(rule['positive_class'])
+    return np.where(probabilities[:, positive] >= rule['threshold'], positive, 1 - positive)
+
+
+def rule_name(rule: dict | None) -> str:
+    """The rule as the predictions CSV names it in its last column."""
+    if rule is None or rule['kind'] == 'argmax':
+        return 'argmax'
+    return f'threshold {rule["threshold"]:.6g} on {rule["positive_class"]}'
+
+
+def write_predictions(output: str, paths: list[str], class_names, probabilities: np.ndarray,
+                      rule: dict | None = None) -> np.ndarray:
+    """`output`: path, predicted_class (by `rule`), one probability column per class, and the rule
+    applied (decision_rule); returns the predicted classes."""
+    predicted = predicted_classes(probabilities, class_names, rule)
+    files.write_csv(output, [*PREDICTIONS_COLUMNS, *class_names, 'decision_rule'],
+                    ([path, class_names[p], *map(repr, row), rule_name(rule)]
                      for path, p, row in zip(paths, predicted, np.asarray(probabilities).tolist())))
     return predicted

@@ -11,7 +11,7 @@ from absl import logging
 
 from allflax import files
 from allflax.data.dataset import Dataset, Split
-from allflax.evaluation import calibration, inference, metrics, stats
+from allflax.evaluation import calibration, inference, metrics, operating_point, stats
 
 
 def detailed_metrics(split: Split, probabilities: np.ndarray, class_names: tuple[str, ...], *,
@@ -111,6 +111,15 @@ def evaluate_state(eval_step, state, dataset: Dataset, split_name: str, mesh, wo
             'nll_after': values['nll']}
         files.write_json(os.path.join(workdir, 'eval', 'temperature.json'),
                          {'temperature': temperature, 'checkpoint_step': int(checkpoint_step)})
+    if len(dataset.class_names) == 2:
+        val_probabilities = (probabilities if split_name == 'val'
+                             else calibration.probabilities(val_logits if options.temperature_scaling
+                                                            else logits_of('val'), temperature))
+        positive = operating_point.positive_index(dataset.class_names, options.get('positive_class', ''))
+        values['operating_point'] = operating_point.operating_point(
+            dataset.splits['val'].labels, val_probabilities[:, positive], split.labels, probabilities[:, positive],
+            split.patients, class_names=dataset.class_names, positive=positive,
+            target=options.get('target_sensitivity', 0.95), samples=options.bootstrap_samples, seed=seed)
     values['tta'] = bool(options.tta)
     values['checkpoint_step'] = int(checkpoint_step)
     write_predictions(directory, split, split_name, probabilities, dataset.class_names)
