@@ -138,10 +138,12 @@ def evaluation_facts(workdir: str, checkpoint_step: int) -> dict | None:
         logging.warning('%s is of step %s, not the exported %d: the bundle records no test metrics',
                         path, values.get('checkpoint_step'), checkpoint_step)
         return None
-    cell = {k: v for k, v in values.items() if k not in ('patient_level', 'calibration', 'tta', 'checkpoint_step')}
+    cell = {k: v for k, v in values.items()
+            if k not in ('patient_level', 'small_classes', 'calibration', 'tta', 'checkpoint_step')}
     calibration_values = {'ece': values['ece'], **values.get('calibration', {})}
     return {'split': 'test', 'checkpoint_step': checkpoint_step, 'test_time_augmentation': values.get('tta', False),
-            'cell_level': cell, 'patient_level': values.get('patient_level'), 'calibration': calibration_values}
+            'cell_level': cell, 'patient_level': values.get('patient_level'), 'calibration': calibration_values,
+            **({'small_classes': values['small_classes']} if 'small_classes' in values else {})}
 
 
 def export(config: ml_collections.ConfigDict, workdir: str, output: str, *, checkpoint_step: int | None = None) -> dict:
