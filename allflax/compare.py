@@ -2,7 +2,8 @@
 
 Reads each run's `eval/<split>/predictions.csv` (written by evaluation), pairs the images,
 and writes compare.json and compare.html: McNemar's exact test on the images one run gets
-right and the other wrong, and paired bootstrap intervals of the differences.
+right and the other wrong, and paired bootstrap intervals of the differences (patients, or images
+without patient ids, drawn within their class).
 """
 import csv
 import dataclasses
@@ -85,7 +86,7 @@ def compare(workdirs: list[str], split_name: str = 'test', output_dir: str = '.'
         'difference_a_minus_b': stats.paired_bootstrap_difference(
             a.labels, a.probabilities, b.probabilities, patients, samples=samples, seed=seed),
         'bootstrap': {'samples': samples, 'seed': seed,
-                      'resampled': 'images' if patients is None else 'patients'},
+                      'resampled': 'images' if patients is None else 'patients', 'within': 'class'},
     }
     os.makedirs(output_dir, exist_ok=True)
     files.write_json(json_path, result)
@@ -108,7 +109,7 @@ def _write_html(result: dict, path: str):
     mcnemar = result['mcnemar']
     rows = [[name, html.number(result['scores'][a][name]), html.number(result['scores'][b][name])]
             for name in SCORES]
-    differences = [[name, html.number(d['difference']), html.interval(d['ci95'])]
+    differences = [[name, html.number(d['difference']), html.interval(d['ci95']), d['ci95_method']]
                    for name, d in result['difference_a_minus_b'].items()]
     body = ''.join([
         html.table(None, [['A', a], ['B', b], ['Split', f'{result["split"]}: {result["num_examples"]} images']]),
@@ -118,7 +119,7 @@ def _write_html(result: dict, path: str):
                      [[mcnemar['only_a_correct'], mcnemar['only_b_correct'], f'{mcnemar["p_value"]:.4g}']]),
         '<p class="note">Under "equally accurate", the images exactly one run gets right split '
         '50:50 between them; p is the exact binomial probability of a split at least this uneven.</p>',
-        '<h2>Difference A − B</h2>', html.table(['Metric', 'A − B', '95 % interval'], differences),
-        f'<p class="note">Paired percentile bootstrap, {result["bootstrap"]["samples"]} resamples of '
-        f'{result["bootstrap"]["resampled"]}, both runs scored on each resample.</p>'])
+        '<h2>Difference A − B</h2>', html.table(['Metric', 'A − B', '95 % interval', 'Method'], differences),
+        f'<p class="note">Paired percentile bootstrap: {result["bootstrap"]["resampled"]} drawn within their '
+        'class (every resample holds every class), both runs scored on each resample.</p>'])
     html.write_page(path, TITLE, body)

@@ -298,12 +298,13 @@ def evaluation_facts(workdir: str, checkpoint_step: int) -> dict | None:
                         path, values.get('checkpoint_step'), checkpoint_step)
         return None
     cell = {k: v for k, v in values.items()
-            if k not in ('patient_level', 'calibration', 'tta', 'checkpoint_step', 'operating_point')}
+            if k not in ('patient_level', 'small_classes', 'calibration', 'tta', 'checkpoint_step', 'operating_point')}
     calibration_values = {'ece': values['ece'], **values.get('calibration', {})}
     facts = {'split': 'test', 'checkpoint_step': checkpoint_step, 'test_time_augmentation': values.get('tta', False),
              'cell_level': cell, 'patient_level': values.get('patient_level'), 'calibration': calibration_values}
-    if values.get('operating_point'):
-        facts['operating_point'] = values['operating_point']
+    for optional in ('small_classes', 'operating_point'):
+        if values.get(optional) is not None:
+            facts[optional] = values[optional]
     return facts
 
 

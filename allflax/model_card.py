@@ -17,16 +17,27 @@ def _interval(values: dict, name: str) -> str:
 
 
 def _metrics_table(values: dict) -> list[str]:
-    lines = ['| Metric | Value | 95 % interval |', '|---|---|---|']
-    lines += [f'| {label} | {_number(values.get(name))} | {_interval(values, name)} |'
+    lines = ['| Metric | Value | 95 % interval | Method |', '|---|---|---|---|']
+    lines += [f'| {label} | {_number(values.get(name))} | {_interval(values, name)} | '
+              f'{values.get("ci95_method", {}).get(name, "")} |'
               for name, label in METRICS if name in values]
     return lines
 
 
 def _per_class_table(values: dict) -> list[str]:
-    lines = ['| Class | Precision | Recall | F1 | Specificity | Support |', '|---|---|---|---|---|---|']
-    lines += [f'| {name} | {_number(c.get("precision"))} | {_number(c.get("recall"))} | {_number(c.get("f1"))} | '
-              f'{_number(c.get("specificity"))} | {c.get("support", "–")} |' for name, c in values['per_class'].items()]
+    """Per class; with the exact intervals of recall (sensitivity) and specificity where they were computed."""
+    exact = any('ci95' in c for c in values['per_class'].values())
+    lines = ['| Class | Precision | Recall | F1 | Specificity | Support |'
+             + (' Recall 95 % | Specificity 95 % | Method |' if exact else ''),
+             '|---|---|---|---|---|---|' + ('---|---|---|' if exact else '')]
+    for name, c in values['per_class'].items():
+        line = (f'| {name} | {_number(c.get("precision"))} | {_number(c.get("recall"))} | {_number(c.get("f1"))} | '
+                f'{_number(c.get("specificity"))} | {c.get("support", "–")} |')
+        if exact:
+            method = c.get('ci95_method', {})
+            line += (f' {_interval(c, "recall")} | {_interval(c, "specificity")} | '
+                     f'{method.get("recall", "")}; {method.get("specificity", "")} |')
+        lines.append(line)
     return lines
 
 
@@ -139,6 +150,16 @@ def _licence_section(metadata: dict) -> list[str]:
     return lines + ['']
 
 
+def _small_classes(evaluation: dict) -> str:
+    """The sentence naming the classes with fewer than 3 test patients, or ''."""
+    small = evaluation.get('small_classes') or {}
+    if not small:
+        return ''
+    named = ', '.join(f'{name} ({n} patient{"" if n == 1 else "s"})' for name, n in small.items())
+    return (f'Classes with fewer than 3 test patients: {named}. Their intervals cannot show variation between '
+            'patients: the bootstrap can only redraw the same few patients of such a class.')
+
+
 def limitations(metadata: dict) -> list[str]:
     """Each limitation that applies to this bundle, in a sentence."""
     data, evaluation = metadata['data'], metadata['evaluation']
@@ -160,6 +181,8 @@ def limitations(metadata: dict) -> list[str]:
             found.append(f'One fold of a k-fold run ({fold_phrase(data["fold"])}): its scores are of this fold\'s '
                          f'test patients only; the cross-validated estimate is over all {data["fold"]["count"]} '
                          'folds\' runs.')
+        if _small_classes(evaluation):
+            found.append(_small_classes(evaluation))
         if evaluation['patient_level'] is None:
             found.append('No patient-level evaluation: the test images carry no patient identifiers, so the '
                          'intervals resample images, which understates their width when a patient has many.')
@@ -216,9 +239,10 @@ def render(metadata: dict) -> str:
         cell = evaluation['cell_level']
         held_out = f'{fold_phrase(data["fold"])}; ' if data.get('fold') else ''
         lines += [f'The {evaluation["split"]} split ({held_out}{cell["num_examples"]} images), step '
-                  f'{evaluation["checkpoint_step"]}{tta}. Intervals: 95 % bootstrap '
-                  f'({cell.get("bootstrap", {}).get("samples", "?")} resamples of '
-                  f'{cell.get("bootstrap", {}).get("resampled", "?")}).', '',
+                  f'{evaluation["checkpoint_step"]}{tta}. 95 % intervals, each with its method: bootstraps draw '
+                  'whole patients (or images, without patient ids) within their class, so every resample holds '
+                  'every class; proportions over independent units have exact (Clopper-Pearson) intervals.', '',
+                  *([_small_classes(evaluation), ''] if _small_classes(evaluation) else []),
                   '### Per cell', '', *_metrics_table(cell), '', *_per_class_table(cell), '',
                   *_confusion_table(cell, metadata['classes'])]
         patient = evaluation['patient_level']

@@ -24,7 +24,7 @@ WORK = os.path.join(ROOT, 'mutants')
 # Module -> its fast tests (seconds, not the minutes of the tests that train a model).
 MODULES = {
     'allflax/evaluation/metrics.py': ['tests/test_metrics.py', 'tests/test_stats.py'],
-    'allflax/evaluation/stats.py': ['tests/test_stats.py'],
+    'allflax/evaluation/stats.py': ['tests/test_stats.py', 'tests/test_intervals.py'],
     'allflax/evaluation/calibration.py': ['tests/test_stats.py', 'tests/test_calibration.py'],
     'allflax/data/splits.py': ['tests/test_splits.py'],
     'allflax/bundle.py': ['tests/test_bundle.py'],

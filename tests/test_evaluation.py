@@ -13,6 +13,7 @@ import cv2
 import jax
 import numpy as np
 import pytest
+import scipy.stats
 from absl import flags
 
 import main
@@ -55,10 +56,18 @@ def test_training_ends_with_intervals_patients_predictions_and_tensorboard(tiny_
     assert set(values['ci95']) == {'accuracy', 'f1_weighted', 'f1_macro', 'roc_auc'}
     for name, (low, high) in values['ci95'].items():
         assert low <= values[name] <= high, name
-    assert values['bootstrap'] == {'samples': 1000, 'seed': 0, 'resampled': 'patients'}
+    assert values['bootstrap'] == {'samples': 1000, 'seed': 0, 'resampled': 'patients', 'within': 'class'}
+    assert values['ci95_method']['f1_macro'] == ('stratified patient bootstrap (patients drawn within their class), '
+                                                 '1000 resamples')
     with open(os.path.join(workdir, 'splits.json')) as f:
         test_patients = json.load(f)['test']['patients']
-    assert values['patient_level']['num_examples'] == len(test_patients)
+    patient = values['patient_level']
+    assert patient['num_examples'] == len(test_patients)
+    assert patient['ci95_method']['accuracy'] == f'Clopper-Pearson exact, {len(test_patients)} patients'
+    right = round(patient['accuracy'] * len(test_patients))
+    exact = scipy.stats.binomtest(right, len(test_patients)).proportion_ci(method='exact')
+    assert patient['ci95']['accuracy'] == pytest.approx([exact.low, exact.high])
+    assert set(values['small_classes']) <= set(values['class_names'])
     rows = read_csv(os.path.join(workdir, 'eval', 'test', 'predictions.csv'))
     assert len(rows) == values['num_examples']
     class_names = values['class_names']
@@ -105,8 +114,15 @@ def test_eval_mode_writes_the_report(tiny_run, monkeypatch):
     assert page.count('src="data:image/png;base64,') == len(PLOTS) + len(panels)
     assert 'src="http' not in page and 'src="/' not in page
     assert 'Balanced accuracy' in page and 'Cohen' in page and 'Patients' in page
+<<<<<<< HEAD
     # At 32 px: block5_conv4's map is 2×2, the attention's (after block5_pool) 1×1.
     assert 'Grad-CAM at block5_conv4 (2×2' in page and 'self-attention received (1×1' in page
+=======
+    assert f'Clopper-Pearson exact, {after_training["patient_level"]["num_examples"]} patients' in page
+    assert 'stratified patient bootstrap (patients drawn within their class)' in page
+    for name in after_training['small_classes']:
+        assert f'{name} ({after_training["small_classes"][name]} patient' in page
+>>>>>>> wip-ci
 
 
 def test_eval_with_test_time_augmentation_and_temperature_scaling(tiny_run, tmp_path):
@@ -201,6 +217,8 @@ def test_compare_two_runs_and_refuse_different_images(tiny_run, make_tiny_config
     difference = result['difference_a_minus_b']['accuracy']
     assert difference['difference'] == pytest.approx(correct_a.mean() - correct_b.mean())
     assert difference['ci95'][0] <= difference['difference'] <= difference['ci95'][1]
+    assert difference['ci95_method'] == ('paired stratified patient bootstrap (patients drawn within their class), '
+                                         '1000 resamples')
     assert os.path.exists(os.path.join(output_dir, 'compare.html'))
 
     other = tmp_path / 'other'

@@ -177,6 +177,14 @@ def test_bundle_predicts_as_the_checkpoint(recipe, request):
     card = open(os.path.join(output, 'MODEL_CARD.md')).read()
     assert 'Not a medical device' in card and 'synthetic images' in card and 'No external validation' in card
     assert f'{accuracy:.4f}' in card and 'Per patient' in card
+    # Each interval's method beside it; the classes with fewer than 3 test patients named.
+    with open(os.path.join(workdir, 'eval', 'test', 'metrics.json')) as f:
+        evaluated = json.load(f)
+    assert f'| Clopper-Pearson exact, {len(set(test.patients))} patients |' in card
+    assert metadata['evaluation'].get('small_classes') == evaluated['small_classes']
+    assert 'small_classes' not in metadata['evaluation']['cell_level']
+    for name, patients in evaluated['small_classes'].items():
+        assert f'{name} ({patients} patient' in card
 
 
 def write_cells(folder, rng):

@@ -104,7 +104,7 @@ def test_patient_bootstrap_is_wider_when_patients_differ():
     by_image = stats.bootstrap_intervals(labels, probabilities, None, samples=500, seed=0)['accuracy']
     by_patient = stats.bootstrap_intervals(labels, probabilities, patients, samples=500, seed=0)['accuracy']
     assert by_patient[1] - by_patient[0] > 2 * (by_image[1] - by_image[0])
-    weights = stats.bootstrap_weights(len(patients), patients, samples=10, seed=1)
+    weights = stats.bootstrap_weights(labels, patients, samples=10, seed=1)
     assert np.all(weights.sum(axis=1) == len(patients))  # 20 patients drawn × 30 cells each.
     assert np.all(weights.reshape(10, 20, 30).std(axis=2) == 0)  # Whole patients.
 
@@ -124,7 +124,9 @@ def test_mcnemar_exact_matches_the_binomial_test():
 def test_paired_bootstrap_difference():
     labels, probabilities = _random_predictions(5, n=400)
     same = stats.paired_bootstrap_difference(labels, probabilities, probabilities, None, samples=200, seed=0)
-    assert same['accuracy'] == {'difference': 0.0, 'ci95': [0.0, 0.0]}
+    assert same['accuracy'] == {
+        'difference': 0.0, 'ci95': [0.0, 0.0],
+        'ci95_method': 'paired stratified image bootstrap (images drawn within their class), 200 resamples'}
     _, worse = _random_predictions(5, n=400, skill=0.5)
     better_minus_worse = stats.paired_bootstrap_difference(labels, probabilities, worse, None, samples=200, seed=0)
     for name in ('accuracy', 'f1_macro'):

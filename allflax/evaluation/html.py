@@ -23,6 +23,7 @@ figure.wrong { border-color: #c62828; }
 figure img { display: block; height: 112px; }
 figcaption { font-size: 0.85em; max-width: 360px; }
 .note { color: #555; font-size: 0.9em; }
+.warning { background: #fff4e0; border-left: 4px solid #e65100; padding: 0.4em 0.8em; }
 """
 
 

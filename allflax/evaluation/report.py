@@ -19,21 +19,64 @@ SUMMARY_METRICS = {
     'specificity_macro': 'Specificity, mean over classes', 'roc_auc': 'ROC-AUC, mean over classes',
     'cohen_kappa': "Cohen's kappa", 'ece': 'Expected calibration error (lower is better)',
     'nll': 'Negative log-likelihood (lower is better)'}
+
+
+class _Methods:
+    """Numbers each distinct interval method, so that a table can show it beside each interval
+    as (1), (2), ... and list the methods below."""
+
+    def __init__(self):
+        self.names: list[str] = []
+
+    def interval(self, values: dict, name: str) -> str:
+        bounds = values.get('ci95', {}).get(name)
+        method = values.get('ci95_method', {}).get(name)
+        if method is None:
+            return interval(bounds) if name in values.get('ci95', {}) else ''
+        if method not in self.names:
+            self.names.append(method)
+        return f'{interval(bounds)} ({self.names.index(method) + 1})'
+
+    def legend(self) -> str:
+        return ('<p class="note">95 % intervals: ' + '; '.join(
+            f'({i}) {html.escape(name)}' for i, name in enumerate(self.names, 1)) + '.</p>') if self.names else ''
+
+
 def _metrics_tables(values: dict) -> str:
     patient = values.get('patient_level')
+    methods = _Methods()
     header = ['Metric', 'Images', '95 % interval'] + (['Patients', '95 % interval'] if patient else [])
     rows = []
     for name, label in SUMMARY_METRICS.items():
-        row = [label, number(values[name]), interval(values['ci95'].get(name)) if name in values['ci95'] else '']
+        row = [label, number(values[name]), methods.interval(values, name)]
         if patient:
-            row += [number(patient[name]), interval(patient['ci95'].get(name)) if name in patient['ci95'] else '']
+            row += [number(patient[name]), methods.interval(patient, name)]
         rows.append(row)
     per_class = [[name, number(c['precision']), number(c['recall']), number(c['f1']),
                   number(c['specificity']), number(c['roc_auc']), c['support']]
                  for name, c in values['per_class'].items()]
+    # Exact intervals of sensitivity and specificity: over patients where known, else over images.
+    exact, units = (patient, 'Patients') if patient else (values, 'Images')
+    sensitivity = [[name, number(c['recall']), methods.interval(c, 'recall'), number(c['specificity']),
+                    methods.interval(c, 'specificity'), c['support']]
+                   for name, c in exact['per_class'].items() if 'ci95' in c]
     return (table(header, rows)
             + '<h3>Per class (images)</h3>'
-            + table(['Class', 'Precision', 'Recall', 'F1', 'Specificity', 'ROC-AUC', 'Images'], per_class))
+            + table(['Class', 'Precision', 'Recall', 'F1', 'Specificity', 'ROC-AUC', 'Images'], per_class)
+            + (f'<h3>Sensitivity and specificity per class ({units.lower()})</h3>'
+               + table(['Class', 'Sensitivity', '95 % interval', 'Specificity', '95 % interval', units], sensitivity)
+               if sensitivity else '')
+            + methods.legend())
+
+
+def _small_classes(values: dict) -> str:
+    small = values.get('small_classes') or {}
+    if not small:
+        return ''
+    named = ', '.join(f'{name} ({n} patient{"" if n == 1 else "s"})' for name, n in small.items())
+    return (f'<p class="warning">Classes with fewer than {stats.SMALL_CLASS} test patients: {html.escape(named)}. '
+            'Their intervals cannot show variation between patients: the bootstrap can only redraw the same few '
+            'patients of such a class.</p>')
 
 
 def _gallery(entries: list[dict], explanation: dict) -> str:
@@ -106,7 +149,6 @@ def write_split_report(workdir: str, split_name: str, split: Split, class_names,
         plots.read_training_log(os.path.join(workdir, 'metrics.jsonl')),
         os.path.join(directory, 'training_curves.png'))
 
-    resampled = values['bootstrap']['resampled']
     patients = stats.known_patients(split.patients)
     facts = [['Run', os.path.abspath(workdir)], ['Model', model_name],
              ['Data', data_name], ['Split', f'{split_name}: {len(split)} images'
@@ -116,12 +158,12 @@ def write_split_report(workdir: str, split_name: str, split: Split, class_names,
              ['Temperature scaling', f'T = {predictions.temperature:.3f} (fitted on val)'
               if 'calibration' in values else 'off']]
     body = [table(None, facts),
-            '<h2>Metrics</h2>', _metrics_tables(values),
-            f'<p class="note">95 % intervals: percentile bootstrap, {values["bootstrap"]["samples"]} '
-            f'resamples of {resampled}'
-            + (' (whole patients, as their cells are not independent)' if resampled == 'patients' else '')
-            + '. Patient-level scores use the mean of each patient\'s cell probabilities. '
-              'ECE: expected calibration error, 15 bins. NLL: mean negative log-likelihood.</p>',
+            '<h2>Metrics</h2>', _small_classes(values), _metrics_tables(values),
+            '<p class="note">The bootstraps are percentile intervals; they draw whole patients where known (their '
+            'cells are not independent) within each class, so every resample holds every class. Proportions over '
+            'independent units (patients, or images without patient ids) have exact Clopper-Pearson intervals. '
+            'Patient-level scores use the mean of each patient\'s cell probabilities. '
+            'ECE: expected calibration error, 15 bins. NLL: mean negative log-likelihood.</p>',
             '<h2>Confusion matrix</h2>', embed_png(figures['confusion_matrix'], 'confusion matrix'),
             '<h2>ROC and precision-recall</h2><div class="row">', embed_png(figures['roc'], 'ROC curves'),
             embed_png(figures['pr'], 'precision-recall curves'), '</div>',

@@ -11,26 +11,15 @@ from absl import logging
 
 from allflax import files
 from allflax.data.dataset import Dataset, Split
-from allflax.evaluation import calibration, inference, metrics, operating_point, stats
+from allflax.evaluation import calibration, inference, operating_point, stats
 
 
 def detailed_metrics(split: Split, probabilities: np.ndarray, class_names: tuple[str, ...], *,
                      bootstrap_samples: int, seed: int) -> dict:
-    """The metrics plus bootstrap intervals (over patients where every image has one) and the
-    same per patient, each patient scored by the mean of its cells' probabilities."""
-    values = metrics.classification_metrics(split.labels, probabilities, class_names)
-    patients = stats.known_patients(split.patients)
-    values['ci95'] = stats.bootstrap_intervals(split.labels, probabilities, patients,
-                                               samples=bootstrap_samples, seed=seed)
-    values['bootstrap'] = {'samples': bootstrap_samples, 'seed': seed,
-                           'resampled': 'images' if patients is None else 'patients'}
-    if patients is not None:
-        patient_labels, patient_probabilities, _ = metrics.patient_level(split.labels, probabilities, patients)
-        patient_values = metrics.classification_metrics(patient_labels, patient_probabilities, class_names)
-        patient_values['ci95'] = stats.bootstrap_intervals(
-            patient_labels, patient_probabilities, None, samples=bootstrap_samples, seed=seed)
-        values['patient_level'] = patient_values
-    return values
+    """The metrics with 95 % intervals and their methods, per image and (where every image has a
+    patient id) per patient: `stats.metrics_with_intervals`."""
+    return stats.metrics_with_intervals(split.labels, probabilities, split.patients, class_names,
+                                        samples=bootstrap_samples, seed=seed)
 
 
 def image_ids(split: Split, split_name: str) -> list[str]:

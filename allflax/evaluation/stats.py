@@ -1,8 +1,12 @@
-"""Uncertainty of the scores: bootstrap intervals, McNemar's test, intervals over repeated runs.
+"""Uncertainty of the scores: bootstrap and exact intervals, McNemar's test, intervals over repeated runs.
 
 A bootstrap resample is a row of weights, how often each example was drawn; resampling
 patients draws whole patients (all their cells together), since cells of one patient are
-not independent. Every resample is scored at once, by the metrics' batched code.
+not independent. Units are drawn within their class, so every resample holds every class as
+often as the data: a test split of 7 patients with one of some class would otherwise lose it
+in a third of the resamples and score its F1 as 0. Every resample is scored at once, by the
+metrics' batched code. Proportions (accuracy, sensitivity, specificity over independent units)
+get Clopper–Pearson intervals instead, which stay valid at any number of units.
 """
 import numpy as np
 import scipy.stats
@@ -11,6 +15,7 @@ from allflax.evaluation import metrics
 
 INTERVAL_METRICS = ('accuracy', 'f1_weighted', 'f1_macro', 'roc_auc')
 LEVEL = 0.95
+SMALL_CLASS = 3  # A class with fewer test patients has an interval that cannot show variation between them.
 
 
 def known_patients(patients) -> np.ndarray | None:
@@ -19,17 +24,46 @@ def known_patients(patients) -> np.ndarray | None:
     return patients if len(patients) and np.all(patients != '') else None
 
 
-def bootstrap_weights(num_examples: int, clusters: np.ndarray | None, *, samples: int,
+def strata(labels: np.ndarray, clusters: np.ndarray | None) -> tuple[np.ndarray, dict[tuple, np.ndarray]]:
+    """(each example's unit, {stratum: its units}). Units are the clusters (patients, sorted),
+    or the examples when `clusters` is None; a unit's stratum is the set of labels among its
+    examples: its class, or for a patient with cells of several classes, the patients with that
+    same set of classes (so each class keeps, in every resample, a unit that holds it). Strata are
+    in the order of their sorted label tuples: (0,), (0, 1), (1,), ..."""
+    labels = np.asarray(labels, np.int64)
+    unit_of = (np.arange(len(labels)) if clusters is None
+               else np.unique(np.asarray(clusters), return_inverse=True)[1].ravel())
+    presence = np.zeros((unit_of.max() + 1, labels.max() + 1), bool)
+    presence[unit_of, labels] = True
+    keys = [tuple(np.flatnonzero(row).tolist()) for row in presence]
+    members = {}
+    for unit, key in enumerate(keys):
+        members.setdefault(key, []).append(unit)
+    return unit_of, {key: np.array(members[key]) for key in sorted(members)}
+
+
+def bootstrap_weights(labels: np.ndarray, clusters: np.ndarray | None, *, samples: int,
                       seed: int) -> np.ndarray:
-    """(samples, num_examples) draw counts: examples drawn with replacement, or whole
-    clusters (patients) when `clusters` gives each example's cluster."""
+    """(samples, examples) draw counts: within each stratum (see `strata`) as many units as it
+    holds, drawn with replacement. One generator seeded by `seed` draws the strata in order, each
+    as `samples` multinomial rows of equal probabilities."""
+    unit_of, groups = strata(labels, clusters)
     rng = np.random.default_rng(seed)
-    if clusters is None:
-        return rng.multinomial(num_examples, np.full(num_examples, 1 / num_examples),
-                               size=samples).astype(np.float64)
-    ids, index = np.unique(clusters, return_inverse=True)
-    counts = rng.multinomial(len(ids), np.full(len(ids), 1 / len(ids)), size=samples)
-    return counts[:, index].astype(np.float64)
+    counts = np.zeros((samples, sum(len(units) for units in groups.values())))
+    for units in groups.values():
+        counts[:, units] = rng.multinomial(len(units), np.full(len(units), 1 / len(units)), size=samples)
+    return counts[:, unit_of]
+
+
+def bootstrap_method(labels: np.ndarray, clusters: np.ndarray | None, *, samples: int,
+                     unit: str | None = None) -> str:
+    """How `bootstrap_weights` resamples, in words; `unit` names the units (default: patients
+    when `clusters` is given, else images)."""
+    unit = unit or ('images' if clusters is None else 'patients')
+    _, groups = strata(labels, clusters)
+    mixed = ('; one with several classes among the ' + unit + ' with the same classes'
+             if any(len(key) > 1 for key in groups) else '')
+    return f'stratified {unit[:-1]} bootstrap ({unit} drawn within their class{mixed}), {samples} resamples'
 
 
 def resampled_scores(labels: np.ndarray, probabilities: np.ndarray,
@@ -56,9 +90,81 @@ def percentile_interval(values: np.ndarray, level: float = LEVEL) -> list[float]
 def bootstrap_intervals(labels: np.ndarray, probabilities: np.ndarray, clusters: np.ndarray | None,
                         *, samples: int, seed: int) -> dict[str, list[float] | None]:
     """Percentile bootstrap 95 % intervals {metric: [low, high]} of INTERVAL_METRICS."""
-    weights = bootstrap_weights(len(labels), clusters, samples=samples, seed=seed)
+    weights = bootstrap_weights(labels, clusters, samples=samples, seed=seed)
     return {name: percentile_interval(values)
             for name, values in resampled_scores(labels, probabilities, weights).items()}
+
+
+def exact_interval(successes: int, trials: int) -> list[float] | None:
+    """The Clopper–Pearson 95 % interval of a proportion (covers at least 95 % at any number of
+    trials; 7 of 7 gives [0.590, 1]); None without trials."""
+    if trials == 0:
+        return None
+    interval = scipy.stats.binomtest(int(successes), int(trials)).proportion_ci(LEVEL, method='exact')
+    return [float(interval.low), float(interval.high)]
+
+
+def exact_method(trials: int, unit: str) -> str:
+    """`exact_interval`'s method, with its number of trials: 'Clopper-Pearson exact, 7 patients'."""
+    return f'Clopper-Pearson exact, {trials} {unit[:-1] if trials == 1 else unit}'
+
+
+def add_exact_intervals(values: dict, unit: str):
+    """Adds to `values` (classification_metrics of independent units, each one `unit`) the exact
+    intervals of accuracy, and per class of recall (sensitivity) and specificity, with their methods."""
+    matrix = np.asarray(values['confusion_matrix'], np.int64)
+    total, correct = int(matrix.sum()), int(np.trace(matrix))
+    values['ci95']['accuracy'] = exact_interval(correct, total)
+    values['ci95_method']['accuracy'] = exact_method(total, unit)
+    for k, name in enumerate(values['class_names']):
+        positives = int(matrix[k].sum())
+        true_negatives = total - positives - int(matrix[:, k].sum() - matrix[k, k])
+        values['per_class'][name]['ci95'] = {'recall': exact_interval(matrix[k, k], positives),
+                                             'specificity': exact_interval(true_negatives, total - positives)}
+        values['per_class'][name]['ci95_method'] = {'recall': exact_method(positives, unit),
+                                                    'specificity': exact_method(total - positives, unit)}
+
+
+def patients_per_class(labels: np.ndarray, patients: np.ndarray, num_classes: int) -> np.ndarray:
+    """How many patients have cells of each class."""
+    _, patient_of = np.unique(np.asarray(patients), return_inverse=True)
+    pairs = np.unique(np.stack([np.asarray(labels, np.int64), patient_of]), axis=1)
+    return np.bincount(pairs[0], minlength=num_classes)
+
+
+def metrics_with_intervals(labels: np.ndarray, probabilities: np.ndarray, patients: np.ndarray,
+                           class_names: tuple[str, ...], *, samples: int, seed: int) -> dict:
+    """classification_metrics with 95 % intervals and each interval's method (`ci95_method`):
+
+    - with patient ids (every image has one): the cell-level scores' intervals by the stratified
+      patient bootstrap; `patient_level` (each patient scored by the mean of its cells'
+      probabilities, labelled by its most frequent cell label) with exact intervals of accuracy and
+      per class of sensitivity and specificity over patients, bootstrap ones of the rest; and
+      `small_classes`, the classes with fewer than SMALL_CLASS patients (their intervals cannot
+      show variation between patients) with their numbers of patients;
+    - without: exact intervals over images, bootstrap ones over images for the rest.
+    """
+    values = metrics.classification_metrics(labels, probabilities, class_names)
+    known = known_patients(patients)
+    values['ci95'] = bootstrap_intervals(labels, probabilities, known, samples=samples, seed=seed)
+    method = bootstrap_method(labels, known, samples=samples)
+    values['ci95_method'] = {name: method for name in values['ci95']}
+    values['bootstrap'] = {'samples': samples, 'seed': seed,
+                           'resampled': 'images' if known is None else 'patients', 'within': 'class'}
+    if known is None:
+        add_exact_intervals(values, 'images')
+        return values
+    patient_labels, patient_probabilities, _ = metrics.patient_level(labels, probabilities, known)
+    patient_values = metrics.classification_metrics(patient_labels, patient_probabilities, class_names)
+    patient_values['ci95'] = bootstrap_intervals(patient_labels, patient_probabilities, None,
+                                                 samples=samples, seed=seed)
+    method = bootstrap_method(patient_labels, None, samples=samples, unit='patients')
+    patient_values['ci95_method'] = {name: method for name in patient_values['ci95']}
+    add_exact_intervals(patient_values, 'patients')
+    values['patient_level'] = patient_values
+    values['small_classes'] = {name: int(n) for name, n in zip(
+        class_names, patients_per_class(labels, known, len(class_names))) if n < SMALL_CLASS}
+    return values
 
 
 def mcnemar_exact(correct_a: np.ndarray, correct_b: np.ndarray) -> dict:
@@ -76,14 +182,15 @@ def paired_bootstrap_difference(labels: np.ndarray, probabilities_a: np.ndarray,
                                 names: tuple[str, ...] = ('accuracy', 'f1_macro')) -> dict:
     """A − B for each metric in `names`: the point difference and its 95 % interval, both runs
     scored on the same resamples (so what the images share cancels out)."""
-    weights = bootstrap_weights(len(labels), clusters, samples=samples, seed=seed)
+    weights = bootstrap_weights(labels, clusters, samples=samples, seed=seed)
+    method = 'paired ' + bootstrap_method(labels, clusters, samples=samples)
     point = np.ones((1, len(labels)))
     result = {}
     a, b = (resampled_scores(labels, p, weights) for p in (probabilities_a, probabilities_b))
     a_point, b_point = (resampled_scores(labels, p, point) for p in (probabilities_a, probabilities_b))
     for name in names:
         result[name] = {'difference': float(a_point[name][0] - b_point[name][0]),
-                        'ci95': percentile_interval(a[name] - b[name])}
+                        'ci95': percentile_interval(a[name] - b[name]), 'ci95_method': method}
     return result
 
 
