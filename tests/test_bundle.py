@@ -13,7 +13,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from allflax import bundle, files, model_card
-from allflax.data import preprocess, sources
+from allflax.data import image_files, preprocess, sources
 from configs import common
 
 SIZE = 8
@@ -224,12 +224,13 @@ def test_the_cli_writes_predict_csvs_and_refuses_in_one_line(tiny_bundle, tmp_pa
                                      'errors': str(tmp_path / 'out' / 'preds.errors.csv'), 'checkpoint_step': 3}
     with open(output, newline='') as f:
         rows = list(csv.reader(f))
-    assert rows[0] == ['path', 'predicted_class', *CLASSES]
+    assert rows[0] == ['path', 'predicted_class', *CLASSES, 'decision_rule']
+    assert {row[-1] for row in rows[1:]} == {'argmax'}
     tiles = np.stack([preprocess.preprocess(preprocess.read_image(p), STEPS, SIZE) for p in paths])
     expected = reference_probabilities(tiles)
     assert [row[0] for row in rows[1:]] == paths
     assert [row[1] for row in rows[1:]] == [CLASSES[k] for k in expected.argmax(1)]
-    np.testing.assert_allclose(np.float64([row[2:] for row in rows[1:]]), expected, atol=1e-6)
+    np.testing.assert_allclose(np.float64([row[2:-1] for row in rows[1:]]), expected, atol=1e-6)
     with open(str(tmp_path / 'out' / 'preds.errors.csv'), newline='') as f:
         assert [row[0] for row in csv.reader(f)] == ['path', os.path.join(cells, 'broken.png')]
 
@@ -480,3 +481,25 @@ def test_a_reliability_diagram_is_hashed_and_checked_as_every_file(tmp_path):
     (directory / 'reliability.png').write_bytes(png + b'\0')
     with pytest.raises(bundle.BundleError, match='reliability.png has changed since export'):
         bundle.read_metadata(str(directory))
+
+
+def test_a_threshold_rule_decides_the_class_and_is_named(tmp_path):
+    """A binary operating point: the positive class where its probability reaches the threshold
+    (argmax would say otherwise for one image here), named in each row of the predictions CSV."""
+    probabilities = np.array([[0.9, 0.1], [0.7, 0.3], [0.55, 0.45], [0.2, 0.8], [0.6, 0.4]])
+    rule = {'kind': 'threshold', 'threshold': 0.4, 'positive_class': 'all', 'description': 'd'}
+    # Positive 'all' is column 1 here only if named so: classes (hem, all).
+    expected = ['hem', 'hem', 'all', 'all', 'all']  # By hand: p(all) >= 0.4.
+    predicted = image_files.predicted_classes(probabilities, ['hem', 'all'], rule)
+    assert [['hem', 'all'][k] for k in predicted] == expected
+    assert [['hem', 'all'][k] for k in image_files.predicted_classes(probabilities, ['hem', 'all'], None)] == \
+        ['hem', 'hem', 'hem', 'all', 'hem']
+    flipped = dict(rule, positive_class='hem', threshold=0.6)  # The positive class first.
+    assert [['hem', 'all'][k] for k in image_files.predicted_classes(probabilities, ['hem', 'all'], flipped)] == \
+        ['hem', 'hem', 'all', 'all', 'hem']
+    output = str(tmp_path / 'preds.csv')
+    image_files.write_predictions(output, list('abcde'), ['hem', 'all'], probabilities, rule)
+    with open(output, newline='') as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ['path', 'predicted_class', 'hem', 'all', 'decision_rule']
+    assert [row[1] for row in rows[1:]] == expected and {row[-1] for row in rows[1:]} == {'threshold 0.4 on all'}
