@@ -421,3 +421,19 @@ def test_paths_of_the_exporting_machine_are_cut_to_what_a_reader_can_use():
     assert export.without_machine_paths(config) == {
         'data': {'dir': 'C-NMC_Leukemia', 'cache_dir': 'cache', 'name': 'cnmc2019', 'augment': ['flip', 'x']},
         'model': {'init_from': ''}, 'seed': 0}
+
+
+def test_the_onnx_check_allows_for_the_temperature(tmp_path):
+    """A temperature under 1 divides the converted model's float noise in the logits by itself: the
+    allowed |Δp| grows by 1/T (a fitted T of 0.05 made an untrained binary run's export fail)."""
+    from test_bundle import SIZE, reference_probabilities, write_model
+    path = str(tmp_path / 'model.onnx')
+    write_model(path)
+    tiles = np.random.default_rng(0).integers(0, 256, (4, SIZE, SIZE, 3), np.uint8)
+    reference = reference_probabilities(tiles).astype(np.float32)
+    reference[:, 0] += 1.5e-4  # Off by more than 1e-4, not by 2e-4.
+    with pytest.raises(RuntimeError, match=r'max \|Δp\| 0.00015 on 4 tiles \(at most 0.0001 allowed at temperature 1\)'):
+        export.check_onnx(path, reference, tiles)
+    assert export.check_onnx(path, reference, tiles, temperature=0.5) == pytest.approx(1.5e-4, abs=2e-6)
+    with pytest.raises(RuntimeError, match='at most 0.0001 allowed at temperature 3'):
+        export.check_onnx(path, reference, tiles, temperature=3.0)
