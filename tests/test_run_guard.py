@@ -478,3 +478,100 @@ def test_real_set_without_data_dir_is_refused():
         _validate(config)
     config.data.dir = '/data/cnmc'
     _validate(config)
+
+
+MODELS, AUGMENTATIONS = ('vgg16', 'vgg19_mhsa'), ('flip', 'rot90')
+
+
+def _validate_all(config):
+    run_guard.validate_config(config, synthetic_names=SYNTHETIC, real_names=REAL, model_names=MODELS,
+                              augment_names=AUGMENTATIONS)
+
+
+def _demo(**values):
+    """The demo recipe with `values` set, dotted keys by their underscores: data__split=..."""
+    config = vgg19_mhsa.get_config('demo')
+    for key, value in values.items():
+        *parents, name = key.split('__')
+        node = config
+        for parent in parents:
+            node = node[parent]
+        node[name] = value
+    return config
+
+
+@pytest.mark.parametrize('values', [
+    dict(total_steps=1, num_epochs=0),  # Steps alone, or epochs alone, say how long to train.
+    dict(total_steps=0, num_epochs=1),
+    dict(batch_size=1, log_every_steps=1, eval_every_steps=1, checkpoint_every_steps=1, keep_checkpoints=1),
+    dict(data__image_size=32, data__num_workers=0, data__split='official', data__augment=()),
+    dict(data__split='random', data__split_fractions__train=0.8, data__split_fractions__val=0.2,
+         data__split_fractions__test=0.0),
+    # Thirds rounded to 7 digits sum to 0.9999999: within the 1e-6 the rule allows.
+    dict(data__split_fractions__train=0.3333333, data__split_fractions__val=0.3333333,
+         data__split_fractions__test=0.3333333),
+    dict(optimizer__warmup_fraction=0.0, optimizer__weight_decay=0.0, loss__gamma=0.0, model__init_from='imagenet'),
+    dict(optimizer__warmup_fraction=1.0, loss__gamma=0.5, model__name='vgg16'),
+], ids=lambda values: ','.join(values))
+def test_every_rule_accepts_the_edge_of_its_range(values):
+    _validate_all(_demo(**values))
+
+
+def test_a_keras_weights_directory_is_a_valid_init_from(tmp_path):
+    _validate_all(_demo(model__init_from=str(tmp_path)))
+
+
+def test_each_invalid_value_is_named_with_its_rule_and_flag(tmp_path):
+    config = _demo(total_steps=-1, num_epochs=-1, batch_size=0, log_every_steps=0, eval_every_steps=0,
+                   checkpoint_every_steps=0, keep_checkpoints=0, data__image_size=31, model__name='vgg99',
+                   data__augment=('flip', 'warp'), model__init_from=str(tmp_path / 'missing'),
+                   data__num_workers=-1, data__split='stratified', data__split_fractions__train=1.2,
+                   data__split_fractions__val=-0.2, data__split_fractions__test=0.0,
+                   optimizer__learning_rate=0.0, optimizer__warmup_fraction=1.5, optimizer__weight_decay=-0.1,
+                   loss__gamma=-1.0, data__dir='/data/cnmc')
+    with pytest.raises(run_guard.ConfigError) as error:
+        _validate_all(config)
+    assert str(error.value) == (
+        'invalid config:\n'
+        '  total_steps=-1 must be >= 0 (0 trains for num_epochs); set --config.total_steps\n'
+        '  num_epochs=-1 must be >= 0; set --config.num_epochs\n'
+        '  batch_size=0 must be >= 1 (the global batch, over all devices); set --config.batch_size\n'
+        '  log_every_steps=0 must be >= 1 step; set --config.log_every_steps\n'
+        '  eval_every_steps=0 must be >= 1 step; set --config.eval_every_steps\n'
+        '  checkpoint_every_steps=0 must be >= 1 step; set --config.checkpoint_every_steps\n'
+        '  keep_checkpoints=0 must be >= 1; set --config.keep_checkpoints\n'
+        '  data.image_size=31 must be >= 32 pixels (the networks downsample by 32); set --config.data.image_size\n'
+        "  model.name='vgg99' is not a model: use one of vgg16, vgg19_mhsa; set --config.model.name\n"
+        "  data.augment=('flip', 'warp') names an unknown op: use some of flip, rot90; set --config.data.augment\n"
+        f"  model.init_from='{tmp_path}/missing' must be '' (from scratch), 'imagenet', or a directory written by "
+        'python -m allflax.models.keras_weights; set --config.model.init_from\n'
+        '  data.num_workers=-1 must be >= 0 (0 reads in the main process); set --config.data.num_workers\n'
+        "  data.split='stratified' must be patient, official or random; set --config.data.split\n"
+        "  data.split_fractions={'test': 0.0, 'train': 1.2, 'val': -0.2} must be >= 0 and sum to 1; "
+        'set --config.data.split_fractions\n'
+        '  optimizer.learning_rate=0.0 must be > 0; set --config.optimizer.learning_rate\n'
+        '  optimizer.warmup_fraction=1.5 must be in [0, 1] (a fraction of total steps); '
+        'set --config.optimizer.warmup_fraction\n'
+        '  optimizer.weight_decay=-0.1 must be >= 0; set --config.optimizer.weight_decay\n'
+        '  loss.gamma=-1.0 must be >= 0 (0 is plain sigmoid cross-entropy); set --config.loss.gamma\n'
+        "  data.dir='/data/cnmc' is ignored by the synthetic data set synthetic_all4: set --config.data.name to a "
+        'real data set (cnmc2019, all_aria, all_idb2, image_folder) or drop data.dir')
+
+
+@pytest.mark.parametrize('values, message', [
+    (dict(total_steps=0, num_epochs=0),
+     'total_steps=0 and num_epochs=0 train nothing; set --config.total_steps or --config.num_epochs'),
+    (dict(optimizer__warmup_fraction=-0.1),
+     'optimizer.warmup_fraction=-0.1 must be in [0, 1] (a fraction of total steps); '
+     'set --config.optimizer.warmup_fraction'),
+    (dict(data__name='mnist'),
+     "data.name='mnist' is unknown: set --config.data.name to one of synthetic_all4, synthetic_cnmc, cnmc2019, "
+     'all_aria, all_idb2, image_folder'),
+    (dict(data__name='cnmc2019'),
+     "data.name='cnmc2019' reads images from data.dir, which is empty: set --config.data.dir to the downloaded "
+     'folder'),
+], ids=['no_length', 'negative_warmup', 'unknown_data', 'real_data_without_dir'])
+def test_a_single_problem_is_named_on_the_first_line(values, message):
+    with pytest.raises(run_guard.ConfigError) as error:
+        _validate_all(_demo(**values))
+    assert str(error.value) == f'invalid config: {message}'
