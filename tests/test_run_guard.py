@@ -380,8 +380,12 @@ def test_seed_and_model_changes_are_refused_and_listed():
 def test_num_workers_change_is_refused():
     saved, new = _configs()
     new.data.num_workers = 2
-    with pytest.raises(run_guard.ResumeMismatchError, match='data.num_workers: 0 -> 2'):
+    with pytest.raises(run_guard.ResumeMismatchError) as error:
         run_guard.check_resume(saved, new.to_dict(), workdir='runs/a')
+    assert str(error.value) == (  # One setting: singular ("1 setting that change" before).
+        'refusing to resume runs/a: its config.json differs in 1 setting that changes the result:\n'
+        '  data.num_workers: 0 -> 2\n'
+        'Rerun with the same settings, or train into a new --workdir.')
 
 
 def test_logging_evaluation_and_folders_may_change():

@@ -445,7 +445,7 @@ def check_resume(saved: dict, new: dict, *, workdir: str, defaults: dict | None 
         lines = '\n'.join(f'  {line}' for line in refused)
         raise ResumeMismatchError(
             f'refusing to resume {workdir}: its config.json differs in {len(refused)} setting'
-            f'{"s" if len(refused) > 1 else ""} that change the result:\n{lines}\n'
+            f'{"s that change" if len(refused) > 1 else " that changes"} the result:\n{lines}\n'
             f'Rerun with the same settings, or train into a new --workdir.')
     return allowed
 
