@@ -1,6 +1,7 @@
 import datetime
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -33,6 +34,21 @@ else:
         time.sleep(0.01)
     lock.release()
 '''
+
+
+@pytest.fixture(autouse=True)
+def deadline():
+    """A lock that is never taken nor refused (a loop that looks again for ever) fails its test in
+    30 s instead of hanging the suite; every test here takes a second or less (the racing processes
+    take seconds under mutmut, which traces them)."""
+    def expire(signum, frame):
+        raise TimeoutError('still waiting after 30 s')
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, 30)
+    yield
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    signal.signal(signal.SIGALRM, previous)
 
 
 def _write_lock(workdir, content) -> bytes:
@@ -141,13 +157,18 @@ def _race(workdir):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     processes = [subprocess.Popen([sys.executable, '-c', CONTENDER, str(workdir)], stdout=subprocess.PIPE,
                                   text=True, cwd=root) for _ in range(8)]
-    (workdir / 'go').touch()
-    outcomes = {process.pid: process.stdout.readline().strip() for process in processes}
-    winners = [pid for pid, outcome in outcomes.items() if outcome == 'won']
-    assert len(winners) == 1 and sorted(outcomes.values()).count('busy') == 7
-    assert _lock_of(str(workdir))['pid'] == winners[0]
-    (workdir / 'done').touch()
-    assert [process.wait(timeout=10) for process in processes] == [0] * 8
+    try:
+        (workdir / 'go').touch()
+        outcomes = {process.pid: process.stdout.readline().strip() for process in processes}
+        winners = [pid for pid, outcome in outcomes.items() if outcome == 'won']
+        assert len(winners) == 1 and sorted(outcomes.values()).count('busy') == 7
+        assert _lock_of(str(workdir))['pid'] == winners[0]
+        (workdir / 'done').touch()
+        assert [process.wait(timeout=10) for process in processes] == [0] * 8
+    finally:  # None left waiting for the lock after a failure.
+        for process in processes:
+            process.kill()
+            process.wait()
     assert sorted(os.listdir(workdir)) == ['done', 'go']
 
 
