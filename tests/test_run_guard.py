@@ -1,4 +1,5 @@
 import datetime
+import errno
 import json
 import os
 import signal
@@ -75,8 +76,15 @@ def _lock_of(workdir) -> dict:
         return json.load(f)
 
 
-def test_lock_is_written_and_removed(tmp_path):
+def test_lock_is_written_and_removed(tmp_path, monkeypatch):
     workdir = str(tmp_path / 'run')
+    linked, link = [], os.link
+
+    def spy(source, target):
+        linked.append((source, target))
+        link(source, target)
+
+    monkeypatch.setattr(run_guard.os, 'link', spy)
     with run_guard.WorkdirLock(workdir) as lock:
         record = _lock_of(workdir)
         assert record['host'] == socket.gethostname() and record['pid'] == os.getpid()
@@ -85,6 +93,13 @@ def test_lock_is_written_and_removed(tmp_path):
     assert os.listdir(workdir) == []
     lock.release()  # Idempotent.
     assert os.listdir(workdir) == []
+    # Written whole beside the lock, then linked into place, so that no reader sees it part-written
+    # (a hard link cannot cross filesystems: the temporary file must be in the workdir).
+    [(source, target)] = linked
+    assert target == os.path.join(workdir, 'run.lock') and os.path.dirname(source) == workdir
+    # A run killed between the two leaves that file behind: its workdir is still a run's.
+    open(source, 'w').close()
+    assert run_guard.saved_run_config(workdir) is None
 
 
 def test_our_own_held_lock_refuses_a_second_acquire(tmp_path):
@@ -188,6 +203,42 @@ def test_one_of_many_racing_processes_wins_on_a_mount_without_hard_links(tmp_pat
         if stale:
             _write_lock(workdir, _holder(_finished_pid()))
         _race(workdir)
+
+
+def _refuse_links(monkeypatch, code=errno.EPERM) -> list:
+    """link() fails with `code`, as on Drive's FUSE mount (ENOSYS) and others (EPERM); returns the
+    paths it was asked to link to."""
+    tried = []
+
+    def link(source, target):
+        tried.append(target)
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(run_guard.os, 'link', link)
+    return tried
+
+
+def test_where_links_are_refused_the_lock_is_created_exclusively(tmp_path, monkeypatch):
+    """Without FUSE: link() refused, the lock is created with O_EXCL and written whole; a contender
+    then sees it and is refused. Each lock learns of the refusal once, not at every look."""
+    tried = _refuse_links(monkeypatch)
+    with SkewedHost('host-a', 0).lock(tmp_path, 0.4) as holder:
+        record = _lock_of(str(tmp_path))
+        assert (record['host'], record['pid'], record['generation']) == ('host-a', os.getpid(), 1)
+        with pytest.raises(run_guard.WorkdirBusyError, match='in use by process .* on host host-a'):
+            SkewedHost('host-b', 0).lock(tmp_path, 0.4).acquire()  # Looks until it sees a renewal.
+        holder.check()
+        assert _lock_of(str(tmp_path))['token'] == record['token']
+    assert tried == [str(tmp_path / 'run.lock')] * 2
+    assert os.listdir(tmp_path) == []  # No temporary file left by the links tried.
+
+
+def test_a_link_error_other_than_a_refusal_is_raised(tmp_path, monkeypatch):
+    """EIO is a failing disk, not a filesystem without hard links: raised, not worked around."""
+    _refuse_links(monkeypatch, errno.EIO)
+    with pytest.raises(OSError) as error:
+        run_guard.WorkdirLock(str(tmp_path)).acquire()
+    assert error.value.errno == errno.EIO and os.listdir(tmp_path) == []
 
 
 def _leased(host, renewed_seconds_ago, lease=60.0, pid=4242):
