@@ -109,6 +109,15 @@ def test_lock_is_written_and_removed(tmp_path, monkeypatch):
     assert run_guard.saved_run_config(workdir) is None
 
 
+def test_a_lock_never_acquired_allows_no_write_and_releases_nothing(tmp_path):
+    lock = run_guard.WorkdirLock(str(tmp_path))
+    with pytest.raises(run_guard.WorkdirBusyError) as error:
+        lock.check()
+    assert str(error.value) == f'{tmp_path}/run.lock is not held by this process: it must not write {tmp_path}'
+    lock.release()
+    assert os.listdir(tmp_path) == []
+
+
 def test_our_own_held_lock_refuses_a_second_acquire(tmp_path):
     with run_guard.WorkdirLock(str(tmp_path)):
         with pytest.raises(run_guard.WorkdirBusyError, match=f'process {os.getpid()} on this host'):
@@ -416,29 +425,131 @@ def test_a_renewal_never_overwrites_a_newer_holder(tmp_path, monkeypatch):
     assert (tmp_path / 'run.lock').read_bytes() == newer
 
 
-def test_a_failed_renewal_stops_the_run_before_its_next_write(tmp_path, monkeypatch):
-    lock = run_guard.WorkdirLock(str(tmp_path), lease_seconds=0.2)
-    with lock:
-        lock.check()
+class Ticks:
+    """Stands in for a lock's stop event, so that its renewing thread runs without waiting: each
+    wait(period) is recorded and returns at once, False (renew now) after running the next of
+    `actions`, True (stop) when none is left."""
 
-        def refuse(record):
-            raise OSError(5, 'Input/output error')
+    def __init__(self, *actions):
+        self.periods, self._actions = [], list(actions)
 
-        monkeypatch.setattr(lock, '_write_temporary', refuse)
-        time.sleep(0.2)
-        with pytest.raises(run_guard.WorkdirBusyError, match=r'could not renew its lease \(\[Errno 5\] Input/output '
-                                                             r'error\): stopping before this run writes'):
+    def wait(self, period):
+        self.periods.append(period)
+        if not self._actions:
+            return True
+        self._actions.pop(0)()
+        return False
+
+    def set(self):
+        pass
+
+    def clear(self):
+        pass
+
+
+def _ticked(workdir, *actions, lease=0.4) -> tuple[run_guard.WorkdirLock, Ticks]:
+    """A lock acquired in `workdir` whose renewing thread has run through `actions` and stopped."""
+    lock = run_guard.WorkdirLock(str(workdir), lease_seconds=lease)
+    lock._stop_renewing = ticks = Ticks(*actions)  # What release() sets, and the thread waits on.
+    lock.acquire()
+    lock._renewer.join(5)
+    return lock, ticks
+
+
+def test_the_lease_is_renewed_each_quarter_lease_and_soon_after_a_busy_claim(tmp_path):
+    """A renewal waits while another process holds run.lock.takeover, and is tried again soon
+    rather than a quarter lease later."""
+    claim, first = tmp_path / 'run.lock.takeover', []
+    lock, ticks = _ticked(tmp_path, lambda: first.append(_lock_of(str(tmp_path))),
+                          lambda: claim.write_bytes(b'host-b 77 claim'), claim.unlink)
+    renewed = _lock_of(str(tmp_path))
+    assert ticks.periods[:2] == [0.1, 0.1] and ticks.periods[2] < 0.1 and ticks.periods[3:] == [0.1]
+    assert first[0]['renewals'] == 0 and renewed['renewals'] == 2 and renewed['renewed'] >= first[0]['renewed']
+    assert {k: v for k, v in renewed.items() if k not in ('renewals', 'renewed')} == {
+        k: v for k, v in first[0].items() if k not in ('renewals', 'renewed')}
+    lock.release()
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize('taken', [True, False], ids=['taken_over', 'deleted'])
+def test_a_renewal_that_finds_the_lock_gone_stops_the_run(tmp_path, caplog, taken):
+    """A renewal that finds another's lock, or none, says so once, renews no more, and stops the
+    run at its next write."""
+    def lose():
+        if taken:
+            _write_lock(tmp_path, {**_leased('host-b', renewed_seconds_ago=0, pid=77), 'token': 'b' * 32})
+        else:
+            os.remove(tmp_path / 'run.lock')
+
+    with caplog.at_level('ERROR'):
+        lock, ticks = _ticked(tmp_path, lose, lambda: None, lambda: None)
+    message = (f'{tmp_path}/run.lock was taken over by {"process 77 on host-b" if taken else "another process"} '
+               f'while this run held it: stopping, so that two runs do not write {tmp_path}')
+    assert len(ticks.periods) == 2  # No renewal after it.
+    assert [r.getMessage() for r in caplog.records] == [message]
+    for _ in range(2):  # At the next write, and every one after.
+        with pytest.raises(run_guard.WorkdirBusyError) as error:
             lock.check()
+        assert str(error.value) == message
+    lock.release()  # Leaves the other's lock as it is.
+    assert os.listdir(tmp_path) == (['run.lock'] if taken else [])
+
+
+def test_a_failed_renewal_stops_the_run_before_its_next_write(tmp_path, monkeypatch, caplog):
+    def refuse(self, record):
+        raise OSError(5, 'Input/output error')
+
+    with caplog.at_level('ERROR'):
+        lock, _ = _ticked(tmp_path, lambda: monkeypatch.setattr(run_guard.WorkdirLock, '_write_temporary', refuse),
+                          lambda: None)
+    message = (f'{tmp_path}/run.lock: could not renew its lease ([Errno 5] Input/output error): stopping before this '
+               f'run writes {tmp_path} again, as another run may take it over. Rerun the same command to resume from '
+               f'the last checkpoint.')
+    assert [r.getMessage() for r in caplog.records] == [message]
+    with pytest.raises(run_guard.WorkdirBusyError) as error:
+        lock.check()
+    assert str(error.value) == message
+    lock.release()
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
-def test_a_dead_renewal_thread_stops_the_run_before_its_next_write(tmp_path, monkeypatch):
-    lock = run_guard.WorkdirLock(str(tmp_path), lease_seconds=0.2)
-    with lock:
-        monkeypatch.setattr(lock, '_renew', lambda: 1 / 0)  # Any error: the thread dies of it.
-        time.sleep(0.2)
-        with pytest.raises(run_guard.WorkdirBusyError, match='the thread that renews its lease has stopped'):
+def test_a_dead_renewal_thread_stops_the_run_before_its_next_write(tmp_path, monkeypatch, caplog):
+    with caplog.at_level('ERROR'):
+        # Any error: the thread dies of it.
+        lock, _ = _ticked(tmp_path, lambda: monkeypatch.setattr(run_guard.WorkdirLock, '_renew', lambda self: 1 / 0))
+        with pytest.raises(run_guard.WorkdirBusyError) as error:
             lock.check()
+    message = (f'{tmp_path}/run.lock: the thread that renews its lease has stopped while this run held it: stopping '
+               f'before this run writes {tmp_path} again, so that two runs never write it. Rerun the same command to '
+               f'resume from the last checkpoint once no other run writes there.')
+    assert str(error.value) == message and [r.getMessage() for r in caplog.records] == [message]
+    lock.release()
+
+
+def test_a_lock_deleted_by_hand_stops_the_run_at_its_next_write(tmp_path, caplog):
+    """The busy message tells users to delete the lock of a run that is certainly gone: deleted
+    under a live run, that run stops at its next write, and still exits cleanly."""
+    path = tmp_path / 'run.lock'
+    with caplog.at_level('ERROR'), run_guard.WorkdirLock(str(tmp_path)) as lock:  # 60 s lease: no renewal here.
+        os.remove(path)
+        with pytest.raises(run_guard.WorkdirBusyError) as error:
+            lock.check()
+    message = (f"{path}: it cannot be read ([Errno 2] No such file or directory: '{path}') while this run held it: "
+               f'stopping before this run writes {tmp_path} again, so that two runs never write it. Rerun the same '
+               f'command to resume from the last checkpoint once no other run writes there.')
+    assert str(error.value) == message and [r.getMessage() for r in caplog.records] == [message]
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_process_that_exits_holding_the_lock_is_not_kept_alive_by_its_renewals(tmp_path):
+    """A script that never releases the lock still exits; its lock stays, naming a dead process,
+    and the next run takes it over."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = 'import sys; from allflax.training import run_guard; run_guard.WorkdirLock(sys.argv[1]).acquire()'
+    subprocess.run([sys.executable, '-c', code, str(tmp_path)], cwd=root, timeout=5, check=True)
+    left = _lock_of(str(tmp_path))
+    with run_guard.WorkdirLock(str(tmp_path)):
+        assert _lock_of(str(tmp_path))['generation'] == left['generation'] + 1
 
 
 def test_a_leftover_takeover_claim_is_recovered_after_its_grace(tmp_path, monkeypatch, caplog):
