@@ -149,7 +149,9 @@ def test_lock_of_a_finished_process_is_taken_over_with_a_warning(tmp_path, caplo
     dead = _finished_pid()
     _write_lock(tmp_path, _holder(dead))
     with caplog.at_level('WARNING'), run_guard.WorkdirLock(str(tmp_path)):
-        assert _lock_of(str(tmp_path))['pid'] == os.getpid()
+        taken = _lock_of(str(tmp_path))
+        # Its lock counts no holders (written before generations): ours is the first generation.
+        assert taken['pid'] == os.getpid() and taken['generation'] == 1
         assert os.listdir(tmp_path) == ['run.lock']
     assert [r.getMessage() for r in caplog.records if 'taking it over' in r.getMessage()] == [
         f'{tmp_path / "run.lock"} names process {dead} on {socket.gethostname()}, which is no longer running: '
@@ -221,6 +223,31 @@ def _race(workdir):
 def test_one_of_many_racing_processes_takes_a_stale_lock_over(tmp_path):
     _write_lock(tmp_path, _holder(_finished_pid()))
     _race(tmp_path)
+
+
+@pytest.mark.parametrize('meanwhile', ['renewed', 'released'])
+def test_a_stale_lock_that_changes_before_its_takeover_is_looked_at_again(tmp_path, monkeypatch, meanwhile):
+    """Between this process reading a stale lock and claiming it, another process took it (or its
+    holder released it): the takeover is dropped, and the lock judged again as it now is."""
+    _write_lock(tmp_path, _holder(_finished_pid()))
+    take_over, taken = run_guard.WorkdirLock._take_over, []
+
+    def after_a_race(self, record, content):
+        if meanwhile == 'renewed':
+            taken.append(_write_lock(tmp_path, _holder(os.getppid())))
+        else:
+            os.remove(tmp_path / 'run.lock')
+        return take_over(self, record, content)
+
+    monkeypatch.setattr(run_guard.WorkdirLock, '_take_over', after_a_race)
+    if meanwhile == 'renewed':
+        with pytest.raises(run_guard.WorkdirBusyError, match=f'in use by process {os.getppid()} on this host'):
+            run_guard.WorkdirLock(str(tmp_path)).acquire()
+        assert (tmp_path / 'run.lock').read_bytes() == taken[0]
+    else:
+        with run_guard.WorkdirLock(str(tmp_path)) as lock:  # A free workdir now: created afresh.
+            assert _lock_of(str(tmp_path))['pid'] == os.getpid()
+            lock.check()
 
 
 @pytest.mark.parametrize('stale', [False, True], ids=['free', 'stale'])
@@ -552,19 +579,47 @@ def test_a_process_that_exits_holding_the_lock_is_not_kept_alive_by_its_renewals
         assert _lock_of(str(tmp_path))['generation'] == left['generation'] + 1
 
 
-def test_a_leftover_takeover_claim_is_recovered_after_its_grace(tmp_path, monkeypatch, caplog):
+# A claim is created empty, then written: a process killed in between leaves it empty.
+@pytest.mark.parametrize('claim, shown', [(b'host-x 99 0123', 'host-x 99 0123'), (b'', 'empty')],
+                         ids=['whole', 'empty'])
+def test_a_leftover_takeover_claim_is_recovered_after_its_grace(tmp_path, monkeypatch, caplog, claim, shown):
     """A process killed during a takeover leaves run.lock.takeover: later starts wait out the grace,
     remove it and go on, instead of refusing for ever."""
-    monkeypatch.setattr(run_guard.WorkdirLock, 'CLAIM_GRACE_SECONDS', 0.3)
+    monkeypatch.setattr(run_guard.WorkdirLock, 'CLAIM_GRACE_SECONDS', 0.2)
     _write_lock(tmp_path, _holder(_finished_pid()))
-    (tmp_path / 'run.lock.takeover').write_bytes(b'host-x 99 0123')
+    (tmp_path / 'run.lock.takeover').write_bytes(claim)
     start = time.monotonic()
     with caplog.at_level('WARNING'), run_guard.WorkdirLock(str(tmp_path)):
         assert _lock_of(str(tmp_path))['pid'] == os.getpid()
-    assert 0.3 <= time.monotonic() - start < 2
-    assert any('run.lock.takeover was left by a process that died while taking over or renewing the lock '
-               '(host-x 99 0123; unchanged for 0.3 s): removing it' in r.getMessage() for r in caplog.records)
+    assert 0.2 <= time.monotonic() - start < 2
+    assert [r.getMessage() for r in caplog.records if 'was left by' in r.getMessage()] == [
+        f'{tmp_path}/run.lock.takeover was left by a process that died while taking over or renewing the lock '
+        f'({shown}; unchanged for 0.2 s): removing it']
     assert os.listdir(tmp_path) == []
+
+
+def test_a_takeover_claim_made_anew_is_given_a_grace_of_its_own(tmp_path, monkeypatch, caplog):
+    """A claim that changes while this process waits was made by a live process since: its grace
+    starts again from when it was seen changed."""
+    monkeypatch.setattr(run_guard.WorkdirLock, 'CLAIM_GRACE_SECONDS', 0.2)
+    _write_lock(tmp_path, _holder(_finished_pid()))
+    claim = tmp_path / 'run.lock.takeover'
+    claim.write_bytes(b'host-x 99 0123')
+    sleep, looks = time.sleep, []
+
+    def sleep_then_claim_anew(seconds):
+        looks.append(time.monotonic())
+        if len(looks) == 3:
+            (tmp_path / 'claim').write_bytes(b'host-y 98 4567')
+            os.replace(tmp_path / 'claim', claim)
+        sleep(seconds)
+
+    monkeypatch.setattr(run_guard.time, 'sleep', sleep_then_claim_anew)
+    with caplog.at_level('WARNING'), run_guard.WorkdirLock(str(tmp_path)):
+        assert time.monotonic() - looks[2] >= 0.2
+    assert [r.getMessage() for r in caplog.records if 'was left by' in r.getMessage()] == [
+        f'{claim} was left by a process that died while taking over or renewing the lock (host-y 98 4567; unchanged '
+        f'for 0.2 s): removing it']
 
 
 def _configs():
