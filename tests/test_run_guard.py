@@ -11,6 +11,7 @@ import time
 import colab
 import pytest
 
+from allflax import files
 from allflax.data import sources
 from allflax.training import run_guard
 from configs import vgg19_mhsa
@@ -622,6 +623,39 @@ def test_a_takeover_claim_made_anew_is_given_a_grace_of_its_own(tmp_path, monkey
         f'for 0.2 s): removing it']
 
 
+def test_a_config_json_that_is_not_json_is_refused(tmp_path):
+    (tmp_path / 'config.json').write_text('{"model": ')
+    with pytest.raises(files.OutputRefused) as error:
+        run_guard.saved_run_config(str(tmp_path))
+    assert str(error.value) == (f"{tmp_path}/config.json is not an allflax run's config.json (Expecting value: line 1 "
+                                f'column 11 (char 10)): restore it, or train into a new --workdir')
+
+
+def test_a_runs_config_json_has_its_four_sections(tmp_path):
+    config = {'model': {'name': 'vgg16'}, 'data': {}, 'seed': 0}
+    (tmp_path / 'config.json').write_text(json.dumps(config))
+    with pytest.raises(files.OutputRefused) as error:
+        run_guard.saved_run_config(str(tmp_path))
+    assert str(error.value) == (f"{tmp_path}/config.json is not an allflax run's config.json (it has no "
+                                f'data/model/optimizer/seed sections): {tmp_path} is not a run; train into a new or '
+                                f'empty --workdir')
+    config['optimizer'] = {}  # Those four and no more: a run's.
+    (tmp_path / 'config.json').write_text(json.dumps(config))
+    assert run_guard.saved_run_config(str(tmp_path)) == config
+
+
+def test_a_folder_of_other_files_is_not_a_runs_workdir(tmp_path):
+    for name in ('checkpoints', 'eval', 'notes'):
+        (tmp_path / name).mkdir()
+    for name in ('run.lock', 'run.lock.takeover', 'run.lock.x1y2.tmp', 'metrics.jsonl', 'paper.tex'):
+        (tmp_path / name).write_text('')
+    with pytest.raises(files.OutputRefused) as error:
+        run_guard.saved_run_config(str(tmp_path))
+    assert str(error.value) == (f"{tmp_path} holds files that allflax did not write there (notes, paper.tex): it is "
+                                f"not a run's workdir; name a new or empty folder (allflax replaces only its own "
+                                f'files)')
+
+
 def _configs():
     saved = json.loads(json.dumps(vgg19_mhsa.get_config('demo').to_dict()))  # As config.json holds it.
     return saved, vgg19_mhsa.get_config('demo')
@@ -675,6 +709,8 @@ def test_total_steps_may_grow_but_not_shrink():
     new.total_steps = 400
     with pytest.raises(run_guard.ResumeMismatchError, match='total_steps: 800 -> 400'):
         run_guard.check_resume(saved, new.to_dict(), workdir='runs/a')
+    assert run_guard.check_resume({'total_steps': 1}, {'total_steps': 2}, workdir='w') == [
+        'total_steps: 1 -> 2 (the learning-rate schedule is stretched over the new total from the resumed step on)']
     saved['total_steps'] = 0
     new.total_steps = 1600
     with pytest.raises(run_guard.ResumeMismatchError, match="total_steps: 0 -> 1600 \\(the run's length came"):
@@ -687,6 +723,8 @@ def test_tuples_equal_lists_and_floats_compare_exactly():
     with pytest.raises(run_guard.ResumeMismatchError, match=r'data.mean: \[0.5, 0.25\] -> \(0.5, 0.250001\)'):
         run_guard.check_resume({'data': {'mean': [0.5, 0.25]}}, {'data': {'mean': (0.5, 0.250001)}},
                                workdir='w')
+    with pytest.raises(run_guard.ResumeMismatchError, match=r'data.mean: \[0.5\] -> 0.5\n'):
+        run_guard.check_resume({'data': {'mean': [0.5]}}, {'data': {'mean': 0.5}}, workdir='w')
 
 
 def test_key_missing_from_an_older_run():
