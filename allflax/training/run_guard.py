@@ -445,7 +445,7 @@ def check_resume(saved: dict, new: dict, *, workdir: str, defaults: dict | None 
         lines = '\n'.join(f'  {line}' for line in refused)
         raise ResumeMismatchError(
             f'refusing to resume {workdir}: its config.json differs in {len(refused)} setting'
-            f'{"s" if len(refused) > 1 else ""} that change the result:\n{lines}\n'
+            f'{"s that change" if len(refused) > 1 else " that changes"} the result:\n{lines}\n'
             f'Rerun with the same settings, or train into a new --workdir.')
     return allowed
 
@@ -492,7 +492,7 @@ def validate_config(config, *, synthetic_names: Collection[str], real_names: Col
     def check(key: str, ok, rule: str) -> None:
         value = _lookup(config, key)
         if value is not _ABSENT and not ok(value):
-            problems.append(f'{key}={value!r} {rule}; set --config.{key}')
+            problems.append(f'{key}={_one_line(value)} {rule}; set --config.{key}')
 
     check('total_steps', lambda v: v >= 0, 'must be >= 0 (0 trains for num_epochs)')
     check('num_epochs', lambda v: v >= 0, 'must be >= 0')
@@ -535,6 +535,12 @@ def validate_config(config, *, synthetic_names: Collection[str], real_names: Col
         raise ConfigError(f'invalid config: {problems[0]}')
     if problems:
         raise ConfigError('invalid config:\n' + '\n'.join(f'  {line}' for line in problems))
+
+
+def _one_line(value) -> str:
+    """repr on one line: a ConfigDict's (data.split_fractions) is YAML over several lines."""
+    to_dict = getattr(value, 'to_dict', None)
+    return repr(to_dict() if callable(to_dict) else value)
 
 
 def _lookup(config, dotted: str):
