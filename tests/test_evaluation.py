@@ -114,15 +114,12 @@ def test_eval_mode_writes_the_report(tiny_run, monkeypatch):
     assert page.count('src="data:image/png;base64,') == len(PLOTS) + len(panels)
     assert 'src="http' not in page and 'src="/' not in page
     assert 'Balanced accuracy' in page and 'Cohen' in page and 'Patients' in page
-<<<<<<< HEAD
     # At 32 px: block5_conv4's map is 2×2, the attention's (after block5_pool) 1×1.
     assert 'Grad-CAM at block5_conv4 (2×2' in page and 'self-attention received (1×1' in page
-=======
     assert f'Clopper-Pearson exact, {after_training["patient_level"]["num_examples"]} patients' in page
     assert 'stratified patient bootstrap (patients drawn within their class)' in page
     for name in after_training['small_classes']:
         assert f'{name} ({after_training["small_classes"][name]} patient' in page
->>>>>>> wip-ci
 
 
 def test_eval_with_test_time_augmentation_and_temperature_scaling(tiny_run, tmp_path):

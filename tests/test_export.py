@@ -229,8 +229,9 @@ def test_bundle_cli_predicts_as_predict_mode_without_jax(vgg_bundle, tmp_path):
             path_b, class_b, *p_b = row_bundle.split(',')
             path_p, class_p, *p_p = row_predict.split(',')
             assert (path_b, class_b) == (path_p, class_p)
-            if suffix == '.csv':
-                np.testing.assert_allclose(np.float64(p_b), np.float64(p_p), atol=1e-4)
+            if suffix == '.csv':  # Probabilities, then the decision rule applied.
+                np.testing.assert_allclose(np.float64(p_b[:-1]), np.float64(p_p[:-1]), atol=1e-4)
+                assert p_b[-1] == p_p[-1] == 'argmax'  # Four classes: no operating point.
 
 
 def tree(folder):
@@ -349,7 +350,15 @@ def test_the_bundle_answers_the_card_from_the_run_and_names_no_local_path(recipe
     assert metadata['config']['data']['cache_dir'] == os.path.basename(config.data.cache_dir)
 
     assert metadata['data']['facts'] == sources.describe(config.data, seed=config.seed).as_dict()
-    assert metadata['data']['fold'] is None and metadata['decision_rule']['kind'] == 'argmax'
+    assert metadata['data']['fold'] is None
+    with open(os.path.join(workdir, 'eval', 'test', 'metrics.json')) as f:
+        point = json.load(f).get('operating_point')
+    if len(metadata['classes']) == 2:  # B3+SE on synthetic_cnmc: the operating point chosen on val.
+        rule = metadata['decision_rule']
+        assert (rule['kind'], rule['positive_class'], rule['threshold']) == ('threshold', 'all', point['threshold'])
+        assert point['val_sensitivity'] >= point['target_sensitivity'] == config.eval.target_sensitivity
+    else:
+        assert point is None and metadata['decision_rule']['kind'] == 'argmax'
     steps = sorted(int(name) for name in os.listdir(os.path.join(workdir, 'checkpoints')) if name.isdigit())
     assert metadata['checkpoint'] == {'step': steps[-1], 'chosen': 'latest', 'how': 'the latest checkpoint of the run',
                                       'saved_steps': steps, 'best_validation_step': steps[-1],
