@@ -69,3 +69,27 @@ def test_the_positive_class_is_named_or_the_second():
         operating_point.positive_index(('hem', 'all'), 'blast')
     with pytest.raises(ValueError, match='an operating point needs two classes, not 3'):
         operating_point.positive_index(('a', 'b', 'c'))
+
+
+def test_the_roc_band_is_the_percentiles_of_resampled_roc_curves(tmp_path):
+    """Each resample's ROC is that of its drawn images repeated as often as drawn (scikit-learn on
+    the expanded data), read on the grid; the band is their 2.5th and 97.5th percentiles."""
+    from sklearn.metrics import roc_curve
+    from allflax.evaluation import plots
+    rng = np.random.default_rng(4)
+    patients = np.repeat([f'P{i}' for i in range(6)], 12)
+    labels = np.repeat([0, 0, 0, 1, 1, 1], 12)
+    scores = np.clip(labels * 0.3 + rng.random(72) * 0.7, 0, 1)  # Continuous: no ties.
+    grid, low, high = operating_point.roc_band(labels, scores, 1, patients, samples=40, seed=5)
+    curves = []
+    for row in stats.bootstrap_weights(labels, patients, samples=40, seed=5):
+        drawn = np.repeat(np.arange(72), row.astype(int))
+        fpr, tpr, _ = roc_curve(labels[drawn] == 1, scores[drawn], drop_intermediate=False)
+        curves.append(np.interp(grid, fpr, tpr))
+    np.testing.assert_allclose(low, np.percentile(curves, 2.5, axis=0), atol=1e-12)
+    np.testing.assert_allclose(high, np.percentile(curves, 97.5, axis=0), atol=1e-12)
+    assert (low <= high).all() and low[0] >= 0 and high[-1] == 1
+    point = operating_point.operating_point(labels, scores, labels, scores, patients, class_names=('hem', 'all'),
+                                            positive=1, target=0.9, samples=40, seed=5)
+    path = plots.plot_operating_point(labels, scores, 1, (grid, low, high), point, str(tmp_path / 'roc.png'))
+    assert open(path, 'rb').read(8) == b'\x89PNG\r\n\x1a\n'

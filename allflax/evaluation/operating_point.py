@@ -107,3 +107,22 @@ def saved_rule(workdir: str, checkpoint_step: int) -> dict | None:
                         path, values.get('checkpoint_step'), checkpoint_step)
         return None
     return rule_of(values['operating_point'])
+
+
+def roc_band(labels: np.ndarray, scores: np.ndarray, positive: int, patients, *, samples: int, seed: int,
+             grid: np.ndarray = np.linspace(0, 1, 101)) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(false-positive-rate grid, 2.5th and 97.5th percentiles of the true-positive rate there) over
+    the resamples of `stats.bootstrap_weights`: patients within their class where known, else images."""
+    labels, scores = np.asarray(labels), np.asarray(scores, np.float64)
+    weights = stats.bootstrap_weights(labels, stats.known_patients(patients), samples=samples, seed=seed)
+    order = np.argsort(-scores, kind='stable')
+    is_positive = (labels == positive)[order]
+    curves = []
+    for row in weights[:, order]:
+        true_positives = np.cumsum(row * is_positive)
+        false_positives = np.cumsum(row * ~is_positive)
+        tpr = np.r_[0.0, true_positives / true_positives[-1]]
+        fpr = np.r_[0.0, false_positives / false_positives[-1]]
+        curves.append(np.interp(grid, fpr, tpr))
+    low, high = np.percentile(np.array(curves), [2.5, 97.5], axis=0)
+    return grid, low, high

@@ -62,6 +62,22 @@ def plot_one_vs_rest(labels, probabilities, class_names, path: str, kind: str) -
     return save_figure(figure, path)
 
 
+def plot_operating_point(labels, scores, positive: int, band, point: dict, path: str) -> str:
+    """The positive class's ROC with its 95 % bootstrap band, and the operating point chosen on val."""
+    figure, axes = plt.subplots(figsize=(5.4, 4.6))
+    grid, low, high = band
+    axes.fill_between(grid, low, high, color='tab:blue', alpha=0.2, linewidth=0, label='95 % band (patient bootstrap)')
+    x, y, _ = skm.roc_curve(np.asarray(labels) == positive, scores)
+    axes.plot(x, y, color='tab:blue', label=f'{point["positive_class"]} (AUC {skm.auc(x, y):.3f})')
+    axes.plot([1 - point['specificity']], [point['sensitivity']], 'o', color='tab:red',
+              label=f'threshold {point["threshold"]:.3g} (chosen on val)')
+    axes.plot([0, 1], [0, 1], color='grey', linestyle=':', linewidth=1)
+    axes.set(xlabel='False positive rate', ylabel='True positive rate', title='ROC and operating point',
+             xlim=(-0.01, 1.01), ylim=(-0.01, 1.01))
+    axes.legend(loc='lower right', fontsize=8)
+    return save_figure(figure, path)
+
+
 def plot_calibration(labels, curves: dict[str, np.ndarray], path: str) -> str:
     """Reliability diagram: accuracy against mean confidence per bin, one line per probability
     set in `curves` ({name: probabilities}), and how many images each bin holds."""

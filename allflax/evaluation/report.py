@@ -8,7 +8,7 @@ import numpy as np
 
 from allflax import files
 from allflax.data.dataset import Split
-from allflax.evaluation import calibration, interpret, plots, results, stats
+from allflax.evaluation import calibration, interpret, operating_point, plots, results, stats
 from allflax.evaluation.html import embed_png, interval, number, table, write_page
 
 # Metric keys of metrics.json, as the report names them.
@@ -145,6 +145,13 @@ def write_split_report(workdir: str, split_name: str, split: Split, class_names,
         curves = {'before scaling': calibration.probabilities(predictions.logits),
                   f'T = {predictions.temperature:.2f}': probabilities}
     figures['calibration'] = plots.plot_calibration(labels, curves, os.path.join(directory, 'calibration.png'))
+    point = values.get('operating_point')
+    if point:
+        positive = list(class_names).index(point['positive_class'])
+        band = operating_point.roc_band(labels, probabilities[:, positive], positive, split.patients,
+                                        samples=values['bootstrap']['samples'], seed=values['bootstrap']['seed'])
+        figures['operating_point'] = plots.plot_operating_point(labels, probabilities[:, positive], positive, band,
+                                                                point, os.path.join(directory, 'operating_point.png'))
     figures['training_curves'] = plots.plot_training_curves(
         plots.read_training_log(os.path.join(workdir, 'metrics.jsonl')),
         os.path.join(directory, 'training_curves.png'))
@@ -173,6 +180,15 @@ def write_split_report(workdir: str, split_name: str, split: Split, class_names,
         body.append(table(['', 'ECE', 'NLL'], [['before', number(c['ece_before']), number(c['nll_before'])],
                                                 [f'after (T = {c["temperature"]:.3f})', number(c['ece_after']),
                                                  number(c['nll_after'])]]))
+    if point:
+        rates = [[name, number(point[name]), interval(point['ci95'][name])] for name in operating_point.RATES]
+        body += ['<h2>Operating point</h2>',
+                 f'<p>{html.escape(point["positive_class"])} where its probability is at least '
+                 f'{point["threshold"]:.4g}: the threshold chosen on the validation split for sensitivity '
+                 f'&ge; {point["target_sensitivity"]:g} (reached {point["val_sensitivity"]:.3f} there).</p>',
+                 table(['At the threshold', 'Value', '95 % interval'], rates),
+                 f'<p class="note">Intervals: {html.escape(point["ci95_method"])}. The band around the ROC '
+                 f'curve: the same resamples.</p>', embed_png(figures['operating_point'], 'ROC with its band')]
     body += ['<h2>Training</h2>', embed_png(figures['training_curves'], 'training curves'),
              '<h2>Where the model looks</h2>', _gallery(entries, explanation)]
     if 'se_gates' in explanation:
