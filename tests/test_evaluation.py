@@ -174,8 +174,9 @@ def test_predict_folder_with_a_corrupt_file(tiny_run, tmp_path, monkeypatch, cap
     run_main(monkeypatch, '--mode=predict', f'--workdir={workdir}', f'--input={folder}',
              f'--output={output}', '--gradcam')
     rows = read_csv(output)
-    class_names = list(rows[0])[2:]
+    class_names = list(rows[0])[2:-1]
     assert list(rows[0])[:2] == ['path', 'predicted_class'] and len(class_names) == 4
+    assert list(rows[0])[-1] == 'decision_rule' and {r['decision_rule'] for r in rows} == {'argmax'}
     assert sorted(os.path.basename(r['path']) for r in rows) == ['cell_0.png', 'cell_1.png', 'cell_2.png', 'wide.jpg']
     for row in rows:
         probabilities = [float(row[c]) for c in class_names]

@@ -395,7 +395,8 @@ def test_the_bundle_answers_the_card_from_the_run_and_names_no_local_path(recipe
         np.testing.assert_array_equal(thumbnail, test.images[int(rows[i]['index'])])  # 32 px: not resized.
         assert f'![{error["thumbnail"]}]({error["thumbnail"]})' in card
 
-    for answer in ('### Out of scope: do not use it for', '- Decision rule: argmax', '## Licence and citation',
+    rule = ('- Decision rule: a threshold of' if len(metadata['classes']) == 2 else '- Decision rule: argmax')
+    for answer in ('### Out of scope: do not use it for', rule, '## Licence and citation',
                    'arXiv:2508.17216', 'arXiv:2601.01026', '| Specimen | none: synthetic',
                    f'- Checkpoint: step {steps[-1]} of the run `run`, exported as the latest checkpoint of the run.'):
         assert answer in card, answer
