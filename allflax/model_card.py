@@ -3,6 +3,9 @@ It answers what the CLAIM 2024 and TRIPOD+AI checklists ask of a model: what the
 where they came from, who labelled them, the split, which checkpoint and decision rule, how it
 scores, where it errs, what it must not be used for, its licence and how to cite it."""
 
+from allflax.evaluation import stats
+
+
 METRICS = (('accuracy', 'Accuracy'), ('balanced_accuracy', 'Balanced accuracy'), ('f1_macro', 'F1 (macro)'),
            ('roc_auc', 'ROC AUC (macro)'), ('cohen_kappa', "Cohen's kappa"), ('ece', 'ECE'))
 
@@ -152,12 +155,7 @@ def _licence_section(metadata: dict) -> list[str]:
 
 def _small_classes(evaluation: dict) -> str:
     """The sentence naming the classes with fewer than 3 test patients, or ''."""
-    small = evaluation.get('small_classes') or {}
-    if not small:
-        return ''
-    named = ', '.join(f'{name} ({n} patient{"" if n == 1 else "s"})' for name, n in small.items())
-    return (f'Classes with fewer than 3 test patients: {named}. Their intervals cannot show variation between '
-            'patients: the bootstrap can only redraw the same few patients of such a class.')
+    return stats.small_classes_sentence(evaluation.get('small_classes') or {})
 
 
 def limitations(metadata: dict) -> list[str]:

@@ -70,13 +70,8 @@ def _metrics_tables(values: dict) -> str:
 
 
 def _small_classes(values: dict) -> str:
-    small = values.get('small_classes') or {}
-    if not small:
-        return ''
-    named = ', '.join(f'{name} ({n} patient{"" if n == 1 else "s"})' for name, n in small.items())
-    return (f'<p class="warning">Classes with fewer than {stats.SMALL_CLASS} test patients: {html.escape(named)}. '
-            'Their intervals cannot show variation between patients: the bootstrap can only redraw the same few '
-            'patients of such a class.</p>')
+    sentence = stats.small_classes_sentence(values.get('small_classes') or {})
+    return f'<p class="warning">{html.escape(sentence)}</p>' if sentence else ''
 
 
 def _gallery(entries: list[dict], explanation: dict) -> str:

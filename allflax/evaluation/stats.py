@@ -125,6 +125,15 @@ def add_exact_intervals(values: dict, unit: str):
                                                     'specificity': exact_method(total - positives, unit)}
 
 
+def small_classes_sentence(small: dict) -> str:
+    """The sentence naming the classes with fewer than SMALL_CLASS test patients ({class: patients}), or ''."""
+    if not small:
+        return ''
+    named = ', '.join(f'{name} ({n} patient{"" if n == 1 else "s"})' for name, n in small.items())
+    return (f'Classes with fewer than {SMALL_CLASS} test patients: {named}. Their intervals cannot show variation '
+            'between patients: the bootstrap can only redraw the same few patients of such a class.')
+
+
 def patients_per_class(labels: np.ndarray, patients: np.ndarray, num_classes: int) -> np.ndarray:
     """How many patients have cells of each class."""
     _, patient_of = np.unique(np.asarray(patients), return_inverse=True)
