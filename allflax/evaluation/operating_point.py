@@ -61,6 +61,8 @@ def operating_point(val_labels: np.ndarray, val_scores: np.ndarray, labels: np.n
     is_positive = labels == positive
     predicted = np.asarray(scores) >= threshold
     point = {name: float(value[0]) for name, value in _rates(is_positive, predicted, np.ones((1, len(labels)))).items()}
+    tp, fn = int(np.sum(is_positive & predicted)), int(np.sum(is_positive & ~predicted))
+    tn, fp = int(np.sum(~is_positive & ~predicted)), int(np.sum(~is_positive & predicted))
     clusters = stats.known_patients(patients)
     if clusters is not None:
         weights = stats.bootstrap_weights(labels, clusters, samples=samples, seed=seed)
@@ -68,8 +70,6 @@ def operating_point(val_labels: np.ndarray, val_scores: np.ndarray, labels: np.n
         intervals = {name: stats.percentile_interval(values[np.isfinite(values)]) for name, values in resampled.items()}
         method = stats.bootstrap_method(labels, clusters, samples=samples)
     else:
-        tp, fn = int(np.sum(is_positive & predicted)), int(np.sum(is_positive & ~predicted))
-        tn, fp = int(np.sum(~is_positive & ~predicted)), int(np.sum(~is_positive & predicted))
         intervals = {'sensitivity': stats.exact_interval(tp, tp + fn), 'specificity': stats.exact_interval(tn, tn + fp),
                      'ppv': stats.exact_interval(tp, tp + fp), 'npv': stats.exact_interval(tn, tn + fn)}
         method = stats.exact_method(len(labels), 'images')
@@ -79,8 +79,7 @@ def operating_point(val_labels: np.ndarray, val_scores: np.ndarray, labels: np.n
         'chosen_on': 'val', 'val_sensitivity': val_sensitivity,
         **{name: (None if np.isnan(point[name]) else point[name]) for name in RATES},
         'ci95': intervals, 'ci95_method': method,
-        'counts': {'true_positive': int(np.sum(is_positive & predicted)), 'false_negative': int(np.sum(is_positive & ~predicted)),
-                   'true_negative': int(np.sum(~is_positive & ~predicted)), 'false_positive': int(np.sum(~is_positive & predicted))},
+        'counts': {'true_positive': tp, 'false_negative': fn, 'true_negative': tn, 'false_positive': fp},
     }
 
 
