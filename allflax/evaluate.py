@@ -17,8 +17,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *, split_name: str
     if split_name not in available:
         raise ValueError(f'unknown split {split_name!r}; available: {", ".join(available)}')
     # The run's own members of the split and of val (temperature scaling, the operating point).
-    dataset = pipeline.load(config, recorded=recorded, run=workdir, needed=[name for name in available if name in (split_name, 'val')],
-                            action='evaluate')
+    dataset = pipeline.load(config, recorded=recorded, run=workdir, action='evaluate',
+                            needed=[name for name in available if name in (split_name, 'val')])
     restored = restore.restore(workdir, model=config.model, data=config.data,
                                dtype=config.dtype, seed=config.seed, num_classes=len(dataset.class_names),
                                checkpoint_step=checkpoint_step)

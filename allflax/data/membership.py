@@ -199,11 +199,12 @@ def file_digest(path: str) -> str | None:
 def check_generated(recorded: dict, generated: dict, *, run: str, action: str):
     """Refuses settings that generate another synthetic set than the run's (`members.generated`)."""
     was = recorded['members']['generated']
-    changed = [f'{key} {generated.get(key)!r} (the run\'s {was.get(key)!r})' for key in sorted(was.keys() | generated.keys())
-               if was.get(key) != generated.get(key)]
+    changed = [f'{key} {generated.get(key)!r} (the run\'s {was.get(key)!r})'
+               for key in sorted(was.keys() | generated.keys()) if was.get(key) != generated.get(key)]
     if changed:
-        raise SplitsChanged(f'the synthetic set these settings generate differs from run {run}\'s: {", ".join(changed)}; '
-                            f'refusing to {action}: use the run\'s config.json (leave out --config) or train a new run')
+        raise SplitsChanged(f'the synthetic set these settings generate differs from run {run}\'s: '
+                            f'{", ".join(changed)}; refusing to {action}: use the run\'s config.json (leave out '
+                            f'--config) or train a new run')
 
 
 def check_unrecorded(recorded: dict, summary: dict, current_classes: Sequence[str], *, where: str, run: str,

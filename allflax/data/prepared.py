@@ -91,15 +91,15 @@ def load_recorded(config: ml_collections.ConfigDict, recorded: dict, *, run: str
     run_classes = membership.class_names(recorded)
     # The members and left-out files alone, in the run's classes: the listing training cached, so its
     # cache is found again while they are unchanged, whatever was added.
-    kept = [i for i in matched.kept if current[i] in run_classes]
-    listing = Listing(listing.name, listing.root, run_classes, tuple(
-        dataclasses.replace(listing.records[i], label=run_classes.index(current[i])) for i in kept))
+    root, everything = listing.root, listing.records
+    listing = Listing(listing.name, root, run_classes, tuple(
+        dataclasses.replace(everything[i], label=run_classes.index(current[i]))
+        for i in matched.kept if current[i] in run_classes))
     settings = dict(image_size=data.image_size, steps=data.preprocess, cache_root=default_cache_dir(config))
     found = cache.find(listing, **settings)
     digests = _digests(listing, found) if found else {
-        membership.portable(record.path): membership.file_digest(os.path.join(listing.root, record.path))
-        for record in listing.records}
-    root = listing.root
+        membership.portable(everything[i].path): membership.file_digest(os.path.join(root, everything[i].path))
+        for i in matched.kept}
     membership.check_contents(recorded, matched, digests.get,
                               lambda path: membership.file_digest(os.path.join(root, path)))
     membership.enforce(matched.differences, where=where, run=run, needed=needed, action=action)
