@@ -15,6 +15,7 @@ from absl import app, flags, logging
 from ml_collections import ConfigDict, config_flags
 
 from allflax import bundle, compare, evaluate, export, files, montecarlo, predict, runtime, train
+from allflax.data import membership
 from allflax.models import imagenet
 from allflax.training import checkpoints, run_guard
 from configs import common
@@ -68,7 +69,8 @@ def _require(name: str):
 # Errors whose message says all a user needs: printed as one line, without a traceback.
 _ONE_LINE_ERRORS = (train.Interrupted, train.Diverged, run_guard.WorkdirBusyError, run_guard.ResumeMismatchError,
                     run_guard.ConfigError, FileNotFoundError, MissingFlag, checkpoints.CheckpointError,
-                    imagenet.WeightsUnavailableError, bundle.BundleError, files.OutputRefused)
+                    imagenet.WeightsUnavailableError, bundle.BundleError, files.OutputRefused,
+                    membership.SplitsChanged)
 
 
 def main(argv):

@@ -238,10 +238,10 @@ def read_test_predictions(workdir: str, class_names) -> tuple[list[dict], np.nda
     return rows, labels, probabilities
 
 
-def _test_tiles(config: ml_collections.ConfigDict, indices: list[int]) -> tuple[list | None, str]:
-    """The test split's tiles at `indices`, where they may be shown and are at hand: the synthetic
-    sets' own images, read from their cache. Real images stay out of the bundle: most sets' terms
-    forbid redistributing them."""
+def _test_tiles(config: ml_collections.ConfigDict, indices: list[int], workdir: str) -> tuple[list | None, str]:
+    """The test split's tiles at `indices` (the run's recorded test members), where they may be shown
+    and are at hand: the synthetic sets' own images, read from their cache. Real images stay out of
+    the bundle: most sets' terms forbid redistributing them."""
     data = config.data
     if data.name not in sources.synthetic.CLASS_NAMES:
         return None, ('none: the images of a real data set are not copied into a bundle (its terms may forbid '
@@ -251,18 +251,20 @@ def _test_tiles(config: ml_collections.ConfigDict, indices: list[int]) -> tuple[
                                           cache_dir=default_cache_dir(config))
     if not os.path.exists(cached):
         return None, 'none: the generated images were not in their cache at export'
-    test = pipeline.load(config).splits['test']  # RGB: data.preprocess applies to real sets only.
+    test = pipeline.load(config, recorded=restore.run_summary(workdir)['splits'], run=workdir, needed=['test'],
+                         action='export').splits['test']  # RGB: data.preprocess applies to real sets only.
     return [np.asarray(test.images[i]) for i in indices], 'the test tiles as the model saw them (synthetic images)'
 
 
 def confident_errors(config: ml_collections.ConfigDict, rows: list[dict], labels: np.ndarray,
-                     probabilities: np.ndarray, class_names, folder: str) -> dict:
+                     probabilities: np.ndarray, class_names, folder: str, workdir: str) -> dict:
     """The CONFIDENT_ERRORS test images predicted wrong with the highest probability: ids,
     classes, probability, and a thumbnail in `folder` where `_test_tiles` allows."""
     predicted = probabilities.argmax(axis=1)
     wrong = np.flatnonzero(predicted != labels)
     chosen = wrong[np.argsort(-probabilities[wrong, predicted[wrong]], kind='stable')][:CONFIDENT_ERRORS]
-    tiles, thumbnails = _test_tiles(config, [int(rows[i]['index']) for i in chosen]) if len(chosen) else (None, '')
+    tiles, thumbnails = _test_tiles(config, [int(rows[i]['index']) for i in chosen], workdir) if len(chosen) \
+        else (None, '')
     shown = []
     for rank, i in enumerate(chosen):
         thumbnail = None
@@ -340,7 +342,7 @@ def export(config: ml_collections.ConfigDict, workdir: str, output: str, *, chec
             rows, labels, test_probabilities = read_test_predictions(workdir, list(class_names))
             evaluation['reliability_diagram'] = reliability_diagram(labels, test_probabilities, temperature, folder)
             evaluation['confident_errors'] = confident_errors(config, rows, labels, test_probabilities,
-                                                             list(class_names), folder)
+                                                             list(class_names), folder, workdir)
         data = data_facts(config.data, run['splits'], seed=config.seed)
         metadata = {
             'schema_version': bundle.SCHEMA_VERSION,

@@ -215,18 +215,28 @@ def test_k_fold_with_two_folds_and_train_val_fractions_alone():
         splits.make_splits(labels, patients, method="patient", fractions=fractions, seed=0, fold=0, num_folds=2)
 
 
-def test_official_split_has_no_folds_and_warns_of_patients_on_both_sides(caplog):
+def test_official_split_has_no_folds_and_leaves_out_patients_on_both_sides(caplog):
     labels, patients = _dataset(num_patients=20, num_classes=2)
     official = np.isin(patients, ["P000", "P001"])
-    official[np.flatnonzero(patients == "P002")[:1]] = True  # One image of P002 in the official test set.
+    p002 = np.flatnonzero(patients == "P002")
+    official[p002[:1]] = True  # One image of P002 in the official test set, its others in the training folds.
+    official[np.flatnonzero(patients == "P003")[:2]] = True  # And two of P003's.
     with pytest.raises(ValueError, match="set data.fold=-1"):
         splits.make_splits(labels, patients, method="official", fractions=FRACTIONS, seed=0, fold=0,
                            official_test=official)
     result = splits.make_splits(labels, patients, method="official", fractions=FRACTIONS, seed=0,
                                 official_test=official)
-    _assert_partition(result, labels)
+    # By hand: the training-fold images of P002 and P003, neither in train nor in val.
+    left_out = np.sort(np.concatenate([p002[1:], np.flatnonzero(patients == "P003")[2:]]))
+    assert len(left_out) == (patients == "P002").sum() + (patients == "P003").sum() - 3 > 0
+    np.testing.assert_array_equal(splits.official_overlap(patients, official), left_out)
+    np.testing.assert_array_equal(result["test"], np.flatnonzero(official))
+    np.testing.assert_array_equal(np.sort(np.concatenate([result["train"], result["val"]])),
+                                  np.setdiff1d(np.flatnonzero(~official), left_out))
+    assert not {"P002", "P003"} & set(patients[np.concatenate([result["train"], result["val"]])])
     warnings = [record.getMessage() for record in caplog.records if "official" in record.getMessage()]
-    assert len(warnings) == 1 and "P002" in warnings[0] and "P000" not in warnings[0] and "P001" not in warnings[0]
+    assert len(warnings) == 1 and "P002, P003" in warnings[0] and f"their {len(left_out)} training-fold" in warnings[0]
+    assert "P000" not in warnings[0] and "P001" not in warnings[0]
 
 
 def test_describe_counts_classes_a_split_lacks():

@@ -121,7 +121,8 @@ def make_splits(labels: np.ndarray, patients: np.ndarray, *, method: str, fracti
     - fold >= 0: k-fold by patient (by image for `random`); that fold is the test split, the other
       patients go to train and val in the ratio of their fractions.
     - method `official`: test is the source's own labelled test set (`official_test` mask); the
-      other patients go to train and val likewise.
+      other patients go to train and val likewise, without the training-fold images of patients
+      who are also in the official test set (`official_overlap`), which are named in a warning.
     - otherwise `patient_split` by fractions.
     Images without a patient id are split one by one, with a loud warning.
     """
@@ -129,6 +130,7 @@ def make_splits(labels: np.ndarray, patients: np.ndarray, *, method: str, fracti
         raise ValueError(f"unknown data.split={method!r}; known: {', '.join(SPLIT_METHODS)}")
     labels = np.asarray(labels)
     units = _splitting_units(np.asarray(patients), method)
+    left_out = np.zeros(0, int)  # `official`: training-fold images of official test patients.
     if method == "official":
         if fold >= 0:
             raise ValueError(f"data.split='official' has a fixed test set; set data.fold=-1 (got {fold})")
@@ -136,9 +138,11 @@ def make_splits(labels: np.ndarray, patients: np.ndarray, *, method: str, fracti
             raise ValueError("data.split='official' needs the source's labelled test set (cnmc2019: "
                              "the preliminary-phase set with its labels CSV), and this data has none")
         test = np.flatnonzero(official_test)
-        shared = sorted(set(units[test]) & set(units[~np.asarray(official_test)]))
-        if shared:
-            logging.warning("patients in both the official test set and the training folds: %s", shared)
+        left_out = official_overlap(units, official_test)
+        if len(left_out):
+            logging.warning("patients in both the official test set and the training folds: %s; their %d "
+                            "training-fold images are left out of train and val (removed_overlap in splits.json)",
+                            ", ".join(sorted(set(units[left_out]))), len(left_out))
     elif fold >= 0:
         if not 0 <= fold < num_folds or num_folds < 2:
             raise ValueError(f"data.fold={fold} must be in [0, data.num_folds={num_folds}), with num_folds >= 2")
@@ -146,9 +150,18 @@ def make_splits(labels: np.ndarray, patients: np.ndarray, *, method: str, fracti
         test = folds[str(fold)]
     else:
         return patient_split(labels, units, fractions, seed=seed)
-    rest = np.setdiff1d(np.arange(len(labels)), test)
+    rest = np.setdiff1d(np.arange(len(labels)), np.concatenate([test, left_out]))
     train_val = patient_split(labels[rest], units[rest], _train_val_fractions(fractions), seed=seed)
     return {"train": rest[train_val["train"]], "val": rest[train_val["val"]], "test": test}
+
+
+def official_overlap(patients: np.ndarray, official_test: np.ndarray) -> np.ndarray:
+    """Sorted indices of the training-fold images whose patient is also in the official test set: a
+    patient on both sides would let the model score by recognising the patient, so `make_splits`
+    leaves these images out of train and val. Images without a patient id never overlap."""
+    patients, official_test = np.asarray(patients), np.asarray(official_test, bool)
+    shared = set(patients[official_test].tolist()) - {""}
+    return np.flatnonzero(~official_test & np.isin(patients, list(shared)))
 
 
 def near_duplicate_pairs(hashes: np.ndarray, indices: dict[str, np.ndarray],

@@ -23,7 +23,7 @@ from jax.experimental import multihost_utils
 from allflax import files, models, runtime, sharding
 from allflax.cpu import conv as cpu_conv
 from allflax.data import augment, pipeline, sources
-from allflax.data.dataset import default_cache_dir
+from allflax.data.dataset import default_cache_dir, read_splits_json
 from allflax.evaluation import inference, results
 from allflax.models import imagenet
 from allflax.training import checkpoints, run_guard, state, steps, summary_writer
@@ -157,13 +157,22 @@ def writer_check(lock: run_guard.WorkdirLock | None, workdir: str) -> Callable[[
     return check
 
 
+def load_data(config: ml_collections.ConfigDict, workdir: str):
+    """The run's data: a resumed run's exactly as its splits.json records them (refused in one line
+    where data.dir no longer holds them); a new run's split now and recorded in splits.json."""
+    recorded = read_splits_json(workdir) if os.path.exists(os.path.join(workdir, 'config.json')) else None
+    if recorded is None:
+        return pipeline.load(config, workdir)
+    return pipeline.load(config, recorded=recorded, run=workdir, action='resume')
+
+
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, check_writer: Callable[[], None]) -> dict:
+    mesh = sharding.make_mesh()
+    local_batch_size = sharding.check_batch_size(config.batch_size, mesh)
+    dataset = load_data(config, workdir)  # Before config.json: a refused resume changes no file.
     if files.is_writer():
         with files.atomic_open(os.path.join(workdir, 'config.json')) as f:
             f.write(config.to_json_best_effort(indent=1))
-    mesh = sharding.make_mesh()
-    local_batch_size = sharding.check_batch_size(config.batch_size, mesh)
-    dataset = pipeline.load(config, workdir)
     total_steps = total_steps_of(config, len(dataset.splits['train']))
     built = build(config, len(dataset.class_names), total_steps, mesh)
     train_step = make_train_step(config, built, mesh)
