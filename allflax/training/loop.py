@@ -263,8 +263,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, check_w
 
     # The same metrics.json and predictions.csv as --mode=eval, without its report (plots, Grad-CAM).
     test, _ = results.evaluate_state(eval_step, train_state, dataset, 'test', mesh, workdir, options=config.eval,
-                                     batch_size=config.batch_size, seed=config.seed, checkpoint_step=total_steps,
-                                     before_write=check_writer)
+                                     batch_size=config.batch_size, seed=config.seed, split_method=config.data.split,
+                                     checkpoint_step=total_steps, before_write=check_writer)
     logging.info('Test accuracy %.4f (step %d), written to %s', test['accuracy'], total_steps,
                  os.path.join(workdir, 'eval', 'test'))
     return test
