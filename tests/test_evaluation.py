@@ -278,7 +278,9 @@ def test_montecarlo_completes_and_resumes(make_tiny_config, tmp_path, monkeypatc
         page = f.read()
     assert 'Nadeau and Bengio' in page and 'percentile range' in page and 'data:image/png' in page
     with open(os.path.join(workdir, 'mc', '1', 'config.json')) as f:
-        assert json.load(f)['seed'] == 1
+        saved = json.load(f)
+    assert saved['seed'] == 1  # VGG19+MHSA has no batch norm; one device takes the batch of 8 at once.
+    assert saved['derived'] == {'devices': 1, 'device_batch': 8, 'micro_batches': 1, 'batch_norm_batch': None}
 
     calls = []
     original = loop.train_and_evaluate

@@ -304,9 +304,10 @@ def test_images_without_patient_ids_keep_their_near_duplicate_groups_in_one_spli
 
 
 def test_split_independence_says_image_level_where_patients_do_not_bound_the_split():
-    assert splits.split_independence("patient", np.array(["a", "b"]))["level"] == "patient"
-    for method, patients in [("random", np.array(["a", "b"])), ("patient", np.array(["a", ""]))]:
-        found = splits.split_independence(method, patients)
+    assert splits.split_independence("patient", 0, 2)["level"] == "patient"
+    for method, missing in [("random", 0), ("patient", 1)]:
+        found = splits.split_independence(method, missing, 2)
         assert found["level"] == "image"
         assert found["statement"].startswith("image-level split: not patient-independent: ")
-    assert "1 of 2 images have no patient id" in splits.split_independence("patient", np.array(["a", ""]))["statement"]
+    assert "1 of 2 images have no patient id; near-duplicate" in splits.split_independence("patient", 1, 2)["statement"]
+    assert "each was split on its own" in splits.split_independence("patient", 1, 2, grouped=False)["statement"]

@@ -203,18 +203,18 @@ def near_duplicate_groups(hashes: np.ndarray, max_distance: int = NEAR_DUPLICATE
     return scipy.sparse.csgraph.connected_components(graph, directed=False)[1], int(len(first))
 
 
-def split_independence(method: str, patients: np.ndarray) -> dict:
+def split_independence(method: str, images_without_patient_id: int, images: int, *, grouped: bool = True) -> dict:
     """What the split guarantees, for metrics.json, the report and the card: {'level': 'patient'
     or 'image', 'statement'}. A split is patient-independent only where every image has a patient
-    id and the split keeps patients whole."""
-    patients = np.asarray(patients)
-    missing = int(np.sum(patients == ""))
+    id and the split keeps patients whole. `grouped`: near-duplicates were kept together (runs
+    split before `near_duplicate_groups` existed were not)."""
     if method == "random":
         reason = "data.split='random' splits images: images of one patient can be in train and test"
-    elif missing:
-        reason = (f"{missing} of {len(patients)} images have no patient id; near-duplicate images (perceptual hash "
-                  f"within {NEAR_DUPLICATE_MAX_DISTANCE} bits) were kept in one split, but other images of one "
-                  "patient can be in train and test")
+    elif images_without_patient_id:
+        kept = (f"near-duplicate images (perceptual hash within {NEAR_DUPLICATE_MAX_DISTANCE} bits) were kept in one "
+                "split, but other" if grouped else "each was split on its own, so near-duplicate and")
+        reason = (f"{images_without_patient_id} of {images} images have no patient id; {kept} images of one patient "
+                  "can be in train and test")
     else:
         return {"level": "patient", "statement": "patient-level split: each patient's images are in one split"}
     return {"level": "image", "statement": f"{IMAGE_LEVEL}: {reason}"}

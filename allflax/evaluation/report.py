@@ -159,7 +159,12 @@ def write_split_report(workdir: str, split_name: str, split: Split, class_names,
              ['Test-time augmentation', '8 dihedral views' if values['tta'] else 'off'],
              ['Temperature scaling', f'T = {predictions.temperature:.3f} (fitted on val)'
               if 'calibration' in values else 'off']]
+    independence = values.get('split_independence')
+    if independence:
+        facts.insert(3, ['Split unit', independence['statement']])
     body = [table(None, facts),
+            *([f'<p class="warning">{html.escape(independence["statement"])}.</p>']
+              if independence and independence['level'] == 'image' else []),
             '<h2>Metrics</h2>', _small_classes(values), _metrics_tables(values),
             '<p class="note">The bootstraps are percentile intervals; they draw whole patients where known (their '
             'cells are not independent) within each class, so every resample holds every class. Proportions over '

@@ -111,8 +111,9 @@ def evaluate_state(eval_step, state, dataset: Dataset, split_name: str, mesh, wo
             dataset.splits['val'].labels, val_probabilities[:, positive], split.labels, probabilities[:, positive],
             split.patients, class_names=dataset.class_names, positive=positive,
             target=options.get('target_sensitivity', 0.95), samples=options.bootstrap_samples, seed=seed)
+    patients = np.concatenate([s.patients for s in dataset.splits.values()])
     values['split_independence'] = {'method': split_method, **splits.split_independence(
-        split_method, np.concatenate([s.patients for s in dataset.splits.values()]))}
+        split_method, int(np.sum(patients == '')), len(patients))}
     values['tta'] = bool(options.tta)
     values['checkpoint_step'] = int(checkpoint_step)
     write_predictions(directory, split, split_name, probabilities, dataset.class_names)
