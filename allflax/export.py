@@ -354,7 +354,8 @@ def evaluation_facts(workdir: str, checkpoint_step: int) -> dict | None:
                         path, values.get('checkpoint_step'), checkpoint_step)
         return None
     cell = {k: v for k, v in values.items()
-            if k not in ('patient_level', 'small_classes', 'calibration', 'tta', 'checkpoint_step', 'operating_point')}
+            if k not in ('patient_level', 'small_classes', 'calibration', 'tta', 'checkpoint_step', 'operating_point',
+                         'split_independence')}
     calibration_values = {'ece': values['ece'], **values.get('calibration', {})}
     facts = {'split': 'test', 'checkpoint_step': checkpoint_step, 'test_time_augmentation': values.get('tta', False),
              'cell_level': cell, 'patient_level': values.get('patient_level'), 'calibration': calibration_values}

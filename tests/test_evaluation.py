@@ -21,7 +21,7 @@ import main
 from allflax import compare, montecarlo, sharding, train
 from allflax.data import pipeline
 from allflax.data.dataset import Dataset, Split
-from allflax.evaluation import inference, results
+from allflax.evaluation import inference, report, results
 from allflax.training import loop, restore
 from configs import common
 
@@ -70,6 +70,8 @@ def test_training_ends_with_intervals_patients_predictions_and_tensorboard(tiny_
     exact = scipy.stats.binomtest(right, len(test_patients)).proportion_ci(method='exact')
     assert patient['ci95']['accuracy'] == pytest.approx([exact.low, exact.high])
     assert set(values['small_classes']) <= set(values['class_names'])
+    assert values['split_independence'] == {'method': 'patient', 'level': 'patient',
+                                            'statement': "patient-level split: each patient's images are in one split"}
     rows = read_csv(os.path.join(workdir, 'eval', 'test', 'predictions.csv'))
     assert len(rows) == values['num_examples']
     class_names = values['class_names']
@@ -120,6 +122,8 @@ def test_eval_mode_writes_the_report(tiny_run, monkeypatch):
     assert 'Grad-CAM at block5_conv4 (2×2' in page and 'self-attention received (1×1' in page
     assert f'Clopper-Pearson exact, {after_training["patient_level"]["num_examples"]} patients' in page
     assert 'stratified patient bootstrap (patients drawn within their class)' in page
+    assert "<td>Split unit</td><td>patient-level split: each patient&#x27;s images are in one split</td>" in page
+    assert 'class="warning">image-level' not in page
     for name in after_training['small_classes']:
         assert f'{name} ({after_training["small_classes"][name]} patient' in page
 
@@ -172,6 +176,9 @@ def test_metrics_json_says_whether_the_split_is_patient_independent(tmp_path, pa
     assert (written['method'], written['level']) == (method, level)
     assert written['statement'].startswith('image-level split: not patient-independent' if level == 'image'
                                            else 'patient-level split')
+    warning = report.split_warning({'split_independence': written})  # The report's banner.
+    assert (warning == '') == (level == 'patient')
+    assert level == 'patient' or warning.startswith('<p class="warning">image-level split: not patient-independent: ')
 
 
 def _write_images(folder, tiles):

@@ -2,7 +2,9 @@
 
 Images of one patient share stain, illumination and diagnosis, so a split that
 puts a patient on both sides lets a model score by recognising the patient.
-Every patient therefore goes wholly to one split.
+Every patient therefore goes wholly to one split. Images without a patient id go by
+near-duplicate group (`near_duplicate_groups`): a split that cannot be patient-independent
+at least keeps copies of one cell or field together.
 """
 
 import numpy as np
