@@ -146,7 +146,7 @@ def plot_repeated_runs(per_run: dict[str, list], summary: dict[str, dict], path:
     """Per metric: each run's score (a dot), the percentile range of the runs (a grey bar) and the
     mean with its corrected resampled t-interval (black), both methods named in the legend."""
     names = list(per_run)
-    figure, axes = plt.subplots(figsize=(1.1 * len(names) + 3, 4.6))
+    figure, axes = plt.subplots(figsize=(1.1 * len(names) + 4, 4.6))
     jitter = np.random.default_rng(0)
     for x, name in enumerate(names, 1):
         values = [v for v in per_run[name] if v is not None]
@@ -167,10 +167,10 @@ def plot_repeated_runs(per_run: dict[str, list], summary: dict[str, dict], path:
     runs = max(len(v) for v in per_run.values())
     axes.set(ylabel='Test score', title=f'{runs} Monte Carlo re-splits: 95 % intervals')
     axes.grid(axis='y', alpha=0.3)
-    axes.legend(loc='lower left', fontsize=7)
+    axes.legend(loc='upper left', bbox_to_anchor=(1.0, 1.0), fontsize=7)
     figure.text(0.01, 0.01, f'Grey: {percentile_method}.\nBlack: {corrected_method}.', fontsize=6.5,
                 va='bottom', wrap=True)
-    figure.tight_layout(rect=(0, 0.1, 1, 1))
+    figure.tight_layout(rect=(0, 0.07, 1, 1))
     figure.savefig(path, dpi=110)
     plt.close(figure)
     return path
