@@ -182,7 +182,8 @@ def split_independence(method: str, splits: dict) -> dict:
     """Whether the run's split is patient-independent (`splits.split_independence`), from its
     splits.json: the images without patient ids that it grouped, or (runs split before grouping
     existed) its near-duplicate audit, which was written only for sets without patient ids."""
-    images = sum(split['num_examples'] for split in splits.values() if isinstance(split, dict) and 'num_examples' in split)
+    images = sum(split['num_examples'] for split in splits.values()
+                 if isinstance(split, dict) and 'num_examples' in split)
     joined = splits.get('near_duplicate_groups')
     if joined:
         return data_splits.split_independence(method, joined['images_without_patient_id'], images)

@@ -26,7 +26,8 @@ def _near_duplicates(hashes: np.ndarray, indices: dict[str, np.ndarray], paths: 
             for first, second, distance in pairs]
 
 
-def _near_duplicate_groups(hashes: np.ndarray, patients: np.ndarray, method: str) -> tuple[np.ndarray | None, dict | None]:
+def _near_duplicate_groups(hashes: np.ndarray, patients: np.ndarray,
+                           method: str) -> tuple[np.ndarray | None, dict | None]:
     """The near-duplicate group of each image without a patient id (`splits.near_duplicate_groups`
     over all of them), which the split keeps together, and what was joined, for splits.json; (None,
     None) where every image has an id or the split is by image on purpose ('random')."""
