@@ -24,7 +24,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *, split_name: str
                                checkpoint_step=checkpoint_step)
     values, predictions = results.evaluate_state(
         restored.eval_step, restored.state, dataset, split_name, restored.mesh, workdir, options=config.eval,
-        batch_size=config.batch_size, seed=config.seed, checkpoint_step=restored.step)
+        batch_size=config.batch_size, seed=config.seed, split_method=config.data.split,
+        checkpoint_step=restored.step)
     if with_report:
         explain = restore.explainer(restored, data=config.data, dtype=config.dtype, batch_size=config.batch_size)
         report.write_split_report(workdir, split_name, dataset.splits[split_name], dataset.class_names, values,

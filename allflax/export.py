@@ -28,6 +28,7 @@ from flax import nnx
 
 from allflax import bundle, model_card
 from allflax.data import augment, pipeline, preprocess, sources
+from allflax.data import splits as data_splits
 from allflax.data.dataset import Split, default_cache_dir
 from allflax.evaluation import calibration, inference, operating_point, plots
 from allflax.models import ops
@@ -170,10 +171,63 @@ def data_facts(data: ml_collections.ConfigDict, splits: dict, *, seed: int) -> d
             'facts': sources.describe(data, seed=seed).as_dict(),
             **({'variant': data.variant} if data.name == 'all_aria' else {}),
             'split': data.split,
+            'split_independence': split_independence(data.split, splits),
             'fold': None if data.fold < 0 else {'index': data.fold, 'count': data.num_folds},
             'splits': {name: {'images': split['num_examples'], 'patients': len(split.get('patients', [])),
                               'class_counts': split['class_counts']} for name, split in named.items()},
             'skipped_images': len(splits.get('skipped', []))}
+
+
+def split_independence(method: str, splits: dict) -> dict:
+    """Whether the run's split is patient-independent (`splits.split_independence`), from its
+    splits.json: the images without patient ids that it grouped, or (runs split before grouping
+    existed) its near-duplicate audit, which was written only for sets without patient ids."""
+    images = sum(split['num_examples'] for split in splits.values()
+                 if isinstance(split, dict) and 'num_examples' in split)
+    joined = splits.get('near_duplicate_groups')
+    if joined:
+        return data_splits.split_independence(method, joined['images_without_patient_id'], images)
+    return data_splits.split_independence(method, images if 'near_duplicates' in splits else 0, images, grouped=False)
+
+
+def training_facts(workdir: str, batch_size: int) -> dict | None:
+    """config.json's `derived` section (devices, micro-batches, the batch norm batch), where the run
+    recorded one."""
+    path = os.path.join(workdir, 'config.json')
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        derived = json.load(f).get('derived')
+    if not derived:
+        return None
+    return {'batch_size': batch_size, 'devices': derived['devices'], 'micro_batches': derived['micro_batches'],
+            'batch_norm_batch': derived['batch_norm_batch']}
+
+
+# Where --mode=montecarlo puts iteration i of a run W, and its summary (allflax/montecarlo.py).
+MONTECARLO_ITERATIONS, MONTECARLO_SUMMARY = 'mc', 'montecarlo.json'
+CARD_REPEATED_METRICS = ('accuracy', 'balanced_accuracy', 'f1_macro', 'roc_auc')
+
+
+def repeated_runs_facts(workdir: str) -> dict | None:
+    """For a workdir W/mc/<i> of a Monte Carlo run whose W/montecarlo.json exists: the iteration,
+    the methods and the summary (mean, s.d., both intervals) of CARD_REPEATED_METRICS, per image and
+    per patient where summarised."""
+    iterations, name = os.path.split(os.path.abspath(workdir))
+    run, folder = os.path.split(iterations)
+    path = os.path.join(run, MONTECARLO_SUMMARY)
+    if folder != MONTECARLO_ITERATIONS or not name.isdigit() or not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        summary = json.load(f)
+    if 'methods' not in summary:  # Written before the corrected interval: rerun --mode=montecarlo to update it.
+        return None
+    levels = {'cell_level': summary['metrics']}
+    if 'patient_level' in summary['metrics']:
+        levels['patient_level'] = summary['metrics']['patient_level']
+    return {'iterations': summary['iterations'], 'iteration': int(name), 'methods': summary['methods'],
+            'metrics': {level: {metric: values[metric] for metric in CARD_REPEATED_METRICS}
+                        for level, values in levels.items()}}
 
 
 def checkpoint_facts(workdir: str, step: int, named: bool) -> dict:
@@ -303,7 +357,8 @@ def evaluation_facts(workdir: str, checkpoint_step: int) -> dict | None:
                         path, values.get('checkpoint_step'), checkpoint_step)
         return None
     cell = {k: v for k, v in values.items()
-            if k not in ('patient_level', 'small_classes', 'calibration', 'tta', 'checkpoint_step', 'operating_point')}
+            if k not in ('patient_level', 'small_classes', 'calibration', 'tta', 'checkpoint_step', 'operating_point',
+                         'split_independence')}
     calibration_values = {'ece': values['ece'], **values.get('calibration', {})}
     facts = {'split': 'test', 'checkpoint_step': checkpoint_step, 'test_time_augmentation': values.get('tta', False),
              'cell_level': cell, 'patient_level': values.get('patient_level'), 'calibration': calibration_values}
@@ -392,6 +447,8 @@ def export(config: ml_collections.ConfigDict, workdir: str, output: str, *, chec
             'config': without_machine_paths(json.loads(config.to_json_best_effort())),
             'data': data,
             'evaluation': evaluation,
+            **{key: value for key, value in (('training', training_facts(workdir, config.batch_size)),
+                                             ('repeated_runs', repeated_runs_facts(workdir))) if value is not None},
             'versions': {'allflax': allflax_version(), 'jax': jax.__version__, 'flax': flax.__version__,
                          'jax2onnx': importlib.metadata.version('jax2onnx'),
                          'onnx': importlib.metadata.version('onnx'), 'onnx_opset': ONNX_OPSET},

@@ -351,6 +351,13 @@ def test_the_bundle_answers_the_card_from_the_run_and_names_no_local_path(recipe
 
     assert metadata['data']['facts'] == sources.describe(config.data, seed=config.seed).as_dict()
     assert metadata['data']['fold'] is None
+    assert metadata['data']['split_independence']['level'] == 'patient'  # Synthetic sets have patient ids.
+    # One device takes the batch of 8 at once; batch norm (B3) normalises over those 8 images.
+    batch_norm = 8 if len(metadata['classes']) == 2 else None
+    assert metadata['training'] == {'batch_size': 8, 'devices': 1, 'micro_batches': 1, 'batch_norm_batch': batch_norm}
+    assert ('- Training batch: 8 images per step on 1 device; '
+            + ('batch norm normalised by the statistics of 8 images (one micro-batch, over all devices).'
+               if batch_norm else 'no batch norm.')) in texts['MODEL_CARD.md'].decode()
     with open(os.path.join(workdir, 'eval', 'test', 'metrics.json')) as f:
         point = json.load(f).get('operating_point')
     if len(metadata['classes']) == 2:  # B3+SE on synthetic_cnmc: the operating point chosen on val.
@@ -418,6 +425,57 @@ def test_the_card_of_a_fold_run_names_its_fold(vgg_bundle):
     assert card.splitlines()[0].endswith(', fold 1 of 3')
     assert 'k-fold by patient: this model is fold 1 of 3 (data.fold=1, folds numbered 0–2)' in card
     assert 'The test split (fold 1 of 3; ' in card and 'The split is by' not in card
+
+
+def test_the_card_says_what_the_split_and_the_micro_batches_were(vgg_bundle):
+    """Image-level splits (no patient ids, or data.split='random') and batch norm over micro-batches, as export
+    reads them from splits.json and config.json's `derived`, without a training."""
+    config, workdir, output, _ = vgg_bundle
+    with open(os.path.join(workdir, 'splits.json')) as f:
+        splits = json.load(f)
+    no_ids = dict(splits, near_duplicate_groups={'max_distance': 4, 'images_without_patient_id': 150, 'pairs': 2,
+                                                 'groups_joined': 1, 'images_joined': 3})
+    random_split = config.copy_and_resolve_references()
+    with random_split.unlocked():
+        random_split.data.split = 'random'
+    for data, reason in [(export.data_facts(config.data, no_ids, seed=0),
+                          f'150 of {sum(splits[n]["num_examples"] for n in ("train", "val", "test"))} images have no '
+                          'patient id; near-duplicate images (perceptual hash within 4 bits) were kept in one split'),
+                         (export.data_facts(random_split.data, splits, seed=0), "data.split='random' splits images")]:
+        metadata = dict(bundle.read_metadata(output), data=data,
+                        training={'batch_size': 256, 'devices': 1, 'micro_batches': 4, 'batch_norm_batch': 64})
+        bundle.validate(metadata, 'metadata.json')
+        card = model_card.render(metadata)
+        statement = f'image-level split: not patient-independent: {reason}'
+        assert f'**{statement}' in card and f'- I{statement[1:]}' in card  # Training data; limitations.
+        assert ('- Training batch: 256 images per step on 1 device, as 4 micro-batches of 64 (gradient accumulation); '
+                'batch norm normalised by the statistics of 64 images (one micro-batch, over all devices) and updated '
+                "its running averages once per micro-batch: not the whole batch's update.") in card
+
+
+def test_the_card_of_a_monte_carlo_iteration_names_both_intervals(vgg_bundle, tmp_path):
+    _, _, output, _ = vgg_bundle
+    iteration = tmp_path / 'W' / 'mc' / '3'
+    iteration.mkdir(parents=True)
+    scores = {'n': 5, 'mean': 0.93, 'std': 0.0158, 'percentile_95': [0.911, 0.949],
+              'corrected_t_interval_95': [0.899817, 0.960183]}
+    summary = {'iterations': 5, 'seeds': [0, 1, 2, 3, 4],
+               'methods': {'corrected_t_interval_95': 'corrected resampled t (Nadeau and Bengio 2003) of the mean',
+                           'percentile_95': 'percentile range (2.5-97.5 %) of the runs', 'unit': 'patients',
+                           'n_test': 3.0, 'n_train': 11.0, 'test_train_ratio': 3 / 11},
+               'metrics': {name: scores for name in ('accuracy', 'balanced_accuracy', 'f1_macro', 'roc_auc', 'ece')}}
+    assert export.repeated_runs_facts(str(iteration)) is None  # No montecarlo.json yet.
+    (tmp_path / 'W' / 'montecarlo.json').write_text(json.dumps(summary))
+    repeated = export.repeated_runs_facts(str(iteration))
+    assert (repeated['iteration'], repeated['iterations']) == (3, 5) and list(repeated['metrics']) == ['cell_level']
+    assert export.repeated_runs_facts(str(tmp_path / 'W')) is None  # The Monte Carlo run's own folder: no model.
+    metadata = dict(bundle.read_metadata(output), repeated_runs=repeated)
+    bundle.validate(metadata, 'metadata.json')
+    card = model_card.render(metadata)
+    assert 'This model is iteration 3 of 5 re-splits' in card
+    assert '| accuracy | 0.9300 | 0.0158 | 0.8998 – 0.9602 | 0.9110 – 0.9490 |' in card
+    assert '(1) corrected resampled t (Nadeau and Bengio 2003) of the mean' in card
+    assert '(2) percentile range (2.5-97.5 %) of the runs' in card
 
 
 def test_paths_of_the_exporting_machine_are_cut_to_what_a_reader_can_use():

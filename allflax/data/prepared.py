@@ -30,6 +30,27 @@ def _near_duplicates(hashes: np.ndarray, indices: dict[str, np.ndarray], paths: 
             for first, second, distance in pairs]
 
 
+def _near_duplicate_groups(hashes: np.ndarray, patients: np.ndarray,
+                           method: str) -> tuple[np.ndarray | None, dict | None]:
+    """The near-duplicate group of each image without a patient id (`splits.near_duplicate_groups`
+    over all of them), which the split keeps together, and what was joined, for splits.json; (None,
+    None) where every image has an id or the split is by image on purpose ('random')."""
+    missing = np.flatnonzero(patients == '')
+    if not len(missing) or method == 'random':
+        return None, None
+    labels, pairs = splits.near_duplicate_groups(np.asarray(hashes)[missing])
+    sizes = np.bincount(labels)
+    groups = np.full(len(patients), -1)
+    groups[missing] = labels
+    joined = {'max_distance': splits.NEAR_DUPLICATE_MAX_DISTANCE, 'images_without_patient_id': int(len(missing)),
+              'pairs': pairs, 'groups_joined': int(np.sum(sizes > 1)), 'images_joined': int(sizes[sizes > 1].sum())}
+    if joined['groups_joined']:
+        logging.info('%d images without patient ids joined into %d near-duplicate groups (perceptual hash within '
+                     '%d bits), each kept in one split', joined['images_joined'], joined['groups_joined'],
+                     splits.NEAR_DUPLICATE_MAX_DISTANCE)
+    return groups, joined
+
+
 def load_real(config: ml_collections.ConfigDict, workdir: str | None = None) -> Dataset:
     """Lists `config.data.name` in data.dir, prepares (or reuses) its tile cache, splits it and
     writes `workdir/splits.json`. Split.images read the cache."""
@@ -52,10 +73,13 @@ def load_real(config: ml_collections.ConfigDict, workdir: str | None = None) -> 
     patients = np.array([record.patient for record in records], str)
     paths = np.array([os.path.join(listing.root, record.path) for record in records], str)
     official_test = np.array([record.official_test for record in records])
+    groups, joined = _near_duplicate_groups(prepared.hashes, patients, data.split)
     indices = splits.make_splits(labels, patients, method=data.split, fractions=dict(data.split_fractions),
                                  seed=config.seed, fold=data.fold, num_folds=data.num_folds,
-                                 official_test=official_test)
+                                 official_test=official_test, image_groups=groups)
     summary = splits.describe(indices, labels, patients, listing.class_names)
+    if joined is not None:
+        summary['near_duplicate_groups'] = joined
     if not listing.has_patients or data.split == 'random':
         summary['near_duplicates'] = _near_duplicates(prepared.hashes, indices, paths)
     relative = [record.path for record in records]

@@ -68,6 +68,16 @@ def accumulation_steps(config: ml_collections.ConfigDict, num_devices: int) -> i
     return next(k for k in range(-(-per_device // limit), per_device + 1) if per_device % k == 0)
 
 
+def derived_batches(config: ml_collections.ConfigDict, num_devices: int, batch_norm: bool) -> dict:
+    """What the devices made of `batch_size`, for config.json's `derived` section (of this start of
+    the run; not settings): images per device, micro-batches per step, and the images whose
+    statistics batch norm takes (None without batch norm): one micro-batch's, over all devices
+    (the jitted step computes them over the whole sharded micro-batch), so batch_size / micro-batches."""
+    micro_batches = accumulation_steps(config, num_devices)
+    return {'devices': num_devices, 'device_batch': config.batch_size // num_devices, 'micro_batches': micro_batches,
+            'batch_norm_batch': config.batch_size // micro_batches if batch_norm else None}
+
+
 class Interrupted(RuntimeError):
     """Training stopped at a signal after saving a checkpoint: rerunning the command resumes it.
     `exit_code` is the signal's, as a shell reports a process it ended (128 + its number)."""
@@ -94,6 +104,7 @@ def check_resume(config: ml_collections.ConfigDict, workdir: str):
     saved = run_guard.saved_run_config(workdir)
     if saved is None:
         return
+    saved.pop('derived', None)  # Derived from the settings and the devices of its start, not a setting.
     defaults = common.base_config(model=config.model.name, data=config.data.name, image_size=config.data.image_size,
                                   batch_size=config.batch_size, num_epochs=config.num_epochs,
                                   learning_rate=config.optimizer.learning_rate).to_dict()
@@ -175,6 +186,11 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, check_w
             f.write(config.to_json_best_effort(indent=1))
     total_steps = total_steps_of(config, len(dataset.splits['train']))
     built = build(config, len(dataset.class_names), total_steps, mesh)
+    if files.is_writer():
+        with files.atomic_open(os.path.join(workdir, 'config.json')) as f:
+            json.dump({**json.loads(config.to_json_best_effort()),
+                       'derived': derived_batches(config, mesh.size, bool(jax.tree.leaves(built.state.batch_stats)))},
+                      f, indent=1)
     train_step = make_train_step(config, built, mesh)
     eval_step = make_eval_step(config, built, mesh)
 
@@ -272,8 +288,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, check_w
 
     # The same metrics.json and predictions.csv as --mode=eval, without its report (plots, Grad-CAM).
     test, _ = results.evaluate_state(eval_step, train_state, dataset, 'test', mesh, workdir, options=config.eval,
-                                     batch_size=config.batch_size, seed=config.seed, checkpoint_step=total_steps,
-                                     before_write=check_writer)
+                                     batch_size=config.batch_size, seed=config.seed, split_method=config.data.split,
+                                     checkpoint_step=total_steps, before_write=check_writer)
     logging.info('Test accuracy %.4f (step %d), written to %s', test['accuracy'], total_steps,
                  os.path.join(workdir, 'eval', 'test'))
     return test

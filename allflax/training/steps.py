@@ -28,9 +28,10 @@ def make_train_step(built: Setup, mesh: Mesh, *, data: ml_collections.ConfigDict
     optimiser update. Augmentation and dropout keys derive from `seed` and the step.
 
     With `accumulation_steps` k > 1 the batch's gradient is the mean of k micro-batches' (each
-    device takes every k-th of its rows), computed one after another: a batch too large for the
-    memory of the devices present takes the same update (batch norm then normalises over each
-    micro-batch, and dropout draws per micro-batch).
+    device takes every k-th of its rows), computed one after another, for a batch too large for
+    the memory of the devices present: the whole batch's update without batch norm or dropout
+    (tests/test_accumulation.py). Batch norm normalises by each micro-batch's statistics and
+    updates its running averages once per micro-batch; dropout draws per micro-batch.
     """
     dtype = jnp.dtype(dtype)
     base_key = jax.random.key(seed)
