@@ -2,7 +2,7 @@
 metrics.json (with intervals), predictions.csv and the report (plots, Grad-CAM gallery)."""
 import ml_collections
 
-from allflax.data import pipeline
+from allflax.data import input_convention, pipeline
 from allflax.evaluation import report, results
 from allflax.training import restore
 
@@ -19,7 +19,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *, split_name: str
                                checkpoint_step=checkpoint_step)
     values, predictions = results.evaluate_state(
         restored.eval_step, restored.state, dataset, split_name, restored.mesh, workdir, options=config.eval,
-        batch_size=config.batch_size, seed=config.seed, checkpoint_step=restored.step)
+        batch_size=config.batch_size, seed=config.seed, checkpoint_step=restored.step,
+        input_convention=input_convention.of(config.data).name)
     if with_report:
         explain = restore.explainer(restored, data=config.data, dtype=config.dtype, batch_size=config.batch_size)
         report.write_split_report(workdir, split_name, dataset.splits[split_name], dataset.class_names, values,

@@ -101,6 +101,15 @@ def _checkpoint_line(metadata: dict) -> str:
     return line
 
 
+def _input_convention_line(normalization: dict) -> str:
+    """The input convention the model applies to its tiles (imagenet_mean_std in bundles that predate the record)."""
+    line = (f'- Input convention: `{normalization.get("convention", "imagenet_mean_std")}`, applied inside the model: '
+            f'{normalization["formula"]}, with mean {normalization["mean"]} and std {normalization["std"]}'
+            + (f', scale {normalization["scale"]:.6g}' if 'scale' in normalization else ''))
+    chosen_by = normalization.get('chosen_by')
+    return line + (f'. Chosen by {chosen_by}.' if chosen_by else '.')
+
+
 def decision_rule_line(rule: dict | None) -> str:
     if rule is None or rule['kind'] == 'argmax':
         return '- Decision rule: argmax, the class of highest probability; no threshold.'
@@ -215,6 +224,7 @@ def render(metadata: dict) -> str:
               f'- Input: {metadata["input"]["dtype"]} tiles of shape (batch, {metadata["input"]["size"]}, '
               f'{metadata["input"]["size"]}, {metadata["input"]["channels"]}), {metadata["input"]["color"]}, values '
               f'{metadata["input"]["value_range"][0]}–{metadata["input"]["value_range"][1]}.',
+              _input_convention_line(metadata['preprocessing']['normalization']),
               f'- Output: {metadata["output"]["meaning"]}, classes in this order: '
               f'{", ".join(metadata["classes"])}.',
               f'- Probability rule: {rule["description"]} Temperature {rule["temperature"]:.4g} '

@@ -73,7 +73,8 @@ def test_keras3_file_loads_like_the_legacy_file(b0_notop, b0_loaded, tmp_path):
 
 def test_params_round_trip_into_a_model_with_another_head(b0_loaded, tmp_path):
     source, _ = b0_loaded
-    keras_weights.save_params(source, str(tmp_path / 'params'), model_name='efficientnetv2_b0')
+    keras_weights.save_params(source, str(tmp_path / 'params'), model_name='efficientnetv2_b0',
+                              input_convention='imagenet_mean_std')
     target = models.create('efficientnetv2_b0', 4, seed=1)
     fresh_head = np.asarray(target.predictions.kernel[...])
     report = keras_weights.init_from(target, str(tmp_path / 'params'))
