@@ -99,6 +99,10 @@ def test_fetches_once_converts_once_and_initialises_the_paper_model(served_vgg19
     assert imagenet.imagenet_params('vgg19_mhsa', str(tmp_path)) == directory
     assert len(server.requests) == 1
     assert imagenet.resolve_init_from('/some/params', 'vgg19_mhsa', str(tmp_path)) == '/some/params'
+    # Recorded with the converted weights: Keras's caffe convention of its VGG weights, which a run from the
+    # directory takes (tests/test_input_convention.py checks it against keras.applications.vgg19).
+    assert keras_weights.read_sidecar(directory)['input_convention'] == 'caffe'
+    assert imagenet.input_convention_of_run(directory, 'vgg19_mhsa', '') == 'caffe'
 
     model = nnx.eval_shape(lambda: models.create('vgg19_mhsa', 4, image_size=32))
     report = keras_weights.init_from(model, directory)

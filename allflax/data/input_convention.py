@@ -13,7 +13,6 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 IMAGENET_MEAN_STD = 'imagenet_mean_std'
 CAFFE = 'caffe'
@@ -77,9 +76,11 @@ def normalize(images: jax.Array, data, dtype) -> jax.Array:
     """uint8 (or float 0-255) RGB N×H×W×3 tiles → the model's input under the convention of the
     `data` section (`of`), in `dtype`."""
     used = of(data)
-    # Folded into one subtraction and one division, as (x - mean / scale) / (std / scale).
-    offset = (np.asarray(used.mean, np.float64) / used.scale).astype(np.float32)
-    divisor = (np.asarray(used.std, np.float64) / used.scale).astype(np.float32)
+    # One subtraction and one division in 0-255 units: (x - mean / scale) / (std / scale), with
+    # 1 / scale a whole 255, 128 or 1 (imagenet_mean_std's program is the one allflax always ran).
+    to_bytes = float(round(1 / used.scale))
+    offset = jnp.asarray(used.mean, jnp.float32) * to_bytes
+    divisor = jnp.asarray(used.std, jnp.float32) * to_bytes
     images = images.astype(jnp.float32)
     if used.channel_order == 'BGR':
         images = images[..., ::-1]
