@@ -15,6 +15,7 @@ from allflax import models, train  # noqa: E402
 from allflax.data import input_convention  # noqa: E402
 from allflax.data.sources import synthetic  # noqa: E402
 from allflax.models import imagenet, keras_weights  # noqa: E402
+from allflax.training import loop, run_guard  # noqa: E402
 from configs import common, efficientnetv2_b3_se, vgg19_mhsa  # noqa: E402
 
 SIZE = 64
@@ -153,3 +154,20 @@ def test_converted_weights_record_their_convention_and_a_run_takes_it(tmp_path):
                                                             "one of imagenet_mean_std, caffe, minus_one_to_one"):
         imagenet.input_convention_of_run('', 'vgg19_mhsa', 'bgr')
     assert imagenet.input_convention_of_run('', 'vgg19_mhsa', 'caffe') == 'caffe'  # From scratch: any, as set.
+
+
+@pytest.mark.parametrize('init_from, refused', [('', False), ('imagenet', True)], ids=['scratch', 'imagenet'])
+def test_a_run_from_before_the_setting_resumes_only_on_the_input_it_was_trained_on(init_from, refused, tmp_path):
+    """Runs whose config.json predates data.input_convention were fed imagenet_mean_std: one from scratch
+    resumes; one from Keras's VGG weights, now fed caffe, is refused rather than trained on a mix of both."""
+    config = vgg19_mhsa.get_config('demo')
+    config.model.init_from = init_from
+    saved = json.loads(config.to_json_best_effort())
+    del saved['data']['input_convention']
+    (tmp_path / 'config.json').write_text(json.dumps(saved))
+    train.resolve_input_convention(config)
+    if refused:
+        with pytest.raises(run_guard.ResumeMismatchError, match="data.input_convention: absent -> 'caffe'"):
+            loop.check_resume(config, str(tmp_path))
+    else:
+        loop.check_resume(config, str(tmp_path))

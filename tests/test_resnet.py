@@ -24,7 +24,7 @@ def test_resnet101_logits_match_keras(tmp_path):
     # 72 wide: odd maps (9 → 5 → 3) check Keras's padding of strided convolutions and pooling.
     keras_model = keras.applications.ResNet101(weights=None, input_shape=(64, 72, 3), classes=5,
                                                classifier_activation=None)
-    # Abstract: every weight comes from the Keras file (initialising ResNet101 took 3 times as long).
+    # Abstract: every weight comes from the Keras file, and initialising them costs more than the comparison.
     assert_matches_keras(nnx.eval_shape(lambda: models.create('resnet101', 5)), keras_model, 64, 72, tmp_path)
 
 

@@ -64,11 +64,11 @@ def convention(name: str, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
 
 def of(data) -> Convention:
     """The convention of a run's `data` section: its data.input_convention, resolved when training
-    started (allflax.training.loop.with_input_convention); absent in runs that predate it."""
+    started (allflax.training.loop.resolve_input_convention); absent in runs that predate it."""
     name = data.get('input_convention', PREDATING)
     if not name:
         raise ValueError("data.input_convention is '' (to be chosen from model.init_from's weights): resolve it "
-                         "with allflax.training.loop.with_input_convention(config) before building steps")
+                         "with allflax.training.loop.resolve_input_convention(config) before building steps")
     return convention(name, data.mean, data.std)
 
 
