@@ -1,6 +1,7 @@
 """Each backbone's input convention: allflax's input path against Keras's documented one for the same
 weights, the conventions' formulas by hand, and a run's convention chosen by the weights it starts from."""
-from keras_reference import keras, load_every_weight, randomize_keras_weights, relative_error  # noqa: I001  (sets KERAS_BACKEND first)
+# keras_reference first: it sets KERAS_BACKEND.
+from keras_reference import keras, load_every_weight, randomize_keras_weights, relative_error  # noqa: I001
 
 import json  # noqa: E402
 import os  # noqa: E402
@@ -98,7 +99,8 @@ def test_caffe_is_bgr_minus_the_imagenet_means_by_hand():
                                atol=1e-6)
 
 
-@pytest.mark.parametrize('config_module, expected', [(vgg19_mhsa, 'caffe'), (efficientnetv2_b3_se, 'imagenet_mean_std')])
+@pytest.mark.parametrize('config_module, expected', [(vgg19_mhsa, 'caffe'),
+                                                     (efficientnetv2_b3_se, 'imagenet_mean_std')])
 def test_init_from_imagenet_takes_the_weights_convention_into_the_run(config_module, expected):
     config = config_module.get_config('demo')
     assert config.data.input_convention == ''
