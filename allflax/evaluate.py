@@ -3,7 +3,7 @@ in its splits.json, and write `<workdir>/eval/<split>/`: metrics.json (with inte
 predictions.csv and the report (plots, Grad-CAM gallery)."""
 import ml_collections
 
-from allflax.data import membership, pipeline
+from allflax.data import input_convention, membership, pipeline
 from allflax.evaluation import report, results
 from allflax.training import restore
 
@@ -25,7 +25,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *, split_name: str
     values, predictions = results.evaluate_state(
         restored.eval_step, restored.state, dataset, split_name, restored.mesh, workdir, options=config.eval,
         batch_size=config.batch_size, seed=config.seed, split_method=config.data.split,
-        checkpoint_step=restored.step)
+        checkpoint_step=restored.step, input_convention=input_convention.of(config.data).name)
     if with_report:
         explain = restore.explainer(restored, data=config.data, dtype=config.dtype, batch_size=config.batch_size)
         report.write_split_report(workdir, split_name, dataset.splits[split_name], dataset.class_names, values,

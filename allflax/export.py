@@ -27,7 +27,7 @@ from absl import logging
 from flax import nnx
 
 from allflax import bundle, model_card
-from allflax.data import augment, pipeline, preprocess, sources
+from allflax.data import input_convention, pipeline, preprocess, sources
 from allflax.data import splits as data_splits
 from allflax.data.dataset import Split, default_cache_dir
 from allflax.evaluation import calibration, inference, operating_point, plots
@@ -79,7 +79,7 @@ def probability_function(restored: restore.Restored, *, data: ml_collections.Con
 
     def probabilities(tiles):
         model = nnx.merge(parts.eval_graph, params, batch_stats, parts.rng_state)
-        images = augment.normalize(tiles, data.mean, data.std, jnp.float32)
+        images = input_convention.normalize(tiles, data, jnp.float32)
         views = inference.dihedral_views(images) if tta else [images]
         # The views as one batch: one model in the program, not eight (eval mode: per image). Stacked, not
         # concatenated: jax2onnx 0.17.1 gives a concatenation of symbolic batches the first one's size.
@@ -345,6 +345,16 @@ def reliability_diagram(labels: np.ndarray, probabilities: np.ndarray, temperatu
             'temperature': float(temperature), 'bins': calibration.NUM_BINS}
 
 
+def input_convention_source(init_from: str) -> str:
+    """What chose the run's input convention, for the bundle's metadata and card ("chosen by ...")."""
+    if init_from == 'imagenet':
+        return 'the Keras ImageNet weights the run started from (model.init_from=imagenet)'
+    if init_from:
+        return (f'the record of the weights the run started from (model.init_from='
+                f'{os.path.basename(os.path.normpath(init_from))})')
+    return 'data.input_convention of a run trained from scratch (imagenet_mean_std unless set)'
+
+
 def evaluation_facts(workdir: str, checkpoint_step: int) -> dict | None:
     """eval/test/metrics.json, where --mode=eval (or training's end) wrote it for this checkpoint."""
     path = os.path.join(workdir, 'eval', 'test', 'metrics.json')
@@ -358,7 +368,7 @@ def evaluation_facts(workdir: str, checkpoint_step: int) -> dict | None:
         return None
     cell = {k: v for k, v in values.items()
             if k not in ('patient_level', 'small_classes', 'calibration', 'tta', 'checkpoint_step', 'operating_point',
-                         'split_independence')}
+                         'split_independence', 'input_convention')}
     calibration_values = {'ece': values['ece'], **values.get('calibration', {})}
     facts = {'split': 'test', 'checkpoint_step': checkpoint_step, 'test_time_augmentation': values.get('tta', False),
              'cell_level': cell, 'patient_level': values.get('patient_level'), 'calibration': calibration_values}
@@ -418,9 +428,8 @@ def export(config: ml_collections.ConfigDict, workdir: str, output: str, *, chec
             'preprocessing': {
                 'read': preprocess.READ_IMAGE,
                 'steps': preprocess.describe(config.data.preprocess, size),
-                'normalization': {'mean': list(config.data.mean), 'std': list(config.data.std),
-                                  'formula': '(x / 255 - mean) / std per RGB channel, in float32',
-                                  'applied_by': 'model'}},
+                'normalization': {**input_convention.of(config.data).describe(),
+                                  'chosen_by': input_convention_source(config.model.init_from), 'applied_by': 'model'}},
             'probability_rule': {
                 'description': ('sigmoid of each class logit / temperature, normalised to sum to 1 (the models are '
                                 'trained with a sigmoid focal loss)'

@@ -139,6 +139,13 @@ def _repeated_runs_section(repeated: dict | None) -> list[str]:
         lines.append('')
     return lines + [f'(1) {methods["corrected_t_interval_95"]}: the re-splits share most of their data, so the plain '
                     f't-interval would be too narrow. (2) {methods["percentile_95"]}.', '']
+def _input_convention_line(normalization: dict) -> str:
+    """The input convention the model applies to its tiles (imagenet_mean_std in bundles that predate the record)."""
+    line = (f'- Input convention: `{normalization.get("convention", "imagenet_mean_std")}`, applied inside the model: '
+            f'{normalization["formula"]}, with mean {normalization["mean"]} and std {normalization["std"]}'
+            + (f', scale {normalization["scale"]:.6g}' if 'scale' in normalization else ''))
+    chosen_by = normalization.get('chosen_by')
+    return line + (f'. Chosen by {chosen_by}.' if chosen_by else '.')
 
 
 def decision_rule_line(rule: dict | None) -> str:
@@ -259,6 +266,7 @@ def render(metadata: dict) -> str:
               f'- Input: {metadata["input"]["dtype"]} tiles of shape (batch, {metadata["input"]["size"]}, '
               f'{metadata["input"]["size"]}, {metadata["input"]["channels"]}), {metadata["input"]["color"]}, values '
               f'{metadata["input"]["value_range"][0]}–{metadata["input"]["value_range"][1]}.',
+              _input_convention_line(metadata['preprocessing']['normalization']),
               f'- Output: {metadata["output"]["meaning"]}, classes in this order: '
               f'{", ".join(metadata["classes"])}.',
               f'- Probability rule: {rule["description"]} Temperature {rule["temperature"]:.4g} '

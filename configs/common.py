@@ -78,8 +78,14 @@ def base_config(*, model: str, data: str, image_size: int, batch_size: int, num_
         'hed_scale': 0.05,
         'hed_shift': 0.01,
     })
-    # ImageNet statistics, as the Keras/torchvision backbones expect.
-    config.data.mean = (0.485, 0.456, 0.406)
+    # How uint8 RGB tiles become the model's input (allflax/data/input_convention.py), applied on device
+    # in training, evaluation, prediction and bundles alike. '' takes that of the weights model.init_from
+    # starts from, recorded with them: 'caffe' (BGR, ImageNet means subtracted from 0-255, no scaling)
+    # for Keras's VGG16/VGG19/ResNet, 'imagenet_mean_std' for EfficientNetV2 B0-B3, 'minus_one_to_one'
+    # (x/128 - 1) for EfficientNetV2-S; a value that contradicts them is refused. From scratch, '' is
+    # 'imagenet_mean_std': (x/255 - data.mean) / data.std, RGB. config.json holds the value used.
+    config.data.input_convention = ''
+    config.data.mean = (0.485, 0.456, 0.406)  # ImageNet's RGB mean and std: imagenet_mean_std only.
     config.data.std = (0.229, 0.224, 0.225)
 
     config.batch_size = batch_size  # Global, over all devices and hosts.

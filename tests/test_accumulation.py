@@ -43,7 +43,8 @@ def test_micro_batches_give_the_full_batch_update(tiny_config):
     results = {}
     for k in (1, 4):
         built = train.build(tiny_config, 4, 10, mesh, load_pretrained=False)
-        step = steps.make_train_step(built, mesh, data=tiny_config.data, loss=tiny_config.loss,
+        data = train.resolve_input_convention(tiny_config).data
+        step = steps.make_train_step(built, mesh, data=data, loss=tiny_config.loss,
                                      dtype=tiny_config.dtype, seed=tiny_config.seed, accumulation_steps=k)
         state, metrics = step(built.state, sharding.put_batch(batch, sharding.batch_sharding(mesh)))
         state, _ = step(state, sharding.put_batch(batch, sharding.batch_sharding(mesh)))

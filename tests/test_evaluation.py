@@ -144,7 +144,7 @@ def test_eval_with_test_time_augmentation_and_temperature_scaling(tiny_run, tmp_
     values, predictions = results.evaluate_state(restored.eval_step, restored.state, small, 'test', restored.mesh,
                                                  output, options=config.eval, batch_size=config.batch_size,
                                                  seed=config.seed, split_method=config.data.split,
-                                                 checkpoint_step=restored.step)
+                                                 checkpoint_step=restored.step, input_convention='imagenet_mean_std')
     assert values['tta'] and predictions.logits.shape == (8, 8, 4)
     # The eight views of an image are the eight views of its mirror image: the same average.
     mirrored = Dataset({'test': Split(small.splits['test'].images[:, :, ::-1], small.splits['test'].labels,

@@ -51,9 +51,11 @@ def train_and_export(config, folder):
 @pytest.fixture(scope='module')
 def vgg_bundle(make_tiny_config, tmp_path_factory):
     """A tiny VGG19+MHSA run of 2 steps, evaluated with test-time augmentation and a fitted
-    temperature (so the bundle carries both), and its bundle."""
+    temperature (so the bundle carries both), and its bundle. From scratch on the caffe input
+    convention (that of Keras's VGG weights), which the B3 bundle's imagenet_mean_std complements."""
     config = make_tiny_config()
     with config.unlocked():
+        config.data.input_convention = 'caffe'
         config.total_steps = config.eval_every_steps = config.checkpoint_every_steps = 2  # One save, one eval.
         config.eval.tta = True
         config.eval.temperature_scaling = True
@@ -108,7 +110,10 @@ def view_logits(forward, tiles, normalization, tta):
     """(views, N, classes): the logits of uint8 `tiles` normalised as metadata.json says, as they
     are and, with `tta`, in the 7 other symmetries of a square."""
     mean, std = np.float32(normalization['mean']), np.float32(normalization['std'])
-    images = (np.asarray(tiles, np.float32) / 255 - mean) / std
+    pixels = np.asarray(tiles, np.float32)
+    if normalization['channel_order'] == 'BGR':
+        pixels = pixels[..., [2, 1, 0]]
+    images = (pixels * np.float32(normalization['scale']) - mean) / std
     views = [np.rot90(oriented, k, axes=(1, 2)) for oriented in (images, images.transpose(0, 2, 1, 3))
              for k in range(4)]
     return np.stack([forward(np.ascontiguousarray(view)) for view in (views if tta else views[:1])])
@@ -138,6 +143,15 @@ def test_bundle_predicts_as_the_checkpoint(recipe, request):
     splits = pipeline.load(config).splits
     test = splits['test']
     rule = metadata['probability_rule']
+    # The run's input convention: Keras's caffe constants for VGG (keras.applications.vgg19.preprocess_input),
+    # (x/255 - ImageNet mean) / std for B3.
+    normalization = metadata['preprocessing']['normalization']
+    expected_normalization = {
+        'caffe': {'channel_order': 'BGR', 'scale': 1.0, 'mean': [103.939, 116.779, 123.68], 'std': [1.0] * 3},
+        'imagenet_mean_std': {'channel_order': 'RGB', 'scale': 1 / 255, 'mean': [0.485, 0.456, 0.406],
+                              'std': [0.229, 0.224, 0.225]}}[normalization['convention']]
+    assert normalization['convention'] == ('caffe' if recipe == 'vgg_bundle' else 'imagenet_mean_std')
+    assert {key: normalization[key] for key in expected_normalization} == expected_normalization
     views = view_logits(checkpoint_forward(config, workdir, config.total_steps, len(class_names)), test.images,
                         metadata['preprocessing']['normalization'], rule['test_time_augmentation'])
     expected = probabilities_by_rule(views, rule['temperature'])
@@ -181,6 +195,8 @@ def test_bundle_predicts_as_the_checkpoint(recipe, request):
     with open(os.path.join(workdir, 'eval', 'test', 'metrics.json')) as f:
         evaluated = json.load(f)
     assert f'| Clopper-Pearson exact, {len(set(test.patients))} patients |' in card
+    assert evaluated['input_convention'] == normalization['convention'] == config.data.input_convention
+    assert f'- Input convention: `{normalization["convention"]}`, applied inside the model: ' in card
     assert metadata['evaluation'].get('small_classes') == evaluated['small_classes']
     assert 'small_classes' not in metadata['evaluation']['cell_level']
     for name, patients in evaluated['small_classes'].items():

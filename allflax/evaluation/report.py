@@ -164,6 +164,7 @@ def write_split_report(workdir: str, split_name: str, split: Split, class_names,
              ['Data', data_name], ['Split', f'{split_name}: {len(split)} images'
                                           + (f', {len(np.unique(patients))} patients' if patients is not None else '')],
              ['Checkpoint step', values['checkpoint_step']],
+             ['Input convention', values['input_convention']],
              ['Test-time augmentation', '8 dihedral views' if values['tta'] else 'off'],
              ['Temperature scaling', f'T = {predictions.temperature:.3f} (fitted on val)'
               if 'calibration' in values else 'off']]

@@ -64,12 +64,13 @@ class SplitPredictions:
 
 def evaluate_state(eval_step, state, dataset: Dataset, split_name: str, mesh, workdir: str, *,
                    options: ml_collections.ConfigDict, batch_size: int, seed: int, split_method: str,
-                   checkpoint_step: int, before_write: Callable[[], None] = lambda: None
+                   checkpoint_step: int, input_convention: str, before_write: Callable[[], None] = lambda: None
                    ) -> tuple[dict, SplitPredictions]:
     """Predicts `split_name` (with test-time augmentation and temperature scaling where the `eval`
     section `options` asks) and writes its metrics.json and predictions.csv, calling `before_write`
     first (training's check that it still holds the workdir). metrics.json's `split_independence`
-    says whether the split (data.split `split_method`) is patient-independent."""
+    says whether the split (data.split `split_method`) is patient-independent; `input_convention`
+    is the one `eval_step` applies (allflax.data.input_convention), recorded in metrics.json."""
     split = dataset.splits[split_name]
     directory = split_directory(workdir, split_name)
 
@@ -116,6 +117,7 @@ def evaluate_state(eval_step, state, dataset: Dataset, split_name: str, mesh, wo
         split_method, int(np.sum(patients == '')), len(patients))}
     values['tta'] = bool(options.tta)
     values['checkpoint_step'] = int(checkpoint_step)
+    values['input_convention'] = input_convention
     write_predictions(directory, split, split_name, probabilities, dataset.class_names)
     write_metrics(workdir, split_name, values)
     return values, SplitPredictions(logits, probabilities, temperature)

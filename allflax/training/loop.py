@@ -22,7 +22,7 @@ from jax.experimental import multihost_utils
 
 from allflax import files, models, runtime, sharding
 from allflax.cpu import conv as cpu_conv
-from allflax.data import augment, pipeline, sources
+from allflax.data import augment, input_convention, pipeline, sources
 from allflax.data.dataset import default_cache_dir, read_splits_json
 from allflax.evaluation import inference, results
 from allflax.models import imagenet
@@ -44,12 +44,25 @@ def build(config: ml_collections.ConfigDict, num_classes: int, total_steps: int,
                        abstract=abstract)
 
 
+def resolve_input_convention(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Fills `config.data.input_convention` in place, where it is '', with that of the weights
+    `model.init_from` names (imagenet.input_convention_of_run, which also refuses a value that
+    contradicts them), and returns `config`. A config without the key (a run that predates it) is
+    left as it is."""
+    if 'input_convention' in config.data:
+        config.data.input_convention = imagenet.input_convention_of_run(
+            config.model.init_from, config.model.name, config.data.input_convention)
+    return config
+
+
 def make_train_step(config: ml_collections.ConfigDict, built: state.Setup, mesh):
+    resolve_input_convention(config)
     return steps.make_train_step(built, mesh, data=config.data, loss=config.loss, dtype=config.dtype,
                                  seed=config.seed, accumulation_steps=accumulation_steps(config, mesh.size))
 
 
 def make_eval_step(config: ml_collections.ConfigDict, built: state.Setup, mesh):
+    resolve_input_convention(config)
     return steps.make_inference_step(steps.logits, built, mesh, data=config.data, dtype=config.dtype)
 
 
@@ -108,6 +121,7 @@ def check_resume(config: ml_collections.ConfigDict, workdir: str):
     defaults = common.base_config(model=config.model.name, data=config.data.name, image_size=config.data.image_size,
                                   batch_size=config.batch_size, num_epochs=config.num_epochs,
                                   learning_rate=config.optimizer.learning_rate).to_dict()
+    defaults['data']['input_convention'] = input_convention.PREDATING  # Of every run before the setting.
     for line in run_guard.check_resume(saved, json.loads(config.to_json_best_effort()), workdir=workdir,
                                        defaults=defaults):
         logging.info('Resuming %s with a changed setting: %s', workdir, line)
@@ -140,6 +154,7 @@ def _stop_requests():
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains (resuming from the latest checkpoint in `workdir`) and returns the test metrics."""
     validate(config)
+    resolve_input_convention(config)  # Before check_resume: config.json holds the resolved value.
     check_resume(config, workdir)
     if config.model.init_from == 'imagenet':
         # Fetched before the workdir is written: offline, the run stops here saying how to get them.
@@ -289,7 +304,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, check_w
     # The same metrics.json and predictions.csv as --mode=eval, without its report (plots, Grad-CAM).
     test, _ = results.evaluate_state(eval_step, train_state, dataset, 'test', mesh, workdir, options=config.eval,
                                      batch_size=config.batch_size, seed=config.seed, split_method=config.data.split,
-                                     checkpoint_step=total_steps, before_write=check_writer)
+                                     checkpoint_step=total_steps, input_convention=input_convention.of(config.data).name,
+                                     before_write=check_writer)
     logging.info('Test accuracy %.4f (step %d), written to %s', test['accuracy'], total_steps,
                  os.path.join(workdir, 'eval', 'test'))
     return test

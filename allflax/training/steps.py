@@ -13,7 +13,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from allflax import sharding
-from allflax.data import augment
+from allflax.data import augment, input_convention
 from allflax.training import losses
 from allflax.training.state import Setup, TrainState
 
@@ -24,7 +24,7 @@ def make_train_step(built: Setup, mesh: Mesh, *, data: ml_collections.ConfigDict
     """Returns jitted `train_step(state, batch) -> (state, metrics)`; the state is donated.
 
     On device: augmentation (`data.augment`, `data.augment_params`) and normalisation
-    (`data.mean`, `data.std`), the model in `dtype`, the focal loss (the `loss` section), the
+    (`data.input_convention`), the model in `dtype`, the focal loss (the `loss` section), the
     optimiser update. Augmentation and dropout keys derive from `seed` and the step.
 
     With `accumulation_steps` k > 1 the batch's gradient is the mean of k micro-batches' (each
@@ -55,7 +55,7 @@ def make_train_step(built: Setup, mesh: Mesh, *, data: ml_collections.ConfigDict
 
     def model_input(images, draws):
         images = augment.apply(images, draws, names, data.augment_params)
-        return augment.normalize(images, data.mean, data.std, dtype)
+        return input_convention.normalize(images, data, dtype)
 
     def whole(params, batch_stats, images, draws, labels, dropout_key):
         return gradient_fn(params, batch_stats, model_input(images, draws), labels, dropout_key)
@@ -117,7 +117,7 @@ def make_inference_step(body: Callable, built: Setup, mesh: Mesh, *, data: ml_co
 
     def step(state: TrainState, images):
         model = nnx.merge(parts.eval_graph, state.params, state.batch_stats, parts.rng_state)
-        return body(model, augment.normalize(images, data.mean, data.std, dtype))
+        return body(model, input_convention.normalize(images, data, dtype))
 
     batch = sharding.batch_sharding(mesh)
     return jax.jit(step, in_shardings=(built.state_sharding, batch), out_shardings=batch)
