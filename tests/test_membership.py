@@ -270,7 +270,7 @@ def _workdir_of_a_run(probe, tmp_path, root):
     """A run's workdir as training leaves it before its first checkpoint: config.json and splits.json."""
     work = str(tmp_path / 'run')
     shutil.copytree(probe['work'], work)
-    config = _config(root, probe['cache'])
+    config = train.resolve_input_convention(_config(root, probe['cache']))  # As training writes it.
     with open(os.path.join(work, 'config.json'), 'w') as f:
         f.write(config.to_json_best_effort(indent=1))
     return config, work
