@@ -170,7 +170,7 @@ def test_metrics_json_says_whether_the_split_is_patient_independent(tmp_path, pa
         config.bootstrap_samples = 20
     results.evaluate_state(lambda state, x: jnp.tile(jnp.array([[1.0, 0.0, -1.0]]), (x.shape[0], 1)), None, dataset,
                            'test', sharding.make_mesh(), str(tmp_path), options=config, batch_size=4, seed=0,
-                           split_method=method, checkpoint_step=1)
+                           split_method=method, checkpoint_step=1, input_convention='imagenet_mean_std')
     with open(tmp_path / 'eval' / 'test' / 'metrics.json') as f:
         written = json.load(f)['split_independence']
     assert (written['method'], written['level']) == (method, level)
