@@ -546,7 +546,8 @@ def test_the_bundled_predictor_is_allflax_code_with_its_imports_pointed_at_the_b
         header, body = bundled[:len(bundled) - len(original)], bundled[len(bundled) - len(original):]
         assert header[0] == f'# {name} of this bundle: {origin} at allflax commit test, written by'
         assert len(header) == 4 and all(line.startswith('# ') for line in header)
-        expected = [(line, 'import ' + line.split(' import ', 1)[1]) for line in original if line.startswith('from allflax')]
+        expected = [(line, 'import ' + line.split(' import ', 1)[1])
+                    for line in original if line.startswith('from allflax')]
         assert [(a, b) for a, b in zip(original, body) if a != b] == expected
     assert open(os.path.join(tiny_bundle, 'requirements.txt')).read().splitlines()[2:] == [
         'numpy==2.4.6', 'opencv-python-headless==5.0.0.93', 'onnxruntime==1.32.0']  # As requirements.txt pins them.
