@@ -125,11 +125,11 @@ def read_metadata(directory: str, validate=None) -> dict:
 
 
 def session_options(onnxruntime):
-    """ONNX Runtime's options for the bundle's model on the CPU (benchmarks/RESULTS.md, bundles)."""
+    """ONNX Runtime's options for the bundle's model on the CPU: all graph optimisations, one thread
+    per physical core (its defaults; benchmarks/RESULTS.md, bundles, has what else was tried)."""
     options = onnxruntime.SessionOptions()
     options.log_severity_level = 3  # Errors only: not the shape-inference notes of every load.
     options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.intra_op_num_threads = os.cpu_count() or 1  # Every core, hyperthreads included.
     return options
 
 

@@ -1,6 +1,5 @@
 """--mode=export's bundle against the checkpoint it came from, and `python -m allflax.bundle` without JAX."""
 import csv
-import fcntl
 import hashlib
 import json
 import os
@@ -132,7 +131,8 @@ def test_bundle_predicts_as_the_checkpoint(recipe, request):
     metadata = bundle.read_metadata(output)
     thumbnails = {error['thumbnail'] for error in metadata['evaluation']['confident_errors']['shown']}
     assert set(metadata['files']) == {'model.onnx', 'model.onnx.data', 'model.jax', 'MODEL_CARD.md',
-                                      'reliability.png', *thumbnails}
+                                      'reliability.png', *thumbnails, 'predict.py', 'files.py', 'preprocess.py',
+                                      'image_files.py', 'requirements.txt'}
     assert set(summary['bytes']) == {*metadata['files'], 'metadata.json'}
     class_names = sources.synthetic.CLASS_NAMES[config.data.name]  # The data set's own definition.
     assert metadata['classes'] == list(class_names)
@@ -210,38 +210,36 @@ def run_bundle_cli(*args):
     return run, lines, json.loads(imported)
 
 
-# Where the virtual environments made from a bundle's requirements.txt are kept, one per content.
-VENV_CACHE = os.path.join(os.environ.get('XDG_CACHE_HOME') or os.path.expanduser('~/.cache'), 'allflax', 'bundle-venvs')
-# What pip says when it cannot reach a package index (not a pin it cannot meet).
+# What pip and uv say when they cannot reach a package index (not a pin they cannot meet).
 NO_INDEX = ('NewConnectionError', 'Failed to establish a new connection', 'Temporary failure in name resolution',
-            'Name or service not known', 'Network is unreachable', 'ConnectTimeout', 'ProxyError')
+            'Name or service not known', 'Network is unreachable', 'ConnectTimeout', 'ProxyError',
+            'error sending request', 'dns error', 'failed to lookup address')
 
 
 @pytest.fixture(scope='session')
-def bundle_venv():
-    """`venv(requirements.txt)`: the python of a virtual environment that holds only the packages of
-    that file (and what they depend on), no pip: made once per content, under VENV_CACHE."""
+def bundle_venv(tmp_path_factory):
+    """`venv(requirements.txt)`: the python of a new virtual environment that holds only the packages
+    of that file (and what they depend on; no pip), made once per content per session by uv (a test
+    requirement, as pip's resolver but seconds from its cache, where pip takes half a minute)."""
+    made = {}
+
     def venv(requirements: str) -> str:
         with open(requirements, 'rb') as f:
-            folder = os.path.join(VENV_CACHE, hashlib.sha256(f.read()).hexdigest()[:16])
-        python = os.path.join(folder, 'bin', 'python')
-        os.makedirs(VENV_CACHE, exist_ok=True)
-        with open(folder + '.lock', 'w') as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # Another test process may be making it.
-            if not os.path.exists(os.path.join(folder, 'installed')):
-                shutil.rmtree(folder, ignore_errors=True)
-                subprocess.run([sys.executable, '-m', 'venv', '--without-pip', folder], check=True, timeout=120)
-                install = subprocess.run([sys.executable, '-m', 'pip', '--python', python, 'install', '--quiet',
-                                          '-r', requirements], capture_output=True, text=True, timeout=600)
-                if install.returncode:
-                    shutil.rmtree(folder)
-                    said = install.stdout + install.stderr
-                    if any(sign in said for sign in NO_INDEX):
-                        platform_deps.missing(f'pip cannot reach a package index to install {requirements}: '
-                                              f'{said.strip().splitlines()[-1]}')
-                    pytest.fail(f'pip cannot install {requirements}:\n{said[-3000:]}', pytrace=False)
-                open(os.path.join(folder, 'installed'), 'w').close()
-        return python
+            key = hashlib.sha256(f.read()).hexdigest()[:16]
+        if key not in made:
+            folder = str(tmp_path_factory.mktemp(f'venv_{key}'))
+            uv = shutil.which('uv', path=os.path.dirname(sys.executable)) or 'uv'
+            for command in ([uv, 'venv', '--quiet', '--python', sys.executable, folder],
+                            [uv, 'pip', 'install', '--quiet', '--python', os.path.join(folder, 'bin', 'python'),
+                             '-r', requirements]):
+                run = subprocess.run(command, capture_output=True, text=True, timeout=600)
+                said = run.stdout + run.stderr
+                if run.returncode and any(sign in said for sign in NO_INDEX):
+                    platform_deps.missing(f'no package index reachable to install {requirements}: '
+                                          f'{said.strip().splitlines()[-1]}')
+                assert run.returncode == 0, f'{" ".join(command)}:\n{said[-3000:]}'
+            made[key] = os.path.join(folder, 'bin', 'python')
+        return made[key]
     return venv
 
 
@@ -457,7 +455,9 @@ def test_the_bundle_answers_the_card_from_the_run_and_names_no_local_path(recipe
         assert f'![{error["thumbnail"]}]({error["thumbnail"]})' in card
 
     rule = ('- Decision rule: a threshold of' if len(metadata['classes']) == 2 else '- Decision rule: argmax')
-    for answer in ('### Out of scope: do not use it for', rule, '## Licence and citation',
+    for answer in ('### Out of scope: do not use it for', rule, '## Licence and citation', 'no checkout of allflax',
+                   'venv/bin/pip install -r THIS_FOLDER/requirements.txt',
+                   'venv/bin/python THIS_FOLDER/predict.py --input=cells/ --output=predictions.csv',
                    'arXiv:2508.17216', 'arXiv:2601.01026', '| Specimen | none: synthetic',
                    f'- Checkpoint: step {steps[-1]} of the run `run`, exported as the latest checkpoint of the run.'):
         assert answer in card, answer
