@@ -174,10 +174,10 @@ def bundled_source(module, version: str) -> str:
             raise RuntimeError(f'{relative} imports {", ".join(refused)}, which a bundle\'s predictor does not '
                                f'have (the standard library, {", ".join(bundle_predictor.REQUIREMENTS)} and its own '
                                f'modules); no bundle written')
-    header = (f'# {PREDICTOR_MODULES[module]} of this bundle: {relative} at allflax commit {version}, written by\n'
-              '# its --mode=export. The code of allflax itself, unchanged but for its "from allflax... import" lines,\n'
-              '# which import this bundle\'s copies. Do not edit: metadata.json holds its SHA-256, and predict.py\n'
-              '# refuses a changed file.\n')
+    header = (f'# {PREDICTOR_MODULES[module]} of this bundle: {relative}, written by allflax\'s --mode=export at\n'
+              f'# commit {version}: the code of allflax itself, unchanged but for its "from allflax...\n'
+              '# import" lines, which import this bundle\'s copies. Do not edit: metadata.json holds its SHA-256,\n'
+              '# and predict.py refuses a changed file.\n')
     return header + source
 
 
@@ -201,7 +201,7 @@ def write_predictor(directory: str, version: str) -> dict:
         with open(os.path.join(directory, name), 'w') as f:
             f.write(bundled_source(module, version))
     with open(os.path.join(directory, REQUIREMENTS), 'w') as f:
-        f.write(f'# What predict.py needs, as allflax {version} pins it. In a new virtual environment:\n'
+        f.write(f'# What predict.py needs, as allflax pins it (commit {version}). In a new virtual environment:\n'
                 f'#   python -m venv venv && venv/bin/pip install -r requirements.txt\n'
                 + ''.join(f'{pin}\n' for pin in pinned_requirements()))
     return {'file': PREDICTOR, 'modules': sorted(name for name in PREDICTOR_MODULES.values() if name != PREDICTOR),

@@ -544,7 +544,8 @@ def test_the_bundled_predictor_is_allflax_code_with_its_imports_pointed_at_the_b
         with open(os.path.join(ROOT, origin)) as f:
             original = f.read().splitlines()
         header, body = bundled[:len(bundled) - len(original)], bundled[len(bundled) - len(original):]
-        assert header[0] == f'# {name} of this bundle: {origin} at allflax commit test, written by'
+        assert header[:2] == [f"# {name} of this bundle: {origin}, written by allflax's --mode=export at",
+                              '# commit test: the code of allflax itself, unchanged but for its "from allflax...']
         assert len(header) == 4 and all(line.startswith('# ') for line in header)
         expected = [(line, 'import ' + line.split(' import ', 1)[1])
                     for line in original if line.startswith('from allflax')]
