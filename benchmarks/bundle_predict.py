@@ -7,7 +7,8 @@ The tiles are the run's test split (already preprocessed: both paths share that 
 is loaded once (restore and compile, session creation: reported apart), warmed up on one batch,
 then predicts all the tiles; runs alternate, --repeats times each: the best (fastest) run, for a
 shared machine, with the median and the slowest. The bundle's model is run as its predictor runs
-it (`bundle.Predictor`), and, with --int8, also quantised to int8 here (ONNX Runtime's static
+it (`bundle.Predictor`); with --no_spinning, also with ONNX Runtime's threads resting between
+operations; with --int8, also quantised to int8 here (ONNX Runtime's static
 quantisation, QDQ, int8 weights per channel, uint8 activations, calibrated on --calibration_tiles
 training tiles), with its test accuracy and |Δp| against the float32 model. Also the bundle's
 accuracy on the whole test split, beside the one in the run's eval/test/metrics.json.
@@ -35,6 +36,8 @@ flags.DEFINE_integer('images', 128, 'Test tiles predicted per run.')
 flags.DEFINE_list('batch_sizes', ['1', '32'], 'Batch sizes to measure.')
 flags.DEFINE_integer('repeats', 3, 'Runs of each path at each batch size, alternating.')
 flags.DEFINE_bool('int8', True, 'Also the model quantised to int8, calibrated on training tiles.')
+flags.DEFINE_bool('no_spinning', True, "Also the bundle's model with ONNX Runtime's threads not spinning "
+                  'between operations (session.intra_op.allow_spinning=0).')
 flags.DEFINE_integer('calibration_tiles', 64, 'Training tiles the int8 quantisation is calibrated on.')
 flags.mark_flags_as_required(['workdir', 'bundle'])
 
@@ -84,8 +87,15 @@ def main(argv):
             restored.eval_step, restored.state, split, batch_size, restored.mesh, tta=config.eval.tta), temperature)
 
     paths = {'jax_predict': jax_predict, 'bundle_onnx': lambda images, b: predictor.probabilities(images, b)}
+    import onnxruntime
+    if FLAGS.no_spinning:
+        resting = bundle.Predictor(FLAGS.bundle)
+        options = bundle_predictor.session_options(onnxruntime)
+        options.add_session_config_entry('session.intra_op.allow_spinning', '0')
+        resting.session = onnxruntime.InferenceSession(os.path.join(FLAGS.bundle, bundle.ONNX), options,
+                                                       providers=['CPUExecutionProvider'])
+        paths['bundle_onnx_no_spinning'] = lambda images, b: resting.probabilities(images, b)
     if FLAGS.int8:
-        import onnxruntime
         folder = tempfile.mkdtemp(prefix='bundle_int8.')
         train = pipeline.load(config).splits['train'].images
         chosen = train[np.random.default_rng(0).permutation(len(train))[:FLAGS.calibration_tiles]]
