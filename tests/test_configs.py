@@ -88,13 +88,18 @@ def test_the_reports_are_of_the_configs_as_they_are():
 
 
 @pytest.mark.parametrize('recipe', RECIPES)
-def test_a_t4_makes_the_gpu_update_in_a_dtype_it_has(recipe):
-    """`:gpu,t4`: the update of `:gpu` (the same global batch), in a dtype that a T4 computes
-    (allflax/gpu/targets.py: it has no bfloat16) and `:gpu`'s dtype on every other GPU."""
-    gpu, t4 = recipe.get_config('gpu'), recipe.get_config('gpu,t4')
-    assert t4.batch_size == gpu.batch_size and t4.optimizer == gpu.optimizer
-    assert t4.dtype in targets.GPUS['t4'].peak_flops and gpu.dtype not in targets.GPUS['t4'].peak_flops
-    assert all(gpu.dtype in target.peak_flops for name, target in targets.GPUS.items() if name != 't4')
+@pytest.mark.parametrize('name', sorted(common.GPU_VARIANTS))
+def test_a_gpu_without_bfloat16_makes_the_gpu_update_in_a_dtype_it_has(recipe, name):
+    """`:gpu,t4` and `:gpu,p100`: the update of `:gpu` (the same global batch), in a dtype that the GPU
+    computes (allflax/gpu/targets.py: neither has bfloat16) and `:gpu`'s dtype on every other GPU;
+    the T4's fastest (float16, its tensor cores')."""
+    gpu, variant = recipe.get_config('gpu'), recipe.get_config(f'gpu,{name}')
+    assert variant.batch_size == gpu.batch_size and variant.optimizer == gpu.optimizer
+    assert variant.dtype in targets.GPUS[name].peak_flops and gpu.dtype not in targets.GPUS[name].peak_flops
+    assert all(gpu.dtype in target.peak_flops for other, target in targets.GPUS.items()
+               if other not in common.GPU_VARIANTS)
+    t4 = targets.GPUS['t4'].peak_flops
+    assert recipe.get_config('gpu,t4').dtype == max(t4, key=t4.get)
 
 
 # A tenth of the roofline: what a real step reaches is below it (data loading, the host, the

@@ -30,8 +30,8 @@ class LossScale:
     skipped_steps: jax.Array  # int32: steps skipped for non-finite gradients, in the whole run.
 
 
-def initial(scale: float = INITIAL_SCALE) -> LossScale:
-    return LossScale(scale=jnp.asarray(scale, jnp.float32), finite_steps=jnp.zeros((), jnp.int32),
+def initial() -> LossScale:
+    return LossScale(scale=jnp.asarray(INITIAL_SCALE, jnp.float32), finite_steps=jnp.zeros((), jnp.int32),
                      skipped_steps=jnp.zeros((), jnp.int32))
 
 
