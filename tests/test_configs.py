@@ -1,5 +1,6 @@
 """Recipe arg strings: `:gpu` and `:tpu` give bfloat16 runs at accelerator batch sizes, and agree
 with the compiled reports of benchmarks/tpu_check and benchmarks/gpu_check."""
+import functools
 import importlib
 import os
 
@@ -42,6 +43,20 @@ def reports_with_configs():
     return pairs
 
 
+@functools.cache
+def _model_dtypes(recipe_name: str, arg: str):
+    """(logits, the params' dtypes) of the recipe's model as `arg` builds it: traced once for the
+    args that build the same model (`:gpu` and `:tpu` differ only in batch)."""
+    config = importlib.import_module(recipe_name).get_config(arg)
+    model = nnx.eval_shape(lambda: models.create(config.model.name, 2, dtype=config.dtype,
+                                                 image_size=config.data.image_size, **config.model.options))
+    graphdef, state = nnx.split(model)
+    size = config.data.image_size
+    logits = jax.eval_shape(lambda state, images: nnx.merge(graphdef, state)(images), state,
+                            jax.ShapeDtypeStruct((2, size, size, 3), jnp.float32))
+    return logits, {leaf.dtype for leaf in jax.tree.leaves(nnx.state(model, nnx.Param))}
+
+
 @pytest.mark.parametrize('recipe', RECIPES)
 @pytest.mark.parametrize('accelerator', sorted(common.ACCELERATORS))
 def test_accelerator_arg_builds_a_bfloat16_model(recipe, accelerator):
@@ -49,14 +64,10 @@ def test_accelerator_arg_builds_a_bfloat16_model(recipe, accelerator):
     assert config.dtype == 'bfloat16' and config.batch_size > default.batch_size
     changed = {key for key, value in _flat(config).items() if _flat(default)[key] != value}
     assert changed <= _ACCELERATOR_KEYS, changed
-    model = nnx.eval_shape(lambda: models.create(config.model.name, 2, dtype=config.dtype,
-                                                 image_size=config.data.image_size, **config.model.options))
-    graphdef, state = nnx.split(model)
-    size = config.data.image_size
-    logits = jax.eval_shape(lambda state, images: nnx.merge(graphdef, state)(images), state,
-                            jax.ShapeDtypeStruct((2, size, size, 3), jnp.float32))
+    assert _flat(config.model) == _flat(recipe.get_config('gpu').model)  # The same model for every accelerator.
+    logits, param_dtypes = _model_dtypes(recipe.__name__, 'gpu')
     assert logits.shape == (2, 2) and logits.dtype == jnp.float32
-    assert {leaf.dtype for leaf in jax.tree.leaves(nnx.state(model, nnx.Param))} == {jnp.dtype('float32')}
+    assert param_dtypes == {jnp.dtype('float32')}
 
 
 def test_args_apply_in_order_and_unknown_ones_are_refused():
