@@ -17,7 +17,7 @@ from flax.training import dynamic_scale
 
 from allflax import evaluate, models, sharding, train
 from allflax.models import attention, batch_norm
-from allflax.training import checkpoints, losses, state
+from allflax.training import checkpoints, loop, losses, state
 from allflax.training import loss_scale as loss_scaling
 from configs import common
 
@@ -154,6 +154,29 @@ def test_an_overflowing_step_changes_nothing_but_the_scale():
     for name in ('opt_state', 'batch_stats'):
         assert all(not np.array_equal(new, old) for new, old in zip(
             _float_leaves(getattr(applied, name)), _float_leaves(getattr(host_before, name)))), name
+
+
+def test_a_non_finite_loss_stops_the_run_an_overflow_of_the_scale_does_not():
+    """The loop's `finite` flag: an overflow at a scale above 1 is the scale's (skipped, training
+    goes on); a NaN weight (a non-finite loss) is divergence, and the step still changes nothing;
+    the loop's message for a float16 run says what float16 could not hold and what to do."""
+    initial, step, mesh = _setup('float16')
+    (batch,) = _batches(mesh, 1)
+    _, metrics = step(_with_scale(initial, 2.0 ** 120), batch)
+    assert bool(metrics['finite'])
+    broken = _setup('float16')[0]
+    broken.params['predictions']['bias'][...] = jnp.full_like(broken.params['predictions']['bias'][...], jnp.nan)
+    host_before = jax.device_get(broken)
+    after, metrics = step(broken, batch)
+    assert not bool(metrics['finite']) and int(after.loss_scale.skipped_steps) == 1
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(after.params), host_before.params)
+    with pytest.raises(train.Diverged) as error:
+        loop._check_finite([True, False], 41, 40, '/runs/a/checkpoints', scaled=True)
+    assert str(error.value) == (
+        "non-finite loss, or gradients beyond float16's range at a loss scale of 1 or below, at step 42 (1 of the "
+        'last 2 steps); the run stopped without saving that state (the last checkpoint is step 40 in '
+        '/runs/a/checkpoints). Lower --config.optimizer.learning_rate, check the data, or train in float32 or '
+        'bfloat16 (--config.dtype).')
 
 
 def test_the_scale_doubles_after_the_interval():

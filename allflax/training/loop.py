@@ -275,11 +275,11 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, check_w
 
 def _check_finite(finite_flags, first_step: int, last_saved: int, directory: str, scaled: bool = False):
     """Raises Diverged naming the first step whose loss or gradient norm was not finite (with loss
-    scaling: whose loss was not, or whose gradients overflowed float16 at a scale below 1)."""
+    scaling: whose loss was not, or whose gradients overflowed float16 at a scale of 1 or below)."""
     bad = [first_step + i for i, finite in enumerate(finite_flags) if not finite]
     if bad:
         saved = f'the last checkpoint is step {last_saved} in {directory}' if last_saved else 'no checkpoint was saved'
-        what = ('non-finite loss, or gradients beyond float16\'s range even with the loss scale below 1,' if scaled
+        what = ('non-finite loss, or gradients beyond float16\'s range at a loss scale of 1 or below,' if scaled
                 else 'non-finite loss or gradient norm')
         advice = (' Lower --config.optimizer.learning_rate, check the data, or train in float32 or bfloat16 '
                   '(--config.dtype).' if scaled else ' Lower --config.optimizer.learning_rate or check the data.')

@@ -117,8 +117,8 @@ def make_train_step(built: Setup, mesh: Mesh, *, data: ml_collections.ConfigDict
         new_scale = loss_scaling.adjust(loss_scale, applied)
         # The schedule counts the updates made: the steps less those skipped.
         metrics['learning_rate'] = schedule(state.step - loss_scale.skipped_steps)
-        # A non-finite loss, or gradients that overflow float16 even unscaled, stop the loop.
-        metrics['finite'] = jnp.isfinite(value) & (new_scale.scale >= 1)
+        # A non-finite loss, or gradients that overflow float16 even unscaled (at a scale <= 1), stop the loop.
+        metrics['finite'] = jnp.isfinite(value) & (applied | (loss_scale.scale > 1))
         metrics['loss_scale'], metrics['skipped_steps'] = new_scale.scale, new_scale.skipped_steps
         return state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state,
                              loss_scale=new_scale), metrics
