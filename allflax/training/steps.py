@@ -13,7 +13,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from allflax import sharding
-from allflax.data import augment
+from allflax.data import augment, input_convention
 from allflax.training import loss_scale as loss_scaling
 from allflax.training import losses
 from allflax.training.state import Setup, TrainState
@@ -25,13 +25,14 @@ def make_train_step(built: Setup, mesh: Mesh, *, data: ml_collections.ConfigDict
     """Returns jitted `train_step(state, batch) -> (state, metrics)`; the state is donated.
 
     On device: augmentation (`data.augment`, `data.augment_params`) and normalisation
-    (`data.mean`, `data.std`), the model in `dtype`, the focal loss (the `loss` section), the
+    (`data.input_convention`), the model in `dtype`, the focal loss (the `loss` section), the
     optimiser update. Augmentation and dropout keys derive from `seed` and the step.
 
     With `accumulation_steps` k > 1 the batch's gradient is the mean of k micro-batches' (each
-    device takes every k-th of its rows), computed one after another: a batch too large for the
-    memory of the devices present takes the same update (batch norm then normalises over each
-    micro-batch, and dropout draws per micro-batch).
+    device takes every k-th of its rows), computed one after another, for a batch too large for
+    the memory of the devices present: the whole batch's update without batch norm or dropout
+    (tests/test_accumulation.py). Batch norm normalises by each micro-batch's statistics and
+    updates its running averages once per micro-batch; dropout draws per micro-batch.
 
     A float16 state (`state.ScaledTrainState`) trains with dynamic loss scaling (`loss_scale`): a
     step whose gradients overflow leaves params, optimiser state (its schedule's counts included)
@@ -59,7 +60,7 @@ def make_train_step(built: Setup, mesh: Mesh, *, data: ml_collections.ConfigDict
 
     def model_input(images, draws):
         images = augment.apply(images, draws, names, data.augment_params)
-        return augment.normalize(images, data.mean, data.std, dtype)
+        return input_convention.normalize(images, data, dtype)
 
     def whole(params, batch_stats, images, draws, labels, dropout_key, scale):
         return gradient_fn(params, batch_stats, model_input(images, draws), labels, dropout_key, scale)
@@ -137,7 +138,7 @@ def make_inference_step(body: Callable, built: Setup, mesh: Mesh, *, data: ml_co
 
     def step(state: TrainState, images):
         model = nnx.merge(parts.eval_graph, state.params, state.batch_stats, parts.rng_state)
-        return body(model, augment.normalize(images, data.mean, data.std, dtype))
+        return body(model, input_convention.normalize(images, data, dtype))
 
     batch = sharding.batch_sharding(mesh)
     return jax.jit(step, in_shardings=(built.state_sharding, batch), out_shardings=batch)
