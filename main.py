@@ -15,6 +15,7 @@ from absl import app, flags, logging
 from ml_collections import ConfigDict, config_flags
 
 from allflax import bundle, compare, evaluate, export, files, montecarlo, predict, runtime, train
+from allflax.data import membership
 from allflax.models import imagenet
 from allflax.training import checkpoints, run_guard
 from configs import common
@@ -40,7 +41,7 @@ flags.DEFINE_bool('gradcam', False, 'predict: also write Grad-CAM panels to <out
 def _config_of_run(workdir: str) -> ConfigDict:
     """--config if given, else the run's config.json, with sections added since it was written."""
     if FLAGS.config is not None:
-        return FLAGS.config
+        return train.resolve_input_convention(FLAGS.config)
     path = os.path.join(workdir, 'config.json')
     if not os.path.exists(path):
         raise FileNotFoundError(f'{path} not found: pass --config, or train into {workdir} first')
@@ -68,7 +69,8 @@ def _require(name: str):
 # Errors whose message says all a user needs: printed as one line, without a traceback.
 _ONE_LINE_ERRORS = (train.Interrupted, train.Diverged, run_guard.WorkdirBusyError, run_guard.ResumeMismatchError,
                     run_guard.ConfigError, FileNotFoundError, MissingFlag, checkpoints.CheckpointError,
-                    imagenet.WeightsUnavailableError, bundle.BundleError, files.OutputRefused)
+                    imagenet.WeightsUnavailableError, imagenet.InputConventionError, bundle.BundleError,
+                    files.OutputRefused, membership.SplitsChanged)
 
 
 def main(argv):

@@ -1,6 +1,7 @@
 """Two runs on the same images: is one better, or is the difference chance?
 
-Reads each run's `eval/<split>/predictions.csv` (written by evaluation), pairs the images,
+Reads each run's `eval/<split>/predictions.csv` (written by evaluation), refuses runs whose
+splits.json record other members of the split, pairs the images,
 and writes compare.json and compare.html: McNemar's exact test on the images one run gets
 right and the other wrong, and paired bootstrap intervals of the differences (patients, or images
 without patient ids, drawn within their class).
@@ -13,6 +14,8 @@ import os
 import numpy as np
 
 from allflax import files
+from allflax.data import membership
+from allflax.data.dataset import read_splits_json
 from allflax.evaluation import html, metrics, stats
 
 TITLE = 'Comparison of two runs'
@@ -64,6 +67,19 @@ def check_same_images(a: RunPredictions, b: RunPredictions):
             f'needs both runs evaluated on the same split of the same data (same data config and seed)')
 
 
+def check_same_members(workdirs: list[str], split_name: str):
+    """Refuses, in one line, runs whose splits.json record different members of the split: their
+    scores are on different images. Runs that record none are left to `check_same_images`."""
+    recorded = [read_splits_json(workdir) or {} for workdir in workdirs]
+    differing = membership.differing_members(*recorded, split_name)
+    if differing:
+        sizes = [len(r['members']['splits'][split_name]) for r in recorded]
+        raise membership.SplitsChanged(
+            f'runs {workdirs[0]} and {workdirs[1]} have different {split_name} members ({sizes[0]} and {sizes[1]}; '
+            f'{differing} in one run\'s {split_name} split and not the other\'s): a paired comparison needs both '
+            f'runs split alike on the same data')
+
+
 def compare(workdirs: list[str], split_name: str = 'test', output_dir: str = '.', *,
             samples: int = 1000, seed: int = 0) -> dict:
     """Compares run A = workdirs[0] with run B = workdirs[1]; differences are A − B."""
@@ -72,6 +88,7 @@ def compare(workdirs: list[str], split_name: str = 'test', output_dir: str = '.'
     json_path, html_path = os.path.join(output_dir, 'compare.json'), os.path.join(output_dir, 'compare.html')
     files.refuse_unless_replaceable(json_path, 'compare.json', _is_comparison)
     files.refuse_unless_replaceable(html_path, 'compare.html', html.page_titled(TITLE))
+    check_same_members(workdirs, split_name)
     a, b = (read_predictions(workdir, split_name) for workdir in workdirs)
     check_same_images(a, b)
     patients = stats.known_patients(a.patients)

@@ -27,7 +27,8 @@ from absl import logging
 from flax import nnx
 
 from allflax import bundle, model_card
-from allflax.data import augment, pipeline, preprocess, sources
+from allflax.data import input_convention, pipeline, preprocess, sources
+from allflax.data import splits as data_splits
 from allflax.data.dataset import Split, default_cache_dir
 from allflax.evaluation import calibration, inference, operating_point, plots
 from allflax.models import ops
@@ -78,7 +79,7 @@ def probability_function(restored: restore.Restored, *, data: ml_collections.Con
 
     def probabilities(tiles):
         model = nnx.merge(parts.eval_graph, params, batch_stats, parts.rng_state)
-        images = augment.normalize(tiles, data.mean, data.std, jnp.float32)
+        images = input_convention.normalize(tiles, data, jnp.float32)
         views = inference.dihedral_views(images) if tta else [images]
         # The views as one batch: one model in the program, not eight (eval mode: per image). Stacked, not
         # concatenated: jax2onnx 0.17.1 gives a concatenation of symbolic batches the first one's size.
@@ -170,10 +171,63 @@ def data_facts(data: ml_collections.ConfigDict, splits: dict, *, seed: int) -> d
             'facts': sources.describe(data, seed=seed).as_dict(),
             **({'variant': data.variant} if data.name == 'all_aria' else {}),
             'split': data.split,
+            'split_independence': split_independence(data.split, splits),
             'fold': None if data.fold < 0 else {'index': data.fold, 'count': data.num_folds},
             'splits': {name: {'images': split['num_examples'], 'patients': len(split.get('patients', [])),
                               'class_counts': split['class_counts']} for name, split in named.items()},
             'skipped_images': len(splits.get('skipped', []))}
+
+
+def split_independence(method: str, splits: dict) -> dict:
+    """Whether the run's split is patient-independent (`splits.split_independence`), from its
+    splits.json: the images without patient ids that it grouped, or (runs split before grouping
+    existed) its near-duplicate audit, which was written only for sets without patient ids."""
+    images = sum(split['num_examples'] for split in splits.values()
+                 if isinstance(split, dict) and 'num_examples' in split)
+    joined = splits.get('near_duplicate_groups')
+    if joined:
+        return data_splits.split_independence(method, joined['images_without_patient_id'], images)
+    return data_splits.split_independence(method, images if 'near_duplicates' in splits else 0, images, grouped=False)
+
+
+def training_facts(workdir: str, batch_size: int) -> dict | None:
+    """config.json's `derived` section (devices, micro-batches, the batch norm batch), where the run
+    recorded one."""
+    path = os.path.join(workdir, 'config.json')
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        derived = json.load(f).get('derived')
+    if not derived:
+        return None
+    return {'batch_size': batch_size, 'devices': derived['devices'], 'micro_batches': derived['micro_batches'],
+            'batch_norm_batch': derived['batch_norm_batch']}
+
+
+# Where --mode=montecarlo puts iteration i of a run W, and its summary (allflax/montecarlo.py).
+MONTECARLO_ITERATIONS, MONTECARLO_SUMMARY = 'mc', 'montecarlo.json'
+CARD_REPEATED_METRICS = ('accuracy', 'balanced_accuracy', 'f1_macro', 'roc_auc')
+
+
+def repeated_runs_facts(workdir: str) -> dict | None:
+    """For a workdir W/mc/<i> of a Monte Carlo run whose W/montecarlo.json exists: the iteration,
+    the methods and the summary (mean, s.d., both intervals) of CARD_REPEATED_METRICS, per image and
+    per patient where summarised."""
+    iterations, name = os.path.split(os.path.abspath(workdir))
+    run, folder = os.path.split(iterations)
+    path = os.path.join(run, MONTECARLO_SUMMARY)
+    if folder != MONTECARLO_ITERATIONS or not name.isdigit() or not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        summary = json.load(f)
+    if 'methods' not in summary:  # Written before the corrected interval: rerun --mode=montecarlo to update it.
+        return None
+    levels = {'cell_level': summary['metrics']}
+    if 'patient_level' in summary['metrics']:
+        levels['patient_level'] = summary['metrics']['patient_level']
+    return {'iterations': summary['iterations'], 'iteration': int(name), 'methods': summary['methods'],
+            'metrics': {level: {metric: values[metric] for metric in CARD_REPEATED_METRICS}
+                        for level, values in levels.items()}}
 
 
 def checkpoint_facts(workdir: str, step: int, named: bool) -> dict:
@@ -238,10 +292,10 @@ def read_test_predictions(workdir: str, class_names) -> tuple[list[dict], np.nda
     return rows, labels, probabilities
 
 
-def _test_tiles(config: ml_collections.ConfigDict, indices: list[int]) -> tuple[list | None, str]:
-    """The test split's tiles at `indices`, where they may be shown and are at hand: the synthetic
-    sets' own images, read from their cache. Real images stay out of the bundle: most sets' terms
-    forbid redistributing them."""
+def _test_tiles(config: ml_collections.ConfigDict, indices: list[int], workdir: str) -> tuple[list | None, str]:
+    """The test split's tiles at `indices` (the run's recorded test members), where they may be shown
+    and are at hand: the synthetic sets' own images, read from their cache. Real images stay out of
+    the bundle: most sets' terms forbid redistributing them."""
     data = config.data
     if data.name not in sources.synthetic.CLASS_NAMES:
         return None, ('none: the images of a real data set are not copied into a bundle (its terms may forbid '
@@ -251,18 +305,20 @@ def _test_tiles(config: ml_collections.ConfigDict, indices: list[int]) -> tuple[
                                           cache_dir=default_cache_dir(config))
     if not os.path.exists(cached):
         return None, 'none: the generated images were not in their cache at export'
-    test = pipeline.load(config).splits['test']  # RGB: data.preprocess applies to real sets only.
+    test = pipeline.load(config, recorded=restore.run_summary(workdir)['splits'], run=workdir, needed=['test'],
+                         action='export').splits['test']  # RGB: data.preprocess applies to real sets only.
     return [np.asarray(test.images[i]) for i in indices], 'the test tiles as the model saw them (synthetic images)'
 
 
 def confident_errors(config: ml_collections.ConfigDict, rows: list[dict], labels: np.ndarray,
-                     probabilities: np.ndarray, class_names, folder: str) -> dict:
+                     probabilities: np.ndarray, class_names, folder: str, workdir: str) -> dict:
     """The CONFIDENT_ERRORS test images predicted wrong with the highest probability: ids,
     classes, probability, and a thumbnail in `folder` where `_test_tiles` allows."""
     predicted = probabilities.argmax(axis=1)
     wrong = np.flatnonzero(predicted != labels)
     chosen = wrong[np.argsort(-probabilities[wrong, predicted[wrong]], kind='stable')][:CONFIDENT_ERRORS]
-    tiles, thumbnails = _test_tiles(config, [int(rows[i]['index']) for i in chosen]) if len(chosen) else (None, '')
+    tiles, thumbnails = _test_tiles(config, [int(rows[i]['index']) for i in chosen], workdir) if len(chosen) \
+        else (None, '')
     shown = []
     for rank, i in enumerate(chosen):
         thumbnail = None
@@ -289,6 +345,16 @@ def reliability_diagram(labels: np.ndarray, probabilities: np.ndarray, temperatu
             'temperature': float(temperature), 'bins': calibration.NUM_BINS}
 
 
+def input_convention_source(init_from: str) -> str:
+    """What chose the run's input convention, for the bundle's metadata and card ("chosen by ...")."""
+    if init_from == 'imagenet':
+        return 'the Keras ImageNet weights the run started from (model.init_from=imagenet)'
+    if init_from:
+        return (f'the record of the weights the run started from (model.init_from='
+                f'{os.path.basename(os.path.normpath(init_from))})')
+    return 'data.input_convention of a run trained from scratch (imagenet_mean_std unless set)'
+
+
 def evaluation_facts(workdir: str, checkpoint_step: int) -> dict | None:
     """eval/test/metrics.json, where --mode=eval (or training's end) wrote it for this checkpoint."""
     path = os.path.join(workdir, 'eval', 'test', 'metrics.json')
@@ -301,7 +367,8 @@ def evaluation_facts(workdir: str, checkpoint_step: int) -> dict | None:
                         path, values.get('checkpoint_step'), checkpoint_step)
         return None
     cell = {k: v for k, v in values.items()
-            if k not in ('patient_level', 'small_classes', 'calibration', 'tta', 'checkpoint_step', 'operating_point')}
+            if k not in ('patient_level', 'small_classes', 'calibration', 'tta', 'checkpoint_step', 'operating_point',
+                         'split_independence', 'input_convention')}
     calibration_values = {'ece': values['ece'], **values.get('calibration', {})}
     facts = {'split': 'test', 'checkpoint_step': checkpoint_step, 'test_time_augmentation': values.get('tta', False),
              'cell_level': cell, 'patient_level': values.get('patient_level'), 'calibration': calibration_values}
@@ -340,7 +407,7 @@ def export(config: ml_collections.ConfigDict, workdir: str, output: str, *, chec
             rows, labels, test_probabilities = read_test_predictions(workdir, list(class_names))
             evaluation['reliability_diagram'] = reliability_diagram(labels, test_probabilities, temperature, folder)
             evaluation['confident_errors'] = confident_errors(config, rows, labels, test_probabilities,
-                                                             list(class_names), folder)
+                                                             list(class_names), folder, workdir)
         data = data_facts(config.data, run['splits'], seed=config.seed)
         metadata = {
             'schema_version': bundle.SCHEMA_VERSION,
@@ -361,9 +428,8 @@ def export(config: ml_collections.ConfigDict, workdir: str, output: str, *, chec
             'preprocessing': {
                 'read': preprocess.READ_IMAGE,
                 'steps': preprocess.describe(config.data.preprocess, size),
-                'normalization': {'mean': list(config.data.mean), 'std': list(config.data.std),
-                                  'formula': '(x / 255 - mean) / std per RGB channel, in float32',
-                                  'applied_by': 'model'}},
+                'normalization': {**input_convention.of(config.data).describe(),
+                                  'chosen_by': input_convention_source(config.model.init_from), 'applied_by': 'model'}},
             'probability_rule': {
                 'description': ('sigmoid of each class logit / temperature, normalised to sum to 1 (the models are '
                                 'trained with a sigmoid focal loss)'
@@ -390,6 +456,8 @@ def export(config: ml_collections.ConfigDict, workdir: str, output: str, *, chec
             'config': without_machine_paths(json.loads(config.to_json_best_effort())),
             'data': data,
             'evaluation': evaluation,
+            **{key: value for key, value in (('training', training_facts(workdir, config.batch_size)),
+                                             ('repeated_runs', repeated_runs_facts(workdir))) if value is not None},
             'versions': {'allflax': allflax_version(), 'jax': jax.__version__, 'flax': flax.__version__,
                          'jax2onnx': importlib.metadata.version('jax2onnx'),
                          'onnx': importlib.metadata.version('onnx'), 'onnx_opset': ONNX_OPSET},

@@ -15,7 +15,10 @@ def _number(value) -> str:
 
 
 def _interval(values: dict, name: str) -> str:
-    interval = values.get('ci95', {}).get(name)
+    return _pair(values.get('ci95', {}).get(name))
+
+
+def _pair(interval) -> str:
     return f'{_number(interval[0])} – {_number(interval[1])}' if interval else '–'
 
 
@@ -101,6 +104,50 @@ def _checkpoint_line(metadata: dict) -> str:
     return line
 
 
+def training_line(training: dict | None) -> list[str]:
+    """How the batch was taken, and what batch norm normalised over: a batch in micro-batches is the
+    whole batch's update only without batch norm."""
+    if training is None:
+        return []
+    k = training['micro_batches']
+    taken = (f'{training["batch_size"]} images per step on {training["devices"]} device'
+             f'{"" if training["devices"] == 1 else "s"}'
+             + (f', as {k} micro-batches of {training["batch_size"] // k} (gradient accumulation)' if k > 1 else ''))
+    if training['batch_norm_batch'] is None:
+        return [f'- Training batch: {taken}; no batch norm.']
+    return [f'- Training batch: {taken}; batch norm normalised by the statistics of {training["batch_norm_batch"]} '
+            'images (one micro-batch, over all devices)'
+            + (' and updated its running averages once per micro-batch: not the whole batch\'s update.' if k > 1
+               else '.')]
+
+
+def _repeated_runs_section(repeated: dict | None) -> list[str]:
+    if repeated is None:
+        return []
+    methods = repeated['methods']
+    lines = ['### Over the Monte Carlo re-splits', '',
+             f'This model is iteration {repeated["iteration"]} of {repeated["iterations"]} re-splits (each with its '
+             'own seed, split and training). The test scores over all of them:', '']
+    for level, title in (('cell_level', 'per image'), ('patient_level', 'per patient')):
+        if level not in repeated['metrics']:
+            continue
+        lines += [f'| Metric ({title}) | Mean | s.d. | Mean: corrected t 95 % (1) | Runs: percentile range (2) |',
+                  '|---|---|---|---|---|']
+        lines += [f'| {name} | {_number(v["mean"])} | {_number(v["std"])} | '
+                  f'{_pair(v["corrected_t_interval_95"])} | {_pair(v["percentile_95"])} |'
+                  for name, v in repeated['metrics'][level].items()]
+        lines.append('')
+    return lines + [f'(1) {methods["corrected_t_interval_95"]}: the re-splits share most of their data, so the plain '
+                    f't-interval would be too narrow. (2) {methods["percentile_95"]}.', '']
+def _input_convention_line(normalization: dict) -> str:
+    """The input convention the model applies to its tiles (imagenet_mean_std in bundles that predate the record)."""
+    line = (f'- Input convention: `{normalization.get("convention", "imagenet_mean_std")}`, applied inside the model: '
+            f'{normalization["formula"]}, with mean {normalization["mean"]} and std {normalization["std"]}'
+            + (f', scale {normalization["scale"]:.6g}' if 'scale' in normalization else ''))
+    chosen_by = normalization.get('chosen_by')
+    return line + (f'. Chosen by {chosen_by}.' if chosen_by else '.')
+
+
 def decision_rule_line(rule: dict | None) -> str:
     if rule is None or rule['kind'] == 'argmax':
         return '- Decision rule: argmax, the class of highest probability; no threshold.'
@@ -184,7 +231,11 @@ def limitations(metadata: dict) -> list[str]:
         if evaluation['patient_level'] is None:
             found.append('No patient-level evaluation: the test images carry no patient identifiers, so the '
                          'intervals resample images, which understates their width when a patient has many.')
-    if data['split'] != 'patient':
+    independence = data.get('split_independence')
+    if independence and independence['level'] == 'image':
+        found.append(f'{independence["statement"][0].upper()}{independence["statement"][1:]}; this flatters the '
+                     'test metrics.')
+    elif data['split'] != 'patient':
         found.append(f'The split is by {data["split"]}, not by patient: cells of one patient may be in training '
                      'and test, which flatters the test metrics.')
     facts = data.get('facts') or {}
@@ -215,11 +266,12 @@ def render(metadata: dict) -> str:
               f'- Input: {metadata["input"]["dtype"]} tiles of shape (batch, {metadata["input"]["size"]}, '
               f'{metadata["input"]["size"]}, {metadata["input"]["channels"]}), {metadata["input"]["color"]}, values '
               f'{metadata["input"]["value_range"][0]}–{metadata["input"]["value_range"][1]}.',
+              _input_convention_line(metadata['preprocessing']['normalization']),
               f'- Output: {metadata["output"]["meaning"]}, classes in this order: '
               f'{", ".join(metadata["classes"])}.',
               f'- Probability rule: {rule["description"]} Temperature {rule["temperature"]:.4g} '
               f'({rule["temperature_source"]}).',
-              decision_rule_line(metadata.get('decision_rule')), '',
+              decision_rule_line(metadata.get('decision_rule')), *training_line(metadata.get('training')), '',
               *_facts_section(data),
               '## Training data and split', '',
               _split_sentence(data), '',
@@ -227,6 +279,8 @@ def render(metadata: dict) -> str:
     lines += [f'| {name} | {split["images"]} | {split["patients"]} | '
               f'{", ".join(f"{c} {n}" for c, n in split["class_counts"].items())} |'
               for name, split in data['splits'].items()]
+    if (data.get('split_independence') or {}).get('level') == 'image':
+        lines += ['', f'**{data["split_independence"]["statement"]}.**']
     if data.get('skipped_images'):
         lines += ['', f'{data["skipped_images"]} unreadable images were skipped.']
     lines += ['', '## Evaluation', '']
@@ -259,6 +313,7 @@ def render(metadata: dict) -> str:
             lines += ['', f'Reliability of the {diagram["split"]} split\'s probabilities as the bundle gives them '
                           f'(`{diagram["file"]}`, {diagram["bins"]} bins):', '', _image(diagram['file'])]
         lines += ['', *_errors_section(evaluation.get('confident_errors'))]
+    lines += ['', *_repeated_runs_section(metadata.get('repeated_runs'))]
     lines += ['', '## Limitations', '', *[f'- {line}' for line in limitations(metadata)], '',
               *_licence_section(metadata),
               '## How to run it', '',

@@ -10,7 +10,7 @@ import numpy as np
 
 from allflax import runtime, sharding
 from allflax import train
-from allflax.data import augment
+from allflax.data import augment, input_convention
 from allflax.models import ops
 from allflax.data.sources import fake_trees
 
@@ -54,11 +54,11 @@ def seconds(run: Callable[[int], object], repeats: int) -> list[float]:
 def device_augment_seconds(images: np.ndarray, config: ml_collections.ConfigDict, repeats: int) -> list[float]:
     """Seconds per batch of the compiled augmentation and normalisation of the train step."""
     names, params = tuple(config.data.augment), config.data.augment_params
+    data = train.resolve_input_convention(config).data
 
     @jax.jit
     def augment_batch(batch, key):
-        return augment.normalize(augment.augment(batch, key, names, params), config.data.mean,
-                                 config.data.std, config.dtype)
+        return input_convention.normalize(augment.augment(batch, key, names, params), data, config.dtype)
 
     images = jax.device_put(images)
     augment_batch(images, jax.random.key(0)).block_until_ready()  # Compiles.

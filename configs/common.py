@@ -7,19 +7,25 @@ DEMO = dict(image_size=64, batch_size=16, total_steps=800, num_images=2400, num_
 # `:gpu` and `:tpu`: bfloat16 compute and a global batch that keeps the accelerator busy (one
 # 80 GB GPU; a v2-8/v3-8 TPU, 32 per core). The learning rate stays the recipe's.
 # `max_device_batch`: more images per device than this are taken as micro-batches of a step
-# (gradient accumulation: the same update), e.g. 256 on one v5e chip's 16 GiB
-# (`python -m allflax.aot_check` measures what fits).
+# (gradient accumulation), e.g. 256 on one v5e chip's 16 GiB (`python -m allflax.aot_check`
+# measures what fits). The micro-batches' mean gradient is the whole batch's update for models
+# without batch norm (tests/test_accumulation.py); batch norm (EfficientNetV2, ResNet) normalises
+# by each micro-batch's statistics (over all devices: batch_size / micro-batches images) and
+# updates its running averages once per micro-batch, so `:tpu` on one chip (4 × 64) trains another
+# model than on 8 chips (1 × 256). config.json's `derived` section records that batch.
 # `checkpoint_every_steps`: a disconnect (Colab) loses at most ~10 minutes of a run, at a tenth of
 # the slowest roofline of the TPUs and GPUs the config was checked for (benchmarks/tpu_check,
 # benchmarks/gpu_check; benchmarks/RESULTS.md, "Checkpoints on Colab"); on the synthetic sets'
 # 300 to 1,050 steps the first checkpoint comes before half of the run.
 ACCELERATORS = {'gpu': dict(dtype='bfloat16', batch_size=128, max_device_batch=128, checkpoint_every_steps=100),
                 'tpu': dict(dtype='bfloat16', batch_size=256, max_device_batch=64, checkpoint_every_steps=100)}
-# After `gpu`, for GPUs that need other settings (`:gpu,t4`). A T4 (Turing) has no bfloat16 tensor
-# cores; its float16 ones would need dynamic loss scaling, which the train step does not have, so
-# it computes in float32 (8.1 TFLOP/s), in micro-batches that fit its 15 GiB. At a tenth of its
-# VGG19+MHSA roofline (72 images/s), 30 steps of 128 take 9 minutes.
-GPU_VARIANTS = {'t4': dict(dtype='float32', max_device_batch=64, checkpoint_every_steps=30)}
+# After `gpu`, for GPUs without bfloat16 (`:gpu,t4`). A T4 (Turing; Colab's free GPU, Kaggle's two)
+# computes in float16 on its tensor cores (65 TFLOP/s against 8.1 in float32), with dynamic loss
+# scaling (allflax/training/loss_scale.py). Kaggle's P100 (Pascal, no tensor cores) in float32, in
+# micro-batches that fit its 16 GB: at a tenth of its VGG19+MHSA roofline, 30 steps of 128 take
+# 8 minutes (benchmarks/RESULTS.md, "Checkpoints on Colab").
+GPU_VARIANTS = {'t4': dict(dtype='float16'),
+                'p100': dict(dtype='float32', max_device_batch=64, checkpoint_every_steps=30)}
 
 
 def base_config(*, model: str, data: str, image_size: int, batch_size: int, num_epochs: int,
@@ -74,12 +80,18 @@ def base_config(*, model: str, data: str, image_size: int, batch_size: int, num_
         'hed_scale': 0.05,
         'hed_shift': 0.01,
     })
-    # ImageNet statistics, as the Keras/torchvision backbones expect.
-    config.data.mean = (0.485, 0.456, 0.406)
+    # How uint8 RGB tiles become the model's input (allflax/data/input_convention.py), applied on device
+    # in training, evaluation, prediction and bundles alike. '' takes that of the weights model.init_from
+    # starts from, recorded with them: 'caffe' (BGR, ImageNet means subtracted from 0-255, no scaling)
+    # for Keras's VGG16/VGG19/ResNet, 'imagenet_mean_std' for EfficientNetV2 B0-B3, 'minus_one_to_one'
+    # (x/128 - 1) for EfficientNetV2-S; a value that contradicts them is refused. From scratch, '' is
+    # 'imagenet_mean_std': (x/255 - data.mean) / data.std, RGB. config.json holds the value used.
+    config.data.input_convention = ''
+    config.data.mean = (0.485, 0.456, 0.406)  # ImageNet's RGB mean and std: imagenet_mean_std only.
     config.data.std = (0.229, 0.224, 0.225)
 
     config.batch_size = batch_size  # Global, over all devices and hosts.
-    config.max_device_batch = 0  # > 0: a device's larger share of a batch runs as micro-batches.
+    config.max_device_batch = 0  # > 0: a device's larger share runs as micro-batches (batch norm: per micro-batch).
     config.num_epochs = num_epochs
     config.total_steps = 0  # > 0 overrides num_epochs.
     config.dtype = 'float32'  # Compute dtype; parameters stay float32.
@@ -93,7 +105,10 @@ def base_config(*, model: str, data: str, image_size: int, batch_size: int, num_
     config.optimizer.grad_clip_norm = 1.0
 
     config.loss = ml_collections.ConfigDict()
-    # A float, or one weight per class as a tuple: --config.loss.alpha='(0.3,0.2,0.2,0.3)'.
+    # Sigmoid focal loss: a float, or one value per class as a tuple (--config.loss.alpha='(0.3,0.2,0.2,0.3)').
+    # alpha[c] weighs class c's positives (its images) and 1 - alpha[c] its negatives (every other class's
+    # images: each class's logit is its own binary task). Not a class weight: raising alpha[c] also
+    # lowers the weight that class c's logit gives to all the other classes' images.
     config.loss.alpha = ml_collections.FieldReference(0.25, field_type=object)
     config.loss.gamma = 2.0
 

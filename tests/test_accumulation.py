@@ -1,10 +1,11 @@
-"""Gradient accumulation: a batch taken as micro-batches gives the full batch's update."""
+"""Gradient accumulation: without batch norm, a batch taken as micro-batches gives the full batch's
+update; with it, the batch that batch norm normalises over is recorded."""
 import jax
 import numpy as np
 import pytest
 
 from allflax import sharding, train
-from allflax.training import steps
+from allflax.training import loop, steps
 
 
 @pytest.mark.parametrize('max_device_batch, expected', [(0, 1), (8, 1), (4, 2), (3, 4), (1, 8)])
@@ -12,6 +13,18 @@ def test_accumulation_steps_divide_the_device_share(tiny_config, max_device_batc
     with tiny_config.unlocked():
         tiny_config.max_device_batch = max_device_batch
     assert train.accumulation_steps(tiny_config, num_devices=1) == expected  # 8 images on one device.
+
+
+@pytest.mark.parametrize('devices, batch_norm, expected', [
+    (1, True, {'devices': 1, 'device_batch': 256, 'micro_batches': 4, 'batch_norm_batch': 64}),  # One v5e chip.
+    (8, True, {'devices': 8, 'device_batch': 32, 'micro_batches': 1, 'batch_norm_batch': 256}),  # A v5e-8 host.
+    (2, True, {'devices': 2, 'device_batch': 128, 'micro_batches': 2, 'batch_norm_batch': 128}),
+    (1, False, {'devices': 1, 'device_batch': 256, 'micro_batches': 4, 'batch_norm_batch': None})])
+def test_the_batch_norm_batch_is_one_micro_batch_over_all_devices(tiny_config, devices, batch_norm, expected):
+    """`:tpu`'s batch 256 with at most 64 images per device per pass."""
+    with tiny_config.unlocked():
+        tiny_config.batch_size, tiny_config.max_device_batch = 256, 64
+    assert loop.derived_batches(tiny_config, devices, batch_norm) == expected
 
 
 # Each micro-batch is augmented in its turn, with its rows of the batch's draws. Every op but
@@ -30,7 +43,8 @@ def test_micro_batches_give_the_full_batch_update(tiny_config):
     results = {}
     for k in (1, 4):
         built = train.build(tiny_config, 4, 10, mesh, load_pretrained=False)
-        step = steps.make_train_step(built, mesh, data=tiny_config.data, loss=tiny_config.loss,
+        data = train.resolve_input_convention(tiny_config).data
+        step = steps.make_train_step(built, mesh, data=data, loss=tiny_config.loss,
                                      dtype=tiny_config.dtype, seed=tiny_config.seed, accumulation_steps=k)
         state, metrics = step(built.state, sharding.put_batch(batch, sharding.batch_sharding(mesh)))
         state, _ = step(state, sharding.put_batch(batch, sharding.batch_sharding(mesh)))

@@ -174,19 +174,39 @@ def test_odd_image_modes_are_converted(tmp_path):
     assert len(tiles) == 12 and {tile.shape for tile in tiles} == {(SIZE, SIZE, 3)}
 
 
-def test_all_aria_near_duplicates_across_splits_are_reported(tmp_path):
+def _all_aria_with_copies(tmp_path):
     root = fake_trees.make_all_aria_tree(str(tmp_path / 'data'), images_per_class=8, size=SIZE)
     original = os.path.join(root, 'Original', 'Benign', 'WBC-Benign-001.jpg')
     copies = [original]
     for folder in ('Early', 'Pre', 'Pro'):  # The same cell filed under every class: a labelling slip.
         copies.append(os.path.join(root, 'Original', folder, f'WBC-copy-{folder}.jpg'))
         shutil.copy(original, copies[-1])
-    config = _config('all_aria', root, tmp_path / 'cache')
+    return root, copies
+
+
+def test_all_aria_near_duplicates_are_kept_in_one_split(tmp_path):
+    """No patient ids: the copies are one near-duplicate group, which the split keeps together."""
+    root, copies = _all_aria_with_copies(tmp_path)
+    dataset = pipeline.load(_config('all_aria', root, tmp_path / 'cache'), str(tmp_path / 'work'))
+    split_of = {path: name for name, split in dataset.splits.items() for path in split.paths}
+    assert len({split_of[path] for path in copies}) == 1
+    summary = json.load(open(tmp_path / 'work' / 'splits.json'))
+    joined = summary['near_duplicate_groups']
+    assert joined['max_distance'] == 4 and joined['images_without_patient_id'] == len(split_of) == 4 * 8 + 3
+    # The 4 copies are one group of 6 pairs (distance 0); the fake tree's cells are otherwise distinct.
+    assert (joined['groups_joined'], joined['images_joined'], joined['pairs']) == (1, 4, 6)
+    assert summary['near_duplicates'] == []  # The audit across splits finds none left.
+
+
+def test_all_aria_near_duplicates_across_random_splits_are_reported(tmp_path):
+    root, copies = _all_aria_with_copies(tmp_path)
+    config = _config('all_aria', root, tmp_path / 'cache', split='random')
     dataset = pipeline.load(config, str(tmp_path / 'work'))
     split_of = {path: name for name, split in dataset.splits.items() for path in split.paths}
     expected = {frozenset((a, b)) for a in copies for b in copies if split_of[a] != split_of[b]}
     assert expected, 'the copies all landed in one split; pick another seed'
     summary = json.load(open(tmp_path / 'work' / 'splits.json'))
+    assert 'near_duplicate_groups' not in summary  # data.split='random' splits images on purpose.
     reported = {frozenset(image['path'] for image in pair['images']) for pair in summary['near_duplicates']}
     assert reported == expected
     for pair in summary['near_duplicates']:

@@ -72,7 +72,8 @@ def test_eval_refuses_non_finite_probabilities(tmp_path):
     with pytest.raises(ValueError, match='step 7 predicts non-finite probabilities for 4 of 4 images of test'):
         results.evaluate_state(lambda state, x: jnp.full((x.shape[0], 2), jnp.nan), None, dataset, 'test',
                                sharding.make_mesh(), str(tmp_path), options=common.eval_config(), batch_size=4,
-                               seed=0, checkpoint_step=7)
+                               seed=0, split_method='patient', checkpoint_step=7,
+                               input_convention='imagenet_mean_std')
 
 
 @pytest.mark.parametrize('name, code', [('SIGTERM', 143), ('SIGINT', 130)])

@@ -11,17 +11,19 @@ import shutil
 
 import cv2
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.stats
 from absl import flags
 
 import main
-from allflax import compare, montecarlo, train
+from allflax import compare, montecarlo, sharding, train
 from allflax.data import pipeline
 from allflax.data.dataset import Dataset, Split
-from allflax.evaluation import inference, results
+from allflax.evaluation import inference, report, results
 from allflax.training import loop, restore
+from configs import common
 
 PLOTS = ('confusion_matrix.png', 'roc.png', 'pr.png', 'calibration.png', 'training_curves.png')
 
@@ -68,6 +70,8 @@ def test_training_ends_with_intervals_patients_predictions_and_tensorboard(tiny_
     exact = scipy.stats.binomtest(right, len(test_patients)).proportion_ci(method='exact')
     assert patient['ci95']['accuracy'] == pytest.approx([exact.low, exact.high])
     assert set(values['small_classes']) <= set(values['class_names'])
+    assert values['split_independence'] == {'method': 'patient', 'level': 'patient',
+                                            'statement': "patient-level split: each patient's images are in one split"}
     rows = read_csv(os.path.join(workdir, 'eval', 'test', 'predictions.csv'))
     assert len(rows) == values['num_examples']
     class_names = values['class_names']
@@ -118,6 +122,8 @@ def test_eval_mode_writes_the_report(tiny_run, monkeypatch):
     assert 'Grad-CAM at block5_conv4 (2×2' in page and 'self-attention received (1×1' in page
     assert f'Clopper-Pearson exact, {after_training["patient_level"]["num_examples"]} patients' in page
     assert 'stratified patient bootstrap (patients drawn within their class)' in page
+    assert "<td>Split unit</td><td>patient-level split: each patient&#x27;s images are in one split</td>" in page
+    assert 'class="warning">image-level' not in page
     for name in after_training['small_classes']:
         assert f'{name} ({after_training["small_classes"][name]} patient' in page
 
@@ -137,7 +143,8 @@ def test_eval_with_test_time_augmentation_and_temperature_scaling(tiny_run, tmp_
     output = str(tmp_path / 'tta')
     values, predictions = results.evaluate_state(restored.eval_step, restored.state, small, 'test', restored.mesh,
                                                  output, options=config.eval, batch_size=config.batch_size,
-                                                 seed=config.seed, checkpoint_step=restored.step)
+                                                 seed=config.seed, split_method=config.data.split,
+                                                 checkpoint_step=restored.step, input_convention='imagenet_mean_std')
     assert values['tta'] and predictions.logits.shape == (8, 8, 4)
     # The eight views of an image are the eight views of its mirror image: the same average.
     mirrored = Dataset({'test': Split(small.splits['test'].images[:, :, ::-1], small.splits['test'].labels,
@@ -150,6 +157,28 @@ def test_eval_with_test_time_augmentation_and_temperature_scaling(tiny_run, tmp_
     with open(os.path.join(output, 'eval', 'temperature.json')) as f:
         assert json.load(f) == {'temperature': calibration['temperature'], 'checkpoint_step': 6}
     assert os.path.exists(os.path.join(output, 'eval', 'test', 'predictions.csv'))
+
+
+@pytest.mark.parametrize('patients, method, level', [(['a', 'b', 'c', 'd'], 'patient', 'patient'),
+                                                      (['', '', '', ''], 'patient', 'image'),
+                                                      (['a', 'b', 'c', 'd'], 'random', 'image')])
+def test_metrics_json_says_whether_the_split_is_patient_independent(tmp_path, patients, method, level):
+    split = Split(np.zeros((4, 8, 8, 3), np.uint8), np.array([0, 1, 0, 1]), np.array(patients))
+    dataset = Dataset({'test': split, 'val': split}, ('x', 'y', 'z'))
+    config = common.eval_config()
+    with config.unlocked():
+        config.bootstrap_samples = 20
+    results.evaluate_state(lambda state, x: jnp.tile(jnp.array([[1.0, 0.0, -1.0]]), (x.shape[0], 1)), None, dataset,
+                           'test', sharding.make_mesh(), str(tmp_path), options=config, batch_size=4, seed=0,
+                           split_method=method, checkpoint_step=1)
+    with open(tmp_path / 'eval' / 'test' / 'metrics.json') as f:
+        written = json.load(f)['split_independence']
+    assert (written['method'], written['level']) == (method, level)
+    assert written['statement'].startswith('image-level split: not patient-independent' if level == 'image'
+                                           else 'patient-level split')
+    warning = report.split_warning({'split_independence': written})  # The report's banner.
+    assert (warning == '') == (level == 'patient')
+    assert level == 'patient' or warning.startswith('<p class="warning">image-level split: not patient-independent: ')
 
 
 def _write_images(folder, tiles):
@@ -241,11 +270,24 @@ def test_montecarlo_completes_and_resumes(make_tiny_config, tmp_path, monkeypatc
     assert summary['iterations'] == 2 and summary['seeds'] == [0, 1]
     accuracy = summary['metrics']['accuracy']
     assert accuracy['n'] == 2 and accuracy['mean'] == pytest.approx(np.mean(summary['per_iteration']['accuracy']))
-    assert accuracy['t_interval_95'][0] <= accuracy['mean'] <= accuracy['t_interval_95'][1]
+    # The corrected resampled t-interval over patients, from the iterations' own splits.json.
+    with open(os.path.join(workdir, 'mc', '0', 'splits.json')) as f:
+        sizes = json.load(f)
+    n_test, n_train = len(sizes['test']['patients']), len(sizes['train']['patients'])
+    assert summary['methods']['unit'] == 'patients' and (summary['methods']['n_test'], summary['methods']['n_train']) \
+        == (n_test, n_train)
+    runs = summary['per_iteration']['accuracy']
+    half = scipy.stats.t.ppf(0.975, 1) * np.sqrt((1 / 2 + n_test / n_train) * np.var(runs, ddof=1))
+    assert accuracy['corrected_t_interval_95'] == pytest.approx([np.mean(runs) - half, np.mean(runs) + half])
     assert 'patient_level' in summary['metrics']
     assert os.path.getsize(os.path.join(workdir, 'montecarlo.png')) > 1000
+    with open(os.path.join(workdir, 'montecarlo.html')) as f:
+        page = f.read()
+    assert 'Nadeau and Bengio' in page and 'percentile range' in page and 'data:image/png' in page
     with open(os.path.join(workdir, 'mc', '1', 'config.json')) as f:
-        assert json.load(f)['seed'] == 1
+        saved = json.load(f)
+    assert saved['seed'] == 1  # VGG19+MHSA has no batch norm; one device takes the batch of 8 at once.
+    assert saved['derived'] == {'devices': 1, 'device_batch': 8, 'micro_batches': 1, 'batch_norm_batch': None}
 
     calls = []
     original = loop.train_and_evaluate

@@ -52,9 +52,11 @@ def train_and_export(config, folder):
 @pytest.fixture(scope='module')
 def vgg_bundle(make_tiny_config, tmp_path_factory):
     """A tiny VGG19+MHSA run of 2 steps, evaluated with test-time augmentation and a fitted
-    temperature (so the bundle carries both), and its bundle."""
+    temperature (so the bundle carries both), and its bundle. From scratch on the caffe input
+    convention (that of Keras's VGG weights), which the B3 bundle's imagenet_mean_std complements."""
     config = make_tiny_config()
     with config.unlocked():
+        config.data.input_convention = 'caffe'
         config.total_steps = config.eval_every_steps = config.checkpoint_every_steps = 2  # One save, one eval.
         config.eval.tta = True
         config.eval.temperature_scaling = True
@@ -109,7 +111,10 @@ def view_logits(forward, tiles, normalization, tta):
     """(views, N, classes): the logits of uint8 `tiles` normalised as metadata.json says, as they
     are and, with `tta`, in the 7 other symmetries of a square."""
     mean, std = np.float32(normalization['mean']), np.float32(normalization['std'])
-    images = (np.asarray(tiles, np.float32) / 255 - mean) / std
+    pixels = np.asarray(tiles, np.float32)
+    if normalization['channel_order'] == 'BGR':
+        pixels = pixels[..., [2, 1, 0]]
+    images = (pixels * np.float32(normalization['scale']) - mean) / std
     views = [np.rot90(oriented, k, axes=(1, 2)) for oriented in (images, images.transpose(0, 2, 1, 3))
              for k in range(4)]
     return np.stack([forward(np.ascontiguousarray(view)) for view in (views if tta else views[:1])])
@@ -140,6 +145,15 @@ def test_bundle_predicts_as_the_checkpoint(recipe, request):
     splits = pipeline.load(config).splits
     test = splits['test']
     rule = metadata['probability_rule']
+    # The run's input convention: Keras's caffe constants for VGG (keras.applications.vgg19.preprocess_input),
+    # (x/255 - ImageNet mean) / std for B3.
+    normalization = metadata['preprocessing']['normalization']
+    expected_normalization = {
+        'caffe': {'channel_order': 'BGR', 'scale': 1.0, 'mean': [103.939, 116.779, 123.68], 'std': [1.0] * 3},
+        'imagenet_mean_std': {'channel_order': 'RGB', 'scale': 1 / 255, 'mean': [0.485, 0.456, 0.406],
+                              'std': [0.229, 0.224, 0.225]}}[normalization['convention']]
+    assert normalization['convention'] == ('caffe' if recipe == 'vgg_bundle' else 'imagenet_mean_std')
+    assert {key: normalization[key] for key in expected_normalization} == expected_normalization
     views = view_logits(checkpoint_forward(config, workdir, config.total_steps, len(class_names)), test.images,
                         metadata['preprocessing']['normalization'], rule['test_time_augmentation'])
     expected = probabilities_by_rule(views, rule['temperature'])
@@ -183,6 +197,8 @@ def test_bundle_predicts_as_the_checkpoint(recipe, request):
     with open(os.path.join(workdir, 'eval', 'test', 'metrics.json')) as f:
         evaluated = json.load(f)
     assert f'| Clopper-Pearson exact, {len(set(test.patients))} patients |' in card
+    assert evaluated['input_convention'] == normalization['convention'] == config.data.input_convention
+    assert f'- Input convention: `{normalization["convention"]}`, applied inside the model: ' in card
     assert metadata['evaluation'].get('small_classes') == evaluated['small_classes']
     assert 'small_classes' not in metadata['evaluation']['cell_level']
     for name, patients in evaluated['small_classes'].items():
@@ -410,6 +426,13 @@ def test_the_bundle_answers_the_card_from_the_run_and_names_no_local_path(recipe
 
     assert metadata['data']['facts'] == sources.describe(config.data, seed=config.seed).as_dict()
     assert metadata['data']['fold'] is None
+    assert metadata['data']['split_independence']['level'] == 'patient'  # Synthetic sets have patient ids.
+    # One device takes the batch of 8 at once; batch norm (B3) normalises over those 8 images.
+    batch_norm = 8 if len(metadata['classes']) == 2 else None
+    assert metadata['training'] == {'batch_size': 8, 'devices': 1, 'micro_batches': 1, 'batch_norm_batch': batch_norm}
+    assert ('- Training batch: 8 images per step on 1 device; '
+            + ('batch norm normalised by the statistics of 8 images (one micro-batch, over all devices).'
+               if batch_norm else 'no batch norm.')) in texts['MODEL_CARD.md'].decode()
     with open(os.path.join(workdir, 'eval', 'test', 'metrics.json')) as f:
         point = json.load(f).get('operating_point')
     if len(metadata['classes']) == 2:  # B3+SE on synthetic_cnmc: the operating point chosen on val.
@@ -479,6 +502,57 @@ def test_the_card_of_a_fold_run_names_its_fold(vgg_bundle):
     assert card.splitlines()[0].endswith(', fold 1 of 3')
     assert 'k-fold by patient: this model is fold 1 of 3 (data.fold=1, folds numbered 0–2)' in card
     assert 'The test split (fold 1 of 3; ' in card and 'The split is by' not in card
+
+
+def test_the_card_says_what_the_split_and_the_micro_batches_were(vgg_bundle):
+    """Image-level splits (no patient ids, or data.split='random') and batch norm over micro-batches, as export
+    reads them from splits.json and config.json's `derived`, without a training."""
+    config, workdir, output, _ = vgg_bundle
+    with open(os.path.join(workdir, 'splits.json')) as f:
+        splits = json.load(f)
+    no_ids = dict(splits, near_duplicate_groups={'max_distance': 4, 'images_without_patient_id': 150, 'pairs': 2,
+                                                 'groups_joined': 1, 'images_joined': 3})
+    random_split = config.copy_and_resolve_references()
+    with random_split.unlocked():
+        random_split.data.split = 'random'
+    for data, reason in [(export.data_facts(config.data, no_ids, seed=0),
+                          f'150 of {sum(splits[n]["num_examples"] for n in ("train", "val", "test"))} images have no '
+                          'patient id; near-duplicate images (perceptual hash within 4 bits) were kept in one split'),
+                         (export.data_facts(random_split.data, splits, seed=0), "data.split='random' splits images")]:
+        metadata = dict(bundle.read_metadata(output), data=data,
+                        training={'batch_size': 256, 'devices': 1, 'micro_batches': 4, 'batch_norm_batch': 64})
+        bundle.validate(metadata, 'metadata.json')
+        card = model_card.render(metadata)
+        statement = f'image-level split: not patient-independent: {reason}'
+        assert f'**{statement}' in card and f'- I{statement[1:]}' in card  # Training data; limitations.
+        assert ('- Training batch: 256 images per step on 1 device, as 4 micro-batches of 64 (gradient accumulation); '
+                'batch norm normalised by the statistics of 64 images (one micro-batch, over all devices) and updated '
+                "its running averages once per micro-batch: not the whole batch's update.") in card
+
+
+def test_the_card_of_a_monte_carlo_iteration_names_both_intervals(vgg_bundle, tmp_path):
+    _, _, output, _ = vgg_bundle
+    iteration = tmp_path / 'W' / 'mc' / '3'
+    iteration.mkdir(parents=True)
+    scores = {'n': 5, 'mean': 0.93, 'std': 0.0158, 'percentile_95': [0.911, 0.949],
+              'corrected_t_interval_95': [0.899817, 0.960183]}
+    summary = {'iterations': 5, 'seeds': [0, 1, 2, 3, 4],
+               'methods': {'corrected_t_interval_95': 'corrected resampled t (Nadeau and Bengio 2003) of the mean',
+                           'percentile_95': 'percentile range (2.5-97.5 %) of the runs', 'unit': 'patients',
+                           'n_test': 3.0, 'n_train': 11.0, 'test_train_ratio': 3 / 11},
+               'metrics': {name: scores for name in ('accuracy', 'balanced_accuracy', 'f1_macro', 'roc_auc', 'ece')}}
+    assert export.repeated_runs_facts(str(iteration)) is None  # No montecarlo.json yet.
+    (tmp_path / 'W' / 'montecarlo.json').write_text(json.dumps(summary))
+    repeated = export.repeated_runs_facts(str(iteration))
+    assert (repeated['iteration'], repeated['iterations']) == (3, 5) and list(repeated['metrics']) == ['cell_level']
+    assert export.repeated_runs_facts(str(tmp_path / 'W')) is None  # The Monte Carlo run's own folder: no model.
+    metadata = dict(bundle.read_metadata(output), repeated_runs=repeated)
+    bundle.validate(metadata, 'metadata.json')
+    card = model_card.render(metadata)
+    assert 'This model is iteration 3 of 5 re-splits' in card
+    assert '| accuracy | 0.9300 | 0.0158 | 0.8998 – 0.9602 | 0.9110 – 0.9490 |' in card
+    assert '(1) corrected resampled t (Nadeau and Bengio 2003) of the mean' in card
+    assert '(2) percentile range (2.5-97.5 %) of the runs' in card
 
 
 def test_paths_of_the_exporting_machine_are_cut_to_what_a_reader_can_use():

@@ -78,7 +78,8 @@ def served_vgg19(server, vgg19_notop, monkeypatch):
     body, values = vgg19_notop
     server.files[f'/mirror/{VGG19_FILE}'] = body
     real = imagenet.KERAS_WEIGHTS['vgg19']
-    monkeypatch.setitem(imagenet.KERAS_WEIGHTS, 'vgg19', imagenet.WeightFile(real.url, hashlib.md5(body).hexdigest()))
+    monkeypatch.setitem(imagenet.KERAS_WEIGHTS, 'vgg19', imagenet.WeightFile(real.url, hashlib.md5(body).hexdigest(),
+                                                                          real.input_convention))
     return server, values
 
 
@@ -98,6 +99,10 @@ def test_fetches_once_converts_once_and_initialises_the_paper_model(served_vgg19
     assert imagenet.imagenet_params('vgg19_mhsa', str(tmp_path)) == directory
     assert len(server.requests) == 1
     assert imagenet.resolve_init_from('/some/params', 'vgg19_mhsa', str(tmp_path)) == '/some/params'
+    # Recorded with the converted weights: Keras's caffe convention of its VGG weights, which a run from the
+    # directory takes (tests/test_input_convention.py checks it against keras.applications.vgg19).
+    assert keras_weights.read_sidecar(directory)['input_convention'] == 'caffe'
+    assert imagenet.input_convention_of_run(directory, 'vgg19_mhsa', '') == 'caffe'
 
     model = nnx.eval_shape(lambda: models.create('vgg19_mhsa', 4, image_size=32))
     report = keras_weights.init_from(model, directory)
@@ -128,7 +133,7 @@ def test_a_failed_conversion_leaves_no_directory_and_the_next_reuses_the_downloa
 def test_wrong_hash_names_the_url_and_manual_route_and_keeps_nothing(served_vgg19, tmp_path, monkeypatch):
     server, _ = served_vgg19
     real = imagenet.KERAS_WEIGHTS['vgg19']
-    monkeypatch.setitem(imagenet.KERAS_WEIGHTS, 'vgg19', imagenet.WeightFile(real.url, '0' * 32))
+    monkeypatch.setitem(imagenet.KERAS_WEIGHTS, 'vgg19', imagenet.WeightFile(real.url, '0' * 32, real.input_convention))
     url = f'{server.url}/{VGG19_FILE}'
     with pytest.raises(imagenet.WeightsUnavailableError, match='the download has hash') as error:
         imagenet.imagenet_params('vgg19_mhsa', str(tmp_path), base_url=server.url)

@@ -9,6 +9,7 @@ import pytest
 import scipy.stats
 
 from allflax import bundle, model_card
+from allflax.data import input_convention
 from allflax.evaluation import stats
 
 SAMPLES = 100  # Enough to compare percentiles value for value.
@@ -217,6 +218,7 @@ def test_card_states_methods_and_small_classes_and_the_schema_takes_them():
         'versions': {'allflax': 'test', 'jax': '-', 'flax': '-'},
         'input': {'dtype': 'uint8', 'size': 8, 'channels': 3, 'color': 'RGB', 'value_range': [0, 255], 'name': 'image'},
         'output': {'meaning': 'p'}, 'formats': {'stablehlo': {'platforms': ['cpu']}},
+        'preprocessing': {'normalization': input_convention.convention('imagenet_mean_std').describe()},
         'probability_rule': {'description': 'softmax.', 'temperature': 1.0, 'temperature_source': 'none'},
         'data': {'name': 'synthetic_all4', 'synthetic': True, 'split': 'patient',
                  'splits': {'test': {'images': len(labels), 'patients': 7, 'class_counts': {}}}},

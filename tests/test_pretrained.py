@@ -22,7 +22,8 @@ def test_b3_notop_file_initialises_b3_se_and_freezes_the_backbone_first(tmp_path
     # What `python -m allflax.models.keras_weights --model=efficientnetv2_b3 --keras=... --output=...` does.
     backbone = models.create('efficientnetv2_b3', 0, include_top=False)
     assert keras_weights.load_keras(backbone, keras_file).missing == []
-    keras_weights.save_params(backbone, str(tmp_path / 'params'), model_name='efficientnetv2_b3')
+    keras_weights.save_params(backbone, str(tmp_path / 'params'), model_name='efficientnetv2_b3',
+                              input_convention='imagenet_mean_std')
 
     config = efficientnetv2_b3_se.get_config('demo')
     with config.unlocked():

@@ -1,12 +1,13 @@
 """Training end to end on real on-disk layouts (tiny fake trees): listing, tile cache, patient
 split, Grain (with worker processes too), paper 2's augmentation in the step, checkpoint, test."""
+import csv
 import json
 import os
 
 from absl import flags
 
 from allflax.data.sources import fake_trees
-from allflax import train
+from allflax import evaluate, train
 from allflax.training import checkpoints
 from configs import efficientnetv2_b3_se, vgg19_mhsa
 
@@ -40,7 +41,18 @@ def test_cnmc2019_trains_with_paper_2s_augmentation(tmp_path):
     config = _config('cnmc2019', tree, tmp_path / 'cache',
                      augment=efficientnetv2_b3_se.get_config().data.augment)
     workdir = str(tmp_path / 'run')
-    _check_run(workdir, train.train_and_evaluate(config, workdir))
+    result = train.train_and_evaluate(config, workdir)
+    _check_run(workdir, result)
+    # A patient added to data.dir after training: --mode=eval scores the run's recorded test members,
+    # the very images training's own test evaluation scored.
+    cell = fake_trees.generated_cells('synthetic_cnmc', 1, 48, 7)[1][0]
+    fake_trees.write_image(os.path.join(tree, 'training_data', 'fold_0', 'all', 'UID_77_1_1_all.bmp'), cell)
+    values = evaluate.evaluate(config, workdir, with_report=False)
+    with open(os.path.join(workdir, 'splits.json')) as f:
+        members = json.load(f)['members']['splits']['test']
+    with open(os.path.join(workdir, 'eval', 'test', 'predictions.csv'), newline='') as f:
+        assert [row['image_id'] for row in csv.DictReader(f)] == [os.path.join(tree, m['path']) for m in members]
+    assert values['accuracy'] == result['accuracy'] and values['num_examples'] == result['num_examples']
 
 
 def test_all_aria_trains_from_grain_worker_processes(tmp_path):

@@ -215,18 +215,28 @@ def test_k_fold_with_two_folds_and_train_val_fractions_alone():
         splits.make_splits(labels, patients, method="patient", fractions=fractions, seed=0, fold=0, num_folds=2)
 
 
-def test_official_split_has_no_folds_and_warns_of_patients_on_both_sides(caplog):
+def test_official_split_has_no_folds_and_leaves_out_patients_on_both_sides(caplog):
     labels, patients = _dataset(num_patients=20, num_classes=2)
     official = np.isin(patients, ["P000", "P001"])
-    official[np.flatnonzero(patients == "P002")[:1]] = True  # One image of P002 in the official test set.
+    p002 = np.flatnonzero(patients == "P002")
+    official[p002[:1]] = True  # One image of P002 in the official test set, its others in the training folds.
+    official[np.flatnonzero(patients == "P003")[:2]] = True  # And two of P003's.
     with pytest.raises(ValueError, match="set data.fold=-1"):
         splits.make_splits(labels, patients, method="official", fractions=FRACTIONS, seed=0, fold=0,
                            official_test=official)
     result = splits.make_splits(labels, patients, method="official", fractions=FRACTIONS, seed=0,
                                 official_test=official)
-    _assert_partition(result, labels)
+    # By hand: the training-fold images of P002 and P003, neither in train nor in val.
+    left_out = np.sort(np.concatenate([p002[1:], np.flatnonzero(patients == "P003")[2:]]))
+    assert len(left_out) == (patients == "P002").sum() + (patients == "P003").sum() - 3 > 0
+    np.testing.assert_array_equal(splits.official_overlap(patients, official), left_out)
+    np.testing.assert_array_equal(result["test"], np.flatnonzero(official))
+    np.testing.assert_array_equal(np.sort(np.concatenate([result["train"], result["val"]])),
+                                  np.setdiff1d(np.flatnonzero(~official), left_out))
+    assert not {"P002", "P003"} & set(patients[np.concatenate([result["train"], result["val"]])])
     warnings = [record.getMessage() for record in caplog.records if "official" in record.getMessage()]
-    assert len(warnings) == 1 and "P002" in warnings[0] and "P000" not in warnings[0] and "P001" not in warnings[0]
+    assert len(warnings) == 1 and "P002, P003" in warnings[0] and f"their {len(left_out)} training-fold" in warnings[0]
+    assert "P000" not in warnings[0] and "P001" not in warnings[0]
 
 
 def test_describe_counts_classes_a_split_lacks():
@@ -243,3 +253,71 @@ def test_mismatched_or_non_vector_labels_are_refused():
     with pytest.raises(ValueError, match="equal-length vectors"):
         splits.patient_split(np.zeros((2, 3), int), np.full((2, 3), "a"), FRACTIONS, seed=0)
 
+
+
+def _components_by_a_plain_loop(hashes, max_distance):
+    """Each image's smallest connected index, by repeated relaxation over all pairs."""
+    label = list(range(len(hashes)))
+    changed = True
+    while changed:
+        changed = False
+        for a in range(len(hashes)):
+            for b in range(len(hashes)):
+                if bin(hashes[a] ^ hashes[b]).count("1") <= max_distance and label[b] < label[a]:
+                    label[a], changed = label[b], True
+    return label
+
+
+def test_near_duplicate_groups_join_chains_across_blocks():
+    # 300 random hashes, with a chain 3 -> 150 -> 299 (each link 2-4 bits, the ends up to 8 apart), a
+    # pair 10 -> 11 at 0 bits and a near miss 20 -> 21 at 5 bits; blocks of 16 rows (4,800 distances).
+    rng = np.random.default_rng(1)
+    hashes = [int(h) for h in rng.integers(0, 2**64, size=300, dtype=np.uint64)]
+    for first, second, bits in [(3, 150, 4), (150, 299, 2), (10, 11, 0), (20, 21, 5)]:
+        hashes[second] = hashes[first] ^ sum(1 << int(b) for b in rng.choice(64, bits, replace=False))
+    groups, pairs = splits.near_duplicate_groups(hashes, max_block_entries=16 * 300)
+    reference = _components_by_a_plain_loop(hashes, 4)
+    # The same partition as the plain loop: equal labels exactly where the loop's are equal.
+    np.testing.assert_array_equal(groups[:, None] == groups[None, :],
+                                  np.equal.outer(reference, reference))
+    assert groups[3] == groups[150] == groups[299] and groups[10] == groups[11] and groups[20] != groups[21]
+    assert pairs == sum(bin(hashes[a] ^ hashes[b]).count("1") <= 4 for a in range(300) for b in range(a + 1, 300))
+    assert len(set(groups.tolist())) == 300 - 3
+
+
+def test_images_without_patient_ids_keep_their_near_duplicate_groups_in_one_split():
+    # 60 images without patient ids, two classes; planted groups of 2-5 near-identical images.
+    labels = np.arange(60) % 2
+    patients = np.full(60, "")
+    image_groups = np.arange(60)
+    planted = [[0, 2, 4, 6, 8], [1, 31], [10, 12, 14], [21, 23, 25, 27], [40, 42]]
+    for members in planted:
+        image_groups[members] = members[0]
+    split_of = {}
+    for seed in range(5):
+        result = splits.make_splits(labels, patients, method="patient", fractions=FRACTIONS, seed=seed,
+                                    image_groups=image_groups)
+        split_of = {int(i): name for name, indices in result.items() for i in indices}
+        assert sorted(split_of) == list(range(60))
+        for members in planted:
+            assert len({split_of[i] for i in members}) == 1, (seed, members)
+        # Without the groups some planted group is split apart at this seed (the grouping is what keeps it).
+        alone = splits.make_splits(labels, patients, method="patient", fractions=FRACTIONS, seed=seed)
+        alone_of = {int(i): name for name, indices in alone.items() for i in indices}
+        assert any(len({alone_of[i] for i in members}) > 1 for members in planted)
+    # data.split='random' splits images on purpose: no grouping.
+    random_split = splits.make_splits(labels, patients, method="random", fractions=FRACTIONS, seed=0,
+                                      image_groups=image_groups)
+    by_image = splits.make_splits(labels, patients, method="random", fractions=FRACTIONS, seed=0)
+    for name in FRACTIONS:
+        np.testing.assert_array_equal(random_split[name], by_image[name])
+
+
+def test_split_independence_says_image_level_where_patients_do_not_bound_the_split():
+    assert splits.split_independence("patient", 0, 2)["level"] == "patient"
+    for method, missing in [("random", 0), ("patient", 1)]:
+        found = splits.split_independence(method, missing, 2)
+        assert found["level"] == "image"
+        assert found["statement"].startswith("image-level split: not patient-independent: ")
+    assert "1 of 2 images have no patient id; near-duplicate" in splits.split_independence("patient", 1, 2)["statement"]
+    assert "each was split on its own" in splits.split_independence("patient", 1, 2, grouped=False)["statement"]

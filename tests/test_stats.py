@@ -134,14 +134,24 @@ def test_paired_bootstrap_difference():
         assert 0 < low <= better_minus_worse[name]['difference'] <= high
 
 
-def test_summarize_repeated_runs():
+def test_summarize_repeated_runs_with_the_corrected_resampled_t_interval():
+    """Nadeau and Bengio (2003) by hand: 5 runs, 3 test and 11 train patients per re-split."""
     values = [0.91, 0.93, 0.95, 0.92, 0.94]
-    summary = stats.summarize(values)
-    assert summary['mean'] == pytest.approx(0.93) and summary['std'] == pytest.approx(np.std(values, ddof=1))
-    expected = scipy.stats.t.interval(0.95, 4, loc=0.93, scale=scipy.stats.sem(values))
-    np.testing.assert_allclose(summary['t_interval_95'], expected)
-    assert summary['percentile_95'][0] >= 0.91 and summary['percentile_95'][1] <= 0.95
-    assert stats.summarize([None, None])['mean'] is None
+    summary = stats.summarize(values, test_train_ratio=3 / 11)
+    # mean 0.93; s² = (0.02² + 0 + 0.02² + 0.01² + 0.01²) / 4 = 0.00025;
+    # half width = t(0.975, 4) · sqrt((1/5 + 3/11) · 0.00025) = 2.776445 · 0.0108711 = 0.030183.
+    quantile = scipy.stats.t.ppf(0.975, 4)
+    assert quantile == pytest.approx(2.776445, abs=1e-6)
+    assert summary['mean'] == pytest.approx(0.93) and summary['std'] == pytest.approx(0.00025 ** 0.5)
+    assert summary['corrected_t_interval_95'] == pytest.approx([0.93 - 0.030183, 0.93 + 0.030183], abs=1e-6)
+    # The plain t-interval of the mean, as if the runs were independent, is narrower by sqrt(0.4727 / 0.2):
+    independent = scipy.stats.t.interval(0.95, 4, loc=0.93, scale=scipy.stats.sem(values))
+    assert stats.summarize(values, test_train_ratio=0.0)['corrected_t_interval_95'] == pytest.approx(independent)
+    assert np.diff(independent)[0] / 2 == pytest.approx(0.030183 / 1.537412, abs=1e-6)
+    # np.percentile's linear interpolation of the sorted runs: 0.91 + 0.1 · 0.01, 0.94 + 0.9 · 0.01.
+    assert summary['percentile_95'] == pytest.approx([0.911, 0.949])
+    assert stats.summarize([None, None], test_train_ratio=0.2)['mean'] is None
+    assert stats.corrected_t_method(3, 11, 'patients').endswith('n_test/n_train = 3/11 patients per re-split')
 
 
 def test_temperature_scaling_cools_an_overconfident_model():
@@ -225,12 +235,13 @@ def test_paired_bootstrap_difference_width_and_patients():
 
 
 def test_summarize_one_two_and_no_runs():
-    one = stats.summarize([0.9])
-    assert (one['n'], one['mean'], one['std'], one['t_interval_95']) == (1, 0.9, 0.0, None)  # No spread yet.
+    one = stats.summarize([0.9], test_train_ratio=0.25)
+    assert (one['n'], one['mean'], one['std'], one['corrected_t_interval_95']) == (1, 0.9, 0.0, None)  # No spread yet.
     assert one['percentile_95'] == pytest.approx([0.9, 0.9])
-    two = stats.summarize([0.9, None, 0.94])
+    two = stats.summarize([0.9, None, 0.94], test_train_ratio=0.25)
     assert two['n'] == 2 and two['std'] == pytest.approx(statistics.stdev([0.9, 0.94]))
-    # t(0.975, 1 degree of freedom) = 12.706 (tables): 0.92 ± 12.706 · 0.02.
-    assert two['t_interval_95'] == pytest.approx([0.92 - 12.706 * 0.02, 0.92 + 12.706 * 0.02], abs=1e-4)
-    assert stats.summarize([0.91, 0.93, 0.95, 0.92, 0.94])['n'] == 5
-    assert stats.summarize([None]) == {'n': 0, **{name: None for name in two if name != 'n'}}
+    # t(0.975, 1 degree of freedom) = 12.706 (tables): 0.92 ± 12.706 · sqrt((1/2 + 1/4) · 0.02² · 2).
+    half = 12.706 * (0.75 * 0.0008) ** 0.5
+    assert two['corrected_t_interval_95'] == pytest.approx([0.92 - half, 0.92 + half], abs=1e-4)
+    assert stats.summarize([0.91, 0.93, 0.95, 0.92, 0.94], test_train_ratio=0.25)['n'] == 5
+    assert stats.summarize([None], test_train_ratio=0.25) == {'n': 0, **{name: None for name in two if name != 'n'}}

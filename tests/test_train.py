@@ -78,5 +78,5 @@ def test_checkpoint_round_trip_keeps_latest_and_best(tmp_path):
 
 
 def test_eval_without_checkpoint_says_train_first(tiny_config, tmp_path):
-    with pytest.raises(FileNotFoundError, match='train first'):
+    with pytest.raises(FileNotFoundError, match=r'train into .* first'):
         evaluate.evaluate(tiny_config, str(tmp_path / 'empty'), with_report=False)

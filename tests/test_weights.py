@@ -73,7 +73,14 @@ def test_keras3_file_loads_like_the_legacy_file(b0_notop, b0_loaded, tmp_path):
 
 def test_params_round_trip_into_a_model_with_another_head(b0_loaded, tmp_path):
     source, _ = b0_loaded
-    keras_weights.save_params(source, str(tmp_path / 'params'), model_name='efficientnetv2_b0')
+    keras_weights.save_params(source, str(tmp_path / 'params'), model_name='efficientnetv2_b0',
+                              input_convention='imagenet_mean_std')
+    assert keras_weights.read_sidecar(str(tmp_path / 'params'))['input_convention'] == 'imagenet_mean_std'
+    with pytest.raises(ValueError, match="input_convention='rgb' is not a convention: use one of imagenet_mean_std, "
+                                         "caffe, minus_one_to_one"):
+        keras_weights.save_params(source, str(tmp_path / 'other'), model_name='efficientnetv2_b0',
+                                  input_convention='rgb')
+    assert not os.path.exists(tmp_path / 'other')  # Refused before writing.
     target = models.create('efficientnetv2_b0', 4, seed=1)
     fresh_head = np.asarray(target.predictions.kernel[...])
     report = keras_weights.init_from(target, str(tmp_path / 'params'))
@@ -146,6 +153,9 @@ def test_cli_converts_a_notop_file(tmp_path):
     assert result.returncode == 0, result.stderr
     # A `_notop.h5` file builds the model without its top: no fc layers are missing.
     assert 'loaded 1' in result.stdout and 'block5_conv4' in result.stdout and 'fc1' not in result.stdout
+    # Recorded with them: the input convention of Keras's VGG19 ImageNet weights, the CLI's default for vgg19.
+    assert keras_weights.read_sidecar(output)['input_convention'] == 'caffe'
+    assert 'input convention caffe' in result.stdout
     # Every variable is restored, so an abstract model comes back whole (and without compiling initialisers).
     model = nnx.eval_shape(lambda: models.create('vgg19', 0, include_top=False, image_size=32))
     report = keras_weights.init_from(model, output)

@@ -75,13 +75,6 @@ def apply(images: jax.Array, draws: Mapping, names: tuple[str, ...], params: Map
     return images
 
 
-def normalize(images: jax.Array, mean, std, dtype) -> jax.Array:
-    """RGB in [0, 255] (uint8 or float) → (x/255 − mean)/std in the compute dtype."""
-    mean = jnp.asarray(mean, jnp.float32) * 255.0
-    std = jnp.asarray(std, jnp.float32) * 255.0
-    return ((images.astype(jnp.float32) - mean) / std).astype(dtype)
-
-
 def rgb_to_hed(rgb: jax.Array) -> jax.Array:
     """RGB in [0, 1] → stain densities (skimage's rgb2hed without its clipping of negative
     densities, so that hed_to_rgb inverts it exactly)."""

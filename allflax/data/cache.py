@@ -19,8 +19,9 @@ from absl import logging
 from allflax.data import preprocess
 from allflax.data.sources.listing import Listing
 
-# Bump when the tiles for the same inputs change (preprocessing code), so old caches are not reused.
-FORMAT_VERSION = 1
+# Bump when the tiles for the same inputs, or the metadata stored with them, change, so old caches
+# are not reused (2: each file's sha256, which a run records for its splits).
+FORMAT_VERSION = 2
 _SPLIT = 'tiles'  # The one TFDS split: all tiles, in listing order; train/val/test are chosen on top.
 _CHUNK = 64  # Images preprocessed concurrently: bounds memory while threads share the work.
 
@@ -30,6 +31,7 @@ class PreparedCache:
     directory: str  # The TFDS dataset folder (…/allflax_tiles/1.0.0).
     skipped: tuple[tuple[str, str], ...]  # (path relative to the source root, why), unreadable images.
     hashes: np.ndarray  # uint64 perceptual hash of each cached image, for the near-duplicate audit.
+    sha256: tuple[str, ...]  # Of each cached image's file bytes: what a run records of its members.
 
 
 class TileReader:
@@ -90,17 +92,20 @@ class AllflaxTiles(tfds.core.GeneratorBasedBuilder):
     def _split_generators(self, dl_manager):
         return {_SPLIT: self._generate_examples(os.fspath(dl_manager.manual_dir))}
 
-    def _tile(self, path: str) -> tuple[np.ndarray, int] | preprocess.UnreadableImageError:
-        """The tile and the source image's perceptual hash, or the error, which is collected, not raised."""
+    def _tile(self, path: str) -> tuple[np.ndarray, int, str] | preprocess.UnreadableImageError:
+        """The tile, the source image's perceptual hash and its file's sha256, or the error, which is
+        collected, not raised."""
         try:
-            image = preprocess.read_image(path)
+            data = preprocess.read_bytes(path)
+            image = preprocess.decode_image(data, path)
         except preprocess.UnreadableImageError as error:
             return error
-        return preprocess.preprocess(image, self._steps, self._image_size), preprocess.perceptual_hash(image)
+        return (preprocess.preprocess(image, self._steps, self._image_size), preprocess.perceptual_hash(image),
+                hashlib.sha256(data).hexdigest())
 
     def _generate_examples(self, root: str):
         records = self._listing.records
-        skipped, hashes = [], []
+        skipped, hashes, digests = [], [], []
         with concurrent.futures.ThreadPoolExecutor() as pool:  # OpenCV releases the GIL.
             for start in range(0, len(records), _CHUNK):
                 chunk = records[start:start + _CHUNK]
@@ -109,12 +114,13 @@ class AllflaxTiles(tfds.core.GeneratorBasedBuilder):
                     if isinstance(result, preprocess.UnreadableImageError):
                         skipped.append((record.path, result.reason))
                         continue
-                    tile, image_hash = result
+                    tile, image_hash, digest = result
                     hashes.append(image_hash)
+                    digests.append(digest)
                     yield index, {'image': tile, 'label': record.label, 'patient': record.patient,
                                   'path': record.path}
         # Written with dataset_info.json once all examples are: part of the same atomic rename.
-        self.info.metadata.update(skipped=skipped, hashes=hashes)
+        self.info.metadata.update(skipped=skipped, hashes=hashes, sha256=digests)
 
 
 def cache_key(listing: Listing, image_size: int, steps: tuple[str, ...]) -> str:
@@ -127,17 +133,31 @@ def cache_key(listing: Listing, image_size: int, steps: tuple[str, ...]) -> str:
     return hashlib.sha256(json.dumps(description).encode()).hexdigest()[:16]
 
 
-def prepare(listing: Listing, *, image_size: int, steps, cache_root: str) -> PreparedCache:
-    """Builds the cache for these records and settings unless a complete one exists; returns it."""
+def _builder(listing: Listing, image_size: int, steps, cache_root: str) -> AllflaxTiles:
     steps = preprocess.check_steps(steps)
     data_dir = os.path.join(cache_root, 'tiles', f'{listing.name}-{cache_key(listing, image_size, steps)}')
-    builder = AllflaxTiles(listing=listing, image_size=image_size, steps=steps, data_dir=data_dir)
+    return AllflaxTiles(listing=listing, image_size=image_size, steps=steps, data_dir=data_dir)
+
+
+def _prepared(builder: AllflaxTiles) -> PreparedCache:
+    metadata = builder.info.metadata
+    return PreparedCache(os.fspath(builder.data_dir), tuple(map(tuple, metadata['skipped'])),
+                         np.array(metadata['hashes'], np.uint64), tuple(metadata['sha256']))
+
+
+def find(listing: Listing, *, image_size: int, steps, cache_root: str) -> PreparedCache | None:
+    """The complete cache for these records and settings, or None where there is none (nothing is built)."""
+    builder = _builder(listing, image_size, steps, cache_root)
+    return _prepared(builder) if builder.is_prepared() else None
+
+
+def prepare(listing: Listing, *, image_size: int, steps, cache_root: str) -> PreparedCache:
+    """Builds the cache for these records and settings unless a complete one exists; returns it."""
+    builder = _builder(listing, image_size, steps, cache_root)
     if builder.is_prepared():
         logging.info('Reusing the %s cache in %s', listing.name, builder.data_dir)
     else:
-        logging.info('Preparing %d %s images into %s', len(listing.records), listing.name, data_dir)
+        logging.info('Preparing %d %s images into %s', len(listing.records), listing.name, builder.data_dir)
         builder.download_and_prepare(file_format='array_record',
                                      download_config=tfds.download.DownloadConfig(manual_dir=listing.root))
-    metadata = builder.info.metadata
-    return PreparedCache(os.fspath(builder.data_dir), tuple(map(tuple, metadata['skipped'])),
-                         np.array(metadata['hashes'], np.uint64))
+    return _prepared(builder)

@@ -1,5 +1,6 @@
 """What every data source hands the input pipeline: patient-wise splits of uint8 tiles."""
 import dataclasses
+import json
 import os
 from collections.abc import Sequence
 
@@ -34,6 +35,15 @@ def default_cache_dir(config) -> str:
 
 
 def write_splits_json(workdir: str, summary: dict, skipped: Sequence[str] = ()) -> str:
-    """Writes `workdir/splits.json`: per split its size, patients and class counts, and the
-    files skipped as unreadable."""
+    """Writes `workdir/splits.json`: per split its size, patients and class counts, the files
+    skipped as unreadable, and what `summary` adds (the class names, each split's members)."""
     return files.write_json(os.path.join(workdir, 'splits.json'), {**summary, 'skipped': list(skipped)})
+
+
+def read_splits_json(workdir: str) -> dict | None:
+    """The splits.json a run wrote into `workdir`, or None where it has none."""
+    path = os.path.join(workdir, 'splits.json')
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)

@@ -4,7 +4,7 @@ Tiles stay uint8 all the way to the device; augmentation and normalisation run
 inside the compiled step (see `allflax.data.augment`).
 """
 import collections
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import grain
 import jax
@@ -12,7 +12,7 @@ import ml_collections
 import numpy as np
 
 from allflax import sharding
-from allflax.data import prepared, splits
+from allflax.data import membership, prepared, splits
 from allflax.data.dataset import Dataset, Split, default_cache_dir, write_splits_json
 from allflax.data.sources import synthetic
 
@@ -23,14 +23,30 @@ PREFETCH_BATCHES = 4
 _READ_THREADS = 2
 
 
-def load(config: ml_collections.ConfigDict, workdir: str | None = None) -> Dataset:
-    """Loads `config.data.name`, splits it patient-wise and records the split in `workdir/splits.json`."""
+def load(config: ml_collections.ConfigDict, workdir: str | None = None, *, recorded: dict | None = None,
+         run: str = '', needed: Sequence[str] | None = None, action: str = 'use it') -> Dataset:
+    """Loads `config.data.name`, splits it patient-wise and records the split and its members in
+    `workdir/splits.json`.
+
+    With `recorded`, the splits.json of run `run`: the splits `needed` (default: all) with exactly the
+    run's members and classes, refusing in one line (membership.SplitsChanged) to `action` where the
+    data no longer holds them; nothing is written. A splits.json written before members were
+    recorded: the split is recomputed and refused where its patients or class counts differ."""
     data = config.data
+    if recorded is not None:
+        needed = list(needed or membership.split_names(recorded))
+        if recorded.get('members', {}).get('kind') == 'files':
+            return prepared.load_recorded(config, recorded, run=run, needed=needed, action=action)
+        if recorded.get('members', {}).get('kind') == 'generated':
+            return _load_recorded_generated(config, recorded, run=run, needed=needed, action=action)
+        dataset = load(config)
+        membership.check_unrecorded(recorded, membership.summary_of(dataset.splits, dataset.class_names),
+                                    dataset.class_names, where=f'data.dir={data.dir}' if data.dir else data.name,
+                                    run=run, needed=needed, action=action)
+        return Dataset({name: dataset.splits[name] for name in needed}, dataset.class_names)
     if data.name not in synthetic.CLASS_NAMES:
         return prepared.load_real(config, workdir)  # Raises for unknown names, listing every one.
-    generated = synthetic.load(data.name, num_images=data.num_images, image_size=data.image_size,
-                               num_patients=data.num_patients, seed=config.seed,
-                               cache_dir=default_cache_dir(config))
+    generated = _generate(config)
     indices = splits.make_splits(generated.labels, generated.patients, method=data.split,
                                  fractions=dict(data.split_fractions), seed=config.seed,
                                  fold=data.fold, num_folds=data.num_folds)
@@ -39,9 +55,37 @@ def load(config: ml_collections.ConfigDict, workdir: str | None = None) -> Datas
                 for name, idx in indices.items()},
         class_names=tuple(generated.class_names))
     if workdir is not None:
-        write_splits_json(workdir, splits.describe(indices, generated.labels, generated.patients,
-                                                   generated.class_names))
+        summary = splits.describe(indices, generated.labels, generated.patients, generated.class_names)
+        summary['class_names'] = list(generated.class_names)
+        summary['members'] = membership.generated_members(indices, _generation(config))
+        write_splits_json(workdir, summary)
     return dataset
+
+
+def _generation(config: ml_collections.ConfigDict) -> dict:
+    """What identifies a generated set: its name, its settings and the generator's version."""
+    data = config.data
+    return {'name': data.name, 'num_images': data.num_images, 'image_size': data.image_size,
+            'num_patients': data.num_patients, 'seed': config.seed, 'generator_version': synthetic.GENERATOR_VERSION}
+
+
+def _generate(config: ml_collections.ConfigDict) -> synthetic.SyntheticData:
+    data = config.data
+    return synthetic.load(data.name, num_images=data.num_images, image_size=data.image_size,
+                          num_patients=data.num_patients, seed=config.seed, cache_dir=default_cache_dir(config))
+
+
+def _load_recorded_generated(config: ml_collections.ConfigDict, recorded: dict, *, run: str, needed: Sequence[str],
+                             action: str) -> Dataset:
+    """The splits `needed` of a run on a synthetic set: the recorded indices into the set that the
+    run's settings generate, refused where this config generates another."""
+    membership.check_generated(recorded, _generation(config), run=run, action=action)
+    generated = _generate(config)
+    members = recorded['members']['splits']
+    return Dataset(
+        splits={name: Split(generated.images[idx], generated.labels[idx], generated.patients[idx])
+                for name, idx in ((name, np.array(members[name], np.int64)) for name in members if name in needed)},
+        class_names=membership.class_names(recorded))
 
 
 class _ArraySource:

@@ -44,11 +44,20 @@ def _to_uint8(image: np.ndarray, path: str) -> np.ndarray:
 
 def read_image(path: str) -> np.ndarray:
     """H×W×3 uint8 RGB; raises UnreadableImageError for an unreadable, empty, truncated or corrupt file."""
+    return decode_image(read_bytes(path), path)
+
+
+def read_bytes(path: str) -> bytes:
+    """The file's bytes; raises UnreadableImageError where it cannot be read."""
     try:
         with open(path, 'rb') as f:
-            data = f.read()
+            return f.read()
     except OSError as error:
         raise UnreadableImageError(path, f'cannot be read ({error.strerror})') from error
+
+
+def decode_image(data: bytes, path: str) -> np.ndarray:
+    """`read_image` of bytes already read from `path` (named in errors)."""
     if not data:
         raise UnreadableImageError(path, 'empty file (0 bytes)')
     if _is_truncated_jpeg(data):

@@ -2,16 +2,22 @@
 
 Images of one patient share stain, illumination and diagnosis, so a split that
 puts a patient on both sides lets a model score by recognising the patient.
-Every patient therefore goes wholly to one split.
+Every patient therefore goes wholly to one split. Images without a patient id go by
+near-duplicate group (`near_duplicate_groups`): a split that cannot be patient-independent
+at least keeps copies of one cell or field together.
 """
 
 import numpy as np
+import scipy.sparse
+import scipy.sparse.csgraph
 from absl import logging
 
 SPLIT_METHODS = ("patient", "official", "random")
 # Hamming distance between 64-bit perceptual hashes at or below which two images count as near-duplicates:
 # re-encoded or rescaled copies differ by 0-2 bits; distinct synthetic cells by 8+ (smears), 4+ (on black).
 NEAR_DUPLICATE_MAX_DISTANCE = 4
+# What metrics.json, the report and the card say of a split that patients do not bound.
+IMAGE_LEVEL = "image-level split: not patient-independent"
 
 
 def _check_fractions(fractions: dict[str, float]) -> None:
@@ -95,8 +101,9 @@ def _train_val_fractions(fractions: dict[str, float]) -> dict[str, float]:
     return {"train": fractions["train"] / total, "val": fractions["val"] / total}
 
 
-def _splitting_units(patients: np.ndarray, method: str) -> np.ndarray:
-    """What is kept whole: the patient, or the image where there is no patient id or when asked."""
+def _splitting_units(patients: np.ndarray, method: str, image_groups: np.ndarray | None = None) -> np.ndarray:
+    """What is kept whole: the patient; where there is no patient id, the image's near-duplicate
+    group (`image_groups`, one label per image) or else the image; the image when asked (random)."""
     per_image = np.array([f"image {i}" for i in range(len(patients))])
     if method == "random":
         logging.warning("data.split='random' splits images, not patients: images of one patient can land "
@@ -105,30 +112,39 @@ def _splitting_units(patients: np.ndarray, method: str) -> np.ndarray:
         return per_image
     missing = patients == ""
     if missing.any():
+        kept = ("near-duplicates (perceptual hash within %d bits) are kept in one split, the other images "
+                "are split one by one" % NEAR_DUPLICATE_MAX_DISTANCE if image_groups is not None
+                else "each is split on its own")
         logging.warning(
-            "\n%s\n%d of %d images have no patient id: each is split on its own, so images of one patient "
-            "may leak across train, val and test, and scores may be optimistic. Check the near-duplicate "
-            "audit in splits.json; prefer a data set with patient ids for claims.\n%s",
-            "!" * 80, missing.sum(), len(patients), "!" * 80)
+            "\n%s\n%d of %d images have no patient id: %s, so images of one patient may leak across "
+            "train, val and test, and scores may be optimistic (an image-level split: not patient-independent). "
+            "Prefer a data set with patient ids for claims.\n%s",
+            "!" * 80, missing.sum(), len(patients), kept, "!" * 80)
+    if image_groups is not None:
+        per_image = np.char.add("near-duplicate group ", np.asarray(image_groups).astype(str))
     return np.where(missing, per_image, patients)
 
 
 def make_splits(labels: np.ndarray, patients: np.ndarray, *, method: str, fractions: dict[str, float],
                 seed: int, fold: int = -1, num_folds: int = 5,
-                official_test: np.ndarray | None = None) -> dict[str, np.ndarray]:
+                official_test: np.ndarray | None = None,
+                image_groups: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Train, val and test image indices as data.split, data.fold and data.num_folds ask.
 
     - fold >= 0: k-fold by patient (by image for `random`); that fold is the test split, the other
       patients go to train and val in the ratio of their fractions.
     - method `official`: test is the source's own labelled test set (`official_test` mask); the
-      other patients go to train and val likewise.
+      other patients go to train and val likewise, without the training-fold images of patients
+      who are also in the official test set (`official_overlap`), which are named in a warning.
     - otherwise `patient_split` by fractions.
-    Images without a patient id are split one by one, with a loud warning.
+    Images without a patient id are split by their `image_groups` label (`near_duplicate_groups`),
+    else one by one, with a loud warning.
     """
     if method not in SPLIT_METHODS:
         raise ValueError(f"unknown data.split={method!r}; known: {', '.join(SPLIT_METHODS)}")
     labels = np.asarray(labels)
-    units = _splitting_units(np.asarray(patients), method)
+    units = _splitting_units(np.asarray(patients), method, image_groups)
+    left_out = np.zeros(0, int)  # `official`: training-fold images of official test patients.
     if method == "official":
         if fold >= 0:
             raise ValueError(f"data.split='official' has a fixed test set; set data.fold=-1 (got {fold})")
@@ -136,9 +152,11 @@ def make_splits(labels: np.ndarray, patients: np.ndarray, *, method: str, fracti
             raise ValueError("data.split='official' needs the source's labelled test set (cnmc2019: "
                              "the preliminary-phase set with its labels CSV), and this data has none")
         test = np.flatnonzero(official_test)
-        shared = sorted(set(units[test]) & set(units[~np.asarray(official_test)]))
-        if shared:
-            logging.warning("patients in both the official test set and the training folds: %s", shared)
+        left_out = official_overlap(units, official_test)
+        if len(left_out):
+            logging.warning("patients in both the official test set and the training folds: %s; their %d "
+                            "training-fold images are left out of train and val (removed_overlap in splits.json)",
+                            ", ".join(sorted(set(units[left_out]))), len(left_out))
     elif fold >= 0:
         if not 0 <= fold < num_folds or num_folds < 2:
             raise ValueError(f"data.fold={fold} must be in [0, data.num_folds={num_folds}), with num_folds >= 2")
@@ -146,9 +164,18 @@ def make_splits(labels: np.ndarray, patients: np.ndarray, *, method: str, fracti
         test = folds[str(fold)]
     else:
         return patient_split(labels, units, fractions, seed=seed)
-    rest = np.setdiff1d(np.arange(len(labels)), test)
+    rest = np.setdiff1d(np.arange(len(labels)), np.concatenate([test, left_out]))
     train_val = patient_split(labels[rest], units[rest], _train_val_fractions(fractions), seed=seed)
     return {"train": rest[train_val["train"]], "val": rest[train_val["val"]], "test": test}
+
+
+def official_overlap(patients: np.ndarray, official_test: np.ndarray) -> np.ndarray:
+    """Sorted indices of the training-fold images whose patient is also in the official test set: a
+    patient on both sides would let the model score by recognising the patient, so `make_splits`
+    leaves these images out of train and val. Images without a patient id never overlap."""
+    patients, official_test = np.asarray(patients), np.asarray(official_test, bool)
+    shared = set(patients[official_test].tolist()) - {""}
+    return np.flatnonzero(~official_test & np.isin(patients, list(shared)))
 
 
 def near_duplicate_pairs(hashes: np.ndarray, indices: dict[str, np.ndarray],
@@ -167,3 +194,42 @@ def near_duplicate_pairs(hashes: np.ndarray, indices: dict[str, np.ndarray],
                 rows, columns = np.nonzero(distances <= max_distance)
                 pairs.extend(zip(block[rows].tolist(), others[columns].tolist(), distances[rows, columns].tolist()))
     return pairs
+
+
+def near_duplicate_groups(hashes: np.ndarray, max_distance: int = NEAR_DUPLICATE_MAX_DISTANCE,
+                          max_block_entries: int = 1 << 24) -> tuple[np.ndarray, int]:
+    """Each image's group and the number of near-duplicate pairs: the connected components of the
+    graph whose edges join images whose 64-bit perceptual hashes differ in at most max_distance
+    bits, so that a chain of near-duplicates stays together. Blocks of rows against the later
+    images bound the memory (max_block_entries distances at a time); the pairs are few."""
+    hashes = np.asarray(hashes, np.uint64)
+    count = len(hashes)
+    rows_per_block = max(1, max_block_entries // max(count, 1))
+    first, second = [], []
+    for start in range(0, count, rows_per_block):
+        block = hashes[start:start + rows_per_block]
+        distances = np.bitwise_count(block[:, None] ^ hashes[None, start:])
+        rows, columns = np.nonzero(distances <= max_distance)
+        later = columns > rows  # Column c is image start + c: each pair once, no image with itself.
+        first.append(start + rows[later])
+        second.append(start + columns[later])
+    first, second = (np.concatenate(parts) if parts else np.zeros(0, np.int64) for parts in (first, second))
+    graph = scipy.sparse.coo_matrix((np.ones(len(first), np.int8), (first, second)), shape=(count, count))
+    return scipy.sparse.csgraph.connected_components(graph, directed=False)[1], int(len(first))
+
+
+def split_independence(method: str, images_without_patient_id: int, images: int, *, grouped: bool = True) -> dict:
+    """What the split guarantees, for metrics.json, the report and the card: {'level': 'patient'
+    or 'image', 'statement'}. A split is patient-independent only where every image has a patient
+    id and the split keeps patients whole. `grouped`: near-duplicates were kept together (runs
+    split before `near_duplicate_groups` existed were not)."""
+    if method == "random":
+        reason = "data.split='random' splits images: images of one patient can be in train and test"
+    elif images_without_patient_id:
+        kept = (f"near-duplicate images (perceptual hash within {NEAR_DUPLICATE_MAX_DISTANCE} bits) were kept in one "
+                "split, but other" if grouped else "each was split on its own, so near-duplicate and")
+        reason = (f"{images_without_patient_id} of {images} images have no patient id; {kept} images of one patient "
+                  "can be in train and test")
+    else:
+        return {"level": "patient", "statement": "patient-level split: each patient's images are in one split"}
+    return {"level": "image", "statement": f"{IMAGE_LEVEL}: {reason}"}

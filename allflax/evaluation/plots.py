@@ -1,5 +1,6 @@
 """The report's plots, as PNG files: confusion matrix, one-vs-rest ROC and precision-recall,
-reliability, training curves, squeeze-and-excitation gates."""
+reliability, training curves, squeeze-and-excitation gates; and the scores of repeated runs
+(Monte Carlo re-splits)."""
 import json
 import os
 
@@ -138,3 +139,38 @@ def plot_se_gates(gates: np.ndarray, path: str, top: int = 20) -> tuple[str, lis
     axes.set(xlabel='Channel of the last feature map', ylabel='SE gate', ylim=(0, 1),
              title=f'Squeeze-and-excitation: top {len(channels)} channels, over {len(gates)} images')
     return save_figure(figure, path), channels.tolist()
+
+
+def plot_repeated_runs(per_run: dict[str, list], summary: dict[str, dict], path: str, *, corrected_method: str,
+                       percentile_method: str) -> str:
+    """Per metric: each run's score (a dot), the percentile range of the runs (a grey bar) and the
+    mean with its corrected resampled t-interval (black), both methods named in the legend."""
+    names = list(per_run)
+    figure, axes = plt.subplots(figsize=(1.1 * len(names) + 4, 4.6))
+    jitter = np.random.default_rng(0)
+    for x, name in enumerate(names, 1):
+        values = [v for v in per_run[name] if v is not None]
+        axes.scatter(x + jitter.uniform(-0.12, 0.12, len(values)), values, s=10, color='tab:blue', alpha=0.5,
+                     label='runs' if x == 1 else None)
+        entry = summary[name]
+        if entry['percentile_95']:
+            low, high = entry['percentile_95']
+            axes.plot([x + 0.22] * 2, [low, high], color='0.6', linewidth=6, solid_capstyle='butt',
+                      label='percentile range' if x == 1 else None)
+        if entry['corrected_t_interval_95']:
+            low, high = entry['corrected_t_interval_95']
+            axes.errorbar(x + 0.34, entry['mean'], yerr=[[entry['mean'] - low], [high - entry['mean']]], fmt='o',
+                          color='black', capsize=3, markersize=4,
+                          label='mean, corrected t-interval' if x == 1 else None)
+    axes.set_xticks(range(1, len(names) + 1))
+    axes.set_xticklabels(names, rotation=30, ha='right')
+    runs = max(len(v) for v in per_run.values())
+    axes.set(ylabel='Test score', title=f'{runs} Monte Carlo re-splits: 95 % intervals')
+    axes.grid(axis='y', alpha=0.3)
+    axes.legend(loc='upper left', bbox_to_anchor=(1.0, 1.0), fontsize=7)
+    figure.text(0.01, 0.01, f'Grey: {percentile_method}.\nBlack: {corrected_method}.', fontsize=6.5,
+                va='bottom', wrap=True)
+    figure.tight_layout(rect=(0, 0.07, 1, 1))
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path

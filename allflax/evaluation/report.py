@@ -74,6 +74,14 @@ def _small_classes(values: dict) -> str:
     return f'<p class="warning">{html.escape(sentence)}</p>' if sentence else ''
 
 
+def split_warning(values: dict) -> str:
+    """The warning of a split that patients do not bound (metrics.json's `split_independence`), or ''."""
+    independence = values.get('split_independence') or {}
+    if independence.get('level') != 'image':
+        return ''
+    return f'<p class="warning">{html.escape(independence["statement"])}.</p>'
+
+
 def _gallery(entries: list[dict], explanation: dict) -> str:
     if not entries:
         return '<p class="note">No images to show.</p>'
@@ -156,10 +164,14 @@ def write_split_report(workdir: str, split_name: str, split: Split, class_names,
              ['Data', data_name], ['Split', f'{split_name}: {len(split)} images'
                                           + (f', {len(np.unique(patients))} patients' if patients is not None else '')],
              ['Checkpoint step', values['checkpoint_step']],
+             ['Input convention', values['input_convention']],
              ['Test-time augmentation', '8 dihedral views' if values['tta'] else 'off'],
              ['Temperature scaling', f'T = {predictions.temperature:.3f} (fitted on val)'
               if 'calibration' in values else 'off']]
-    body = [table(None, facts),
+    independence = values.get('split_independence')
+    if independence:
+        facts.insert(4, ['Split unit', independence['statement']])
+    body = [table(None, facts), split_warning(values),
             '<h2>Metrics</h2>', _small_classes(values), _metrics_tables(values),
             '<p class="note">The bootstraps are percentile intervals; they draw whole patients where known (their '
             'cells are not independent) within each class, so every resample holds every class. Proportions over '

@@ -10,6 +10,7 @@ import numpy as np
 from absl import logging
 
 from allflax import files
+from allflax.data import splits
 from allflax.data.dataset import Dataset, Split
 from allflax.evaluation import calibration, inference, operating_point, stats
 
@@ -62,12 +63,14 @@ class SplitPredictions:
 
 
 def evaluate_state(eval_step, state, dataset: Dataset, split_name: str, mesh, workdir: str, *,
-                   options: ml_collections.ConfigDict, batch_size: int, seed: int,
-                   checkpoint_step: int, before_write: Callable[[], None] = lambda: None
+                   options: ml_collections.ConfigDict, batch_size: int, seed: int, split_method: str,
+                   checkpoint_step: int, input_convention: str, before_write: Callable[[], None] = lambda: None
                    ) -> tuple[dict, SplitPredictions]:
     """Predicts `split_name` (with test-time augmentation and temperature scaling where the `eval`
     section `options` asks) and writes its metrics.json and predictions.csv, calling `before_write`
-    first (training's check that it still holds the workdir)."""
+    first (training's check that it still holds the workdir). metrics.json's `split_independence`
+    says whether the split (data.split `split_method`) is patient-independent; `input_convention`
+    is the one `eval_step` applies (allflax.data.input_convention), recorded in metrics.json."""
     split = dataset.splits[split_name]
     directory = split_directory(workdir, split_name)
 
@@ -109,8 +112,12 @@ def evaluate_state(eval_step, state, dataset: Dataset, split_name: str, mesh, wo
             dataset.splits['val'].labels, val_probabilities[:, positive], split.labels, probabilities[:, positive],
             split.patients, class_names=dataset.class_names, positive=positive,
             target=options.get('target_sensitivity', 0.95), samples=options.bootstrap_samples, seed=seed)
+    patients = np.concatenate([s.patients for s in dataset.splits.values()])
+    values['split_independence'] = {'method': split_method, **splits.split_independence(
+        split_method, int(np.sum(patients == '')), len(patients))}
     values['tta'] = bool(options.tta)
     values['checkpoint_step'] = int(checkpoint_step)
+    values['input_convention'] = input_convention
     write_predictions(directory, split, split_name, probabilities, dataset.class_names)
     write_metrics(workdir, split_name, values)
     return values, SplitPredictions(logits, probabilities, temperature)

@@ -203,18 +203,33 @@ def paired_bootstrap_difference(labels: np.ndarray, probabilities_a: np.ndarray,
     return result
 
 
-def summarize(values) -> dict:
-    """Mean, standard deviation and two 95 % intervals of repeated-run values: the percentile
-    interval (where single runs fall) and the t-interval of the mean (how well it is known)."""
+PERCENTILE_METHOD = 'percentile range (2.5-97.5 %) of the runs: where a single run falls'
+
+
+def corrected_t_method(n_test: float, n_train: float, unit: str) -> str:
+    """`summarize`'s corrected interval, in words, with its ratio: what a reader needs to redo it."""
+    return (f'corrected resampled t (Nadeau and Bengio 2003) of the mean: mean ± t(0.975, J-1) · '
+            f'sqrt((1/J + n_test/n_train) · s²), n_test/n_train = {n_test:g}/{n_train:g} {unit} per re-split')
+
+
+def summarize(values, *, test_train_ratio: float) -> dict:
+    """Mean, standard deviation and two 95 % intervals of the J runs of re-splits of one data set:
+
+    - `percentile_95`: the percentile range of the runs (where a single run falls);
+    - `corrected_t_interval_95`: how well the mean is known, by Nadeau and Bengio's (2003) corrected
+      resampled t: mean ± t(0.975, J − 1) · sqrt((1/J + n_test/n_train) · s²), s² the runs' sample
+      variance. Re-splits share most of their training and test units, so the runs are correlated
+      and the plain t-interval (s²/J) is too narrow; `test_train_ratio` is n_test/n_train.
+    """
     values = np.asarray([v for v in values if v is not None], np.float64)
     if not len(values):
-        return {'n': 0, 'mean': None, 'std': None, 'percentile_95': None, 't_interval_95': None}
+        return {'n': 0, 'mean': None, 'std': None, 'percentile_95': None, 'corrected_t_interval_95': None}
     mean = float(values.mean())
     std = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+    corrected = None
     if len(values) > 1:
-        half_width = scipy.stats.t.ppf(0.5 + LEVEL / 2, len(values) - 1) * std / np.sqrt(len(values))
-        t_interval = [mean - float(half_width), mean + float(half_width)]
-    else:
-        t_interval = None
+        half_width = scipy.stats.t.ppf(0.5 + LEVEL / 2, len(values) - 1) * np.sqrt(
+            (1 / len(values) + test_train_ratio) * std ** 2)
+        corrected = [mean - float(half_width), mean + float(half_width)]
     return {'n': int(len(values)), 'mean': mean, 'std': std,
-            'percentile_95': percentile_interval(values), 't_interval_95': t_interval}
+            'percentile_95': percentile_interval(values), 'corrected_t_interval_95': corrected}

@@ -4,6 +4,10 @@ The file for a model's backbone (the "notop" file: the head is ours) is download
 checked against the hash Keras lists, and converted once into a params checkpoint that
 `keras_weights.init_from` restores into the model by path and shape. Offline, the error
 names the URL and the manual route through the `keras_weights` CLI.
+
+Each file's weights were trained on one input convention (`allflax.data.input_convention`),
+recorded here and with the converted weights; a run starting from them takes it as its
+`data.input_convention` (`input_convention_of_run`).
 """
 import contextlib
 import dataclasses
@@ -18,6 +22,7 @@ from absl import logging
 from flax import nnx
 
 from allflax import models
+from allflax.data import input_convention
 from allflax.models import keras_weights
 
 BASE_URL_ENV = 'ALLFLAX_KERAS_WEIGHTS_URL'
@@ -27,6 +32,7 @@ BASE_URL_ENV = 'ALLFLAX_KERAS_WEIGHTS_URL'
 class WeightFile:
     url: str
     file_hash: str  # md5 (32 hex digits) or sha256 (64), chosen by length as keras.utils.get_file does.
+    input_convention: str  # What the weights were trained on (allflax.data.input_convention).
 
     @property
     def file_name(self) -> str:
@@ -36,26 +42,29 @@ class WeightFile:
 _KERAS = 'https://storage.googleapis.com/tensorflow/keras-applications/'
 # Keras 3.15.1, keras/src/applications/: vgg16.py and vgg19.py (WEIGHTS_PATH_NO_TOP and its
 # get_file hash), resnet.py and efficientnet_v2.py (BASE_WEIGHTS_PATH + the notop file name,
-# WEIGHTS_HASHES[...][1]). Keyed by the registered name of the backbone.
+# WEIGHTS_HASHES[...][1]). Keyed by the registered name of the backbone. Input conventions, from the same
+# Keras files: vgg16/vgg19/resnet's preprocess_input is imagenet_utils' mode='caffe'; EfficientNetV2's
+# include_preprocessing layers are Rescaling(1/255) + Normalization(ImageNet mean, std**2) for the B
+# variants and Rescaling(1/128, offset=-1) for S (its preprocess_input is the identity).
 KERAS_WEIGHTS: dict[str, WeightFile] = {
     'vgg16': WeightFile(_KERAS + 'vgg16/vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5',
-                        '6d6bbae143d832006294945121d1f1fc'),
+                        '6d6bbae143d832006294945121d1f1fc', input_convention.CAFFE),
     'vgg19': WeightFile(_KERAS + 'vgg19/vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5',
-                        '253f8cb515780f3b799900260a226db6'),
+                        '253f8cb515780f3b799900260a226db6', input_convention.CAFFE),
     'resnet50': WeightFile(_KERAS + 'resnet/resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5',
-                           '4d473c1dd8becc155b73f8504c6f6626'),
+                           '4d473c1dd8becc155b73f8504c6f6626', input_convention.CAFFE),
     'resnet101': WeightFile(_KERAS + 'resnet/resnet101_weights_tf_dim_ordering_tf_kernels_notop.h5',
-                            '88cf7a10940856eca736dc7b7e228a21'),
+                            '88cf7a10940856eca736dc7b7e228a21', input_convention.CAFFE),
     'efficientnetv2_b0': WeightFile(_KERAS + 'efficientnet_v2/efficientnetv2-b0_notop.h5',
-                                    '893217f2bb855e2983157299931e43ff'),
+                                    '893217f2bb855e2983157299931e43ff', input_convention.IMAGENET_MEAN_STD),
     'efficientnetv2_b1': WeightFile(_KERAS + 'efficientnet_v2/efficientnetv2-b1_notop.h5',
-                                    '0e80663031ca32d657f9caa404b6ec37'),
+                                    '0e80663031ca32d657f9caa404b6ec37', input_convention.IMAGENET_MEAN_STD),
     'efficientnetv2_b2': WeightFile(_KERAS + 'efficientnet_v2/efficientnetv2-b2_notop.h5',
-                                    '1dfe2e7a5d45b6632553a8961ea609eb'),
+                                    '1dfe2e7a5d45b6632553a8961ea609eb', input_convention.IMAGENET_MEAN_STD),
     'efficientnetv2_b3': WeightFile(_KERAS + 'efficientnet_v2/efficientnetv2-b3_notop.h5',
-                                    'f6abf7b5849ac99a89b50dd3fd532856'),
+                                    'f6abf7b5849ac99a89b50dd3fd532856', input_convention.IMAGENET_MEAN_STD),
     'efficientnetv2_s': WeightFile(_KERAS + 'efficientnet_v2/efficientnetv2-s_notop.h5',
-                                   'af0682fb74e8c54910f2d4393339c070'),
+                                   'af0682fb74e8c54910f2d4393339c070', input_convention.MINUS_ONE_TO_ONE),
 }
 # The paper models: a published backbone under a head (and attention) of their own, whose
 # variable paths are the backbone's (tests/test_imagenet.py checks it).
@@ -64,6 +73,10 @@ _BACKBONES = {'vgg19_mhsa': 'vgg19', 'efficientnetv2_b3_se': 'efficientnetv2_b3'
 
 class WeightsUnavailableError(RuntimeError):
     """The weight file could not be fetched and verified; the message says how to do it by hand."""
+
+
+class InputConventionError(ValueError):
+    """A run's data.input_convention that its pretrained weights contradict, or cannot be chosen."""
 
 
 def backbone_of(model_name: str) -> str:
@@ -162,7 +175,7 @@ def imagenet_params(model_name: str, cache_dir: str, *, base_url: str | None = N
     os.makedirs(os.path.dirname(converted), exist_ok=True)
     staging = tempfile.mkdtemp(dir=os.path.dirname(converted), prefix=f'.{backbone}.')
     try:
-        keras_weights.save_params(model, staging, model_name=backbone)
+        keras_weights.save_params(model, staging, model_name=backbone, input_convention=entry.input_convention)
         os.rename(staging, converted)
     except OSError:
         if not os.path.exists(os.path.join(converted, keras_weights.SIDECAR)):
@@ -178,3 +191,39 @@ def resolve_init_from(init_from: str, model_name: str, cache_dir: str) -> str:
     """The params directory to pass to `keras_weights.init_from`: 'imagenet' means the backbone's
     published weights; anything else is already a directory."""
     return imagenet_params(model_name, cache_dir) if init_from == 'imagenet' else init_from
+
+
+def input_convention_of_run(init_from: str, model_name: str, requested: str) -> str:
+    """The input convention a run uses: that of the weights it starts from (`init_from` 'imagenet':
+    Keras's file for the backbone, KERAS_WEIGHTS; a directory: its sidecar's record), else
+    `requested` (data.input_convention) or, from scratch, imagenet_mean_std. Raises
+    InputConventionError where `requested` contradicts the weights', or a directory records none
+    and none is requested."""
+    if requested and requested not in input_convention.NAMES:
+        raise InputConventionError(f'data.input_convention={requested!r} is not a convention: use one of '
+                                   f'{", ".join(input_convention.NAMES)}, or \'\' to take that of model.init_from\'s '
+                                   f'weights')
+    if not init_from:
+        return requested or input_convention.IMAGENET_MEAN_STD
+    if init_from == 'imagenet':
+        backbone = backbone_of(model_name)
+        weights, source = KERAS_WEIGHTS[backbone].input_convention, f"Keras's {backbone} ImageNet weights"
+    else:
+        sidecar = os.path.join(os.path.abspath(init_from), keras_weights.SIDECAR)
+        weights = keras_weights.read_sidecar(init_from).get('input_convention')
+        source = f'the weights recorded in {sidecar}'
+        if weights is None and not requested:
+            by_convention = {}
+            for backbone, entry in KERAS_WEIGHTS.items():
+                by_convention.setdefault(entry.input_convention, []).append(backbone)
+            known = '; '.join(f'{name} for {", ".join(backbones)}' for name, backbones in by_convention.items())
+            raise InputConventionError(
+                f'{sidecar} records no input convention (converted before allflax recorded it): set '
+                f'--config.data.input_convention to the one its weights were trained on (Keras\'s ImageNet '
+                f'weights: {known}), or convert them again with python -m {keras_weights.__name__}')
+    if requested and weights and requested != weights:
+        raise InputConventionError(
+            f'data.input_convention={requested!r} contradicts model.init_from={init_from!r}: {source} were trained '
+            f'on {weights!r} ({input_convention.convention(weights).meaning}); drop --config.data.input_convention '
+            f'or set it to {weights!r}')
+    return weights or requested

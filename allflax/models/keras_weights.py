@@ -4,7 +4,8 @@
 Keras 3 `.weights.h5` files, and the legacy `.h5` files of the official ImageNet
 weights, as TF-Keras 2 (or, for VGG, Keras 1) wrote them. `save_params` keeps the
 result as an Orbax checkpoint and `init_from` restores it into a model whose head
-may differ.
+may differ. The sidecar records the input convention the weights were trained on
+(`--input_convention`; by default that of Keras's ImageNet weights for the model).
 
   python -m allflax.models.keras_weights --model=resnet101 \\
       --keras=resnet101_weights_tf_dim_ordering_tf_kernels_notop.h5 --output=weights/resnet101
@@ -22,6 +23,7 @@ from absl import app, flags
 from flax import nnx, traverse_util
 
 from allflax import models
+from allflax.data import input_convention as conventions
 
 SIDECAR = 'allflax_params.json'
 SIDECAR_FORMAT = 'allflax.params/1'
@@ -201,18 +203,38 @@ def _preview(names, limit: int = 5) -> str:
     return f'[{", ".join(names[:limit])}{more}]' if names else 'nothing'
 
 
-def save_params(model: nnx.Module, directory: str, *, model_name: str):
-    """Writes params and batch statistics as an Orbax checkpoint, plus a sidecar naming the model."""
+def save_params(model: nnx.Module, directory: str, *, model_name: str, input_convention: str):
+    """Writes params and batch statistics as an Orbax checkpoint, plus a sidecar naming the model and
+    the input convention its weights were trained on (allflax.data.input_convention)."""
     directory = os.path.abspath(directory)
     if os.path.exists(os.path.join(directory, SIDECAR)):
         raise FileExistsError(f'{directory} already holds saved params; choose a new directory')
+    if input_convention not in conventions.NAMES:
+        raise ValueError(f'input_convention={input_convention!r} is not a convention: use one of '
+                         f'{", ".join(conventions.NAMES)}')
     state = nnx.to_pure_dict(nnx.state(model, (nnx.Param, nnx.BatchStat)))
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(os.path.join(directory, STATE_DIR), state)
     # Written last: its presence means the checkpoint is complete.
     with open(os.path.join(directory, SIDECAR), 'w') as f:
-        json.dump({'format': SIDECAR_FORMAT, 'model': model_name,
-                   'params': models.count_params(model)}, f, indent=2)
+        json.dump({'format': SIDECAR_FORMAT, 'model': model_name, 'params': models.count_params(model),
+                   'input_convention': input_convention}, f, indent=2)
+
+
+def read_sidecar(directory: str) -> dict:
+    """The sidecar `save_params` wrote in `directory` (format checked); its `input_convention` is
+    absent in params converted before allflax recorded it."""
+    sidecar_path = os.path.join(os.path.abspath(directory), SIDECAR)
+    try:
+        with open(sidecar_path) as f:
+            sidecar = json.load(f)
+    except (OSError, ValueError) as error:
+        raise ValueError(f'{os.path.abspath(directory)} is not a params checkpoint written by save_params '
+                         f'(cannot read {SIDECAR}: {error})') from None
+    if not isinstance(sidecar, dict) or sidecar.get('format') != SIDECAR_FORMAT:
+        found = sidecar.get('format') if isinstance(sidecar, dict) else sidecar
+        raise ValueError(f'{sidecar_path}: format {found!r}, expected {SIDECAR_FORMAT!r}')
+    return sidecar
 
 
 def init_from(model: nnx.Module, directory: str) -> LoadReport:
@@ -223,15 +245,7 @@ def init_from(model: nnx.Module, directory: str) -> LoadReport:
     reported unexpected.
     """
     directory = os.path.abspath(directory)
-    sidecar_path = os.path.join(directory, SIDECAR)
-    try:
-        with open(sidecar_path) as f:
-            sidecar = json.load(f)
-    except (OSError, ValueError) as error:
-        raise ValueError(f'{directory} is not a params checkpoint written by save_params '
-                         f'(cannot read {SIDECAR}: {error})') from None
-    if sidecar.get('format') != SIDECAR_FORMAT:
-        raise ValueError(f'{sidecar_path}: format {sidecar.get("format")!r}, expected {SIDECAR_FORMAT!r}')
+    read_sidecar(directory)
     with ocp.StandardCheckpointer() as checkpointer:
         stored = traverse_util.flatten_dict(checkpointer.restore(os.path.join(directory, STATE_DIR)), sep='/')
     variables = {'/'.join(map(str, path)): node for path, node in nnx.iter_graph(model)
@@ -252,6 +266,9 @@ def _define_flags():
     flags.DEFINE_boolean('include_top', None, 'Build the classifier head (default: false for *_notop.h5 files).')
     flags.DEFINE_integer('num_classes', 1000, 'Classes of the head.')
     flags.DEFINE_integer('image_size', 224, 'Input size the model is built for.')
+    flags.DEFINE_enum('input_convention', None, list(conventions.NAMES),
+                      'The input convention the weights were trained on, recorded with them (default: that of '
+                      'Keras\'s ImageNet weights for the model, allflax.models.imagenet.KERAS_WEIGHTS).')
 
 
 def _main(argv):
@@ -261,11 +278,21 @@ def _main(argv):
     include_top = options.include_top
     if include_top is None:
         include_top = not options.keras.endswith('_notop.h5')
+    convention = options.input_convention
+    if convention is None:
+        from allflax.models import imagenet  # Here: imagenet imports this module.
+        try:
+            convention = imagenet.KERAS_WEIGHTS[imagenet.backbone_of(options.model)].input_convention
+        except ValueError:
+            raise app.UsageError(f'--model={options.model} has no Keras ImageNet weights whose input convention '
+                                 f'allflax knows: pass --input_convention ({", ".join(conventions.NAMES)}), the '
+                                 f'one the weights in {options.keras} were trained on') from None
     model = models.create(options.model, options.num_classes, include_top=include_top,
                           image_size=options.image_size)
     print(load_keras(model, options.keras))
-    save_params(model, options.output, model_name=options.model)
-    print(f'saved {models.count_params(model):,} weights of {options.model} to {options.output}')
+    save_params(model, options.output, model_name=options.model, input_convention=convention)
+    print(f'saved {models.count_params(model):,} weights of {options.model} to {options.output}, recorded as '
+          f'trained on input convention {convention}')
 
 
 if __name__ == '__main__':

@@ -22,8 +22,8 @@ from jax.experimental import multihost_utils
 
 from allflax import files, models, runtime, sharding
 from allflax.cpu import conv as cpu_conv
-from allflax.data import augment, pipeline, sources
-from allflax.data.dataset import default_cache_dir
+from allflax.data import augment, input_convention, pipeline, sources
+from allflax.data.dataset import default_cache_dir, read_splits_json
 from allflax.evaluation import inference, results
 from allflax.models import imagenet
 from allflax.training import checkpoints, run_guard, state, steps, summary_writer
@@ -44,12 +44,25 @@ def build(config: ml_collections.ConfigDict, num_classes: int, total_steps: int,
                        abstract=abstract)
 
 
+def resolve_input_convention(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Fills `config.data.input_convention` in place, where it is '', with that of the weights
+    `model.init_from` names (imagenet.input_convention_of_run, which also refuses a value that
+    contradicts them), and returns `config`. A config without the key (a run that predates it) is
+    left as it is."""
+    if 'input_convention' in config.data:
+        config.data.input_convention = imagenet.input_convention_of_run(
+            config.model.init_from, config.model.name, config.data.input_convention)
+    return config
+
+
 def make_train_step(config: ml_collections.ConfigDict, built: state.Setup, mesh):
+    resolve_input_convention(config)
     return steps.make_train_step(built, mesh, data=config.data, loss=config.loss, dtype=config.dtype,
                                  seed=config.seed, accumulation_steps=accumulation_steps(config, mesh.size))
 
 
 def make_eval_step(config: ml_collections.ConfigDict, built: state.Setup, mesh):
+    resolve_input_convention(config)
     return steps.make_inference_step(steps.logits, built, mesh, data=config.data, dtype=config.dtype)
 
 
@@ -66,6 +79,16 @@ def accumulation_steps(config: ml_collections.ConfigDict, num_devices: int) -> i
     if not limit or per_device <= limit:
         return 1
     return next(k for k in range(-(-per_device // limit), per_device + 1) if per_device % k == 0)
+
+
+def derived_batches(config: ml_collections.ConfigDict, num_devices: int, batch_norm: bool) -> dict:
+    """What the devices made of `batch_size`, for config.json's `derived` section (of this start of
+    the run; not settings): images per device, micro-batches per step, and the images whose
+    statistics batch norm takes (None without batch norm): one micro-batch's, over all devices
+    (the jitted step computes them over the whole sharded micro-batch), so batch_size / micro-batches."""
+    micro_batches = accumulation_steps(config, num_devices)
+    return {'devices': num_devices, 'device_batch': config.batch_size // num_devices, 'micro_batches': micro_batches,
+            'batch_norm_batch': config.batch_size // micro_batches if batch_norm else None}
 
 
 class Interrupted(RuntimeError):
@@ -94,9 +117,11 @@ def check_resume(config: ml_collections.ConfigDict, workdir: str):
     saved = run_guard.saved_run_config(workdir)
     if saved is None:
         return
+    saved.pop('derived', None)  # Derived from the settings and the devices of its start, not a setting.
     defaults = common.base_config(model=config.model.name, data=config.data.name, image_size=config.data.image_size,
                                   batch_size=config.batch_size, num_epochs=config.num_epochs,
                                   learning_rate=config.optimizer.learning_rate).to_dict()
+    defaults['data']['input_convention'] = input_convention.PREDATING  # Of every run before the setting.
     for line in run_guard.check_resume(saved, json.loads(config.to_json_best_effort()), workdir=workdir,
                                        defaults=defaults):
         logging.info('Resuming %s with a changed setting: %s', workdir, line)
@@ -129,6 +154,7 @@ def _stop_requests():
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains (resuming from the latest checkpoint in `workdir`) and returns the test metrics."""
     validate(config)
+    resolve_input_convention(config)  # Before check_resume: config.json holds the resolved value.
     check_resume(config, workdir)
     if config.model.init_from == 'imagenet':
         # Fetched before the workdir is written: offline, the run stops here saying how to get them.
@@ -157,15 +183,29 @@ def writer_check(lock: run_guard.WorkdirLock | None, workdir: str) -> Callable[[
     return check
 
 
+def load_data(config: ml_collections.ConfigDict, workdir: str):
+    """The run's data: a resumed run's exactly as its splits.json records them (refused in one line
+    where data.dir no longer holds them); a new run's split now and recorded in splits.json."""
+    recorded = read_splits_json(workdir) if os.path.exists(os.path.join(workdir, 'config.json')) else None
+    if recorded is None:
+        return pipeline.load(config, workdir)
+    return pipeline.load(config, recorded=recorded, run=workdir, action='resume')
+
+
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, check_writer: Callable[[], None]) -> dict:
+    mesh = sharding.make_mesh()
+    local_batch_size = sharding.check_batch_size(config.batch_size, mesh)
+    dataset = load_data(config, workdir)  # Before config.json: a refused resume changes no file.
     if files.is_writer():
         with files.atomic_open(os.path.join(workdir, 'config.json')) as f:
             f.write(config.to_json_best_effort(indent=1))
-    mesh = sharding.make_mesh()
-    local_batch_size = sharding.check_batch_size(config.batch_size, mesh)
-    dataset = pipeline.load(config, workdir)
     total_steps = total_steps_of(config, len(dataset.splits['train']))
     built = build(config, len(dataset.class_names), total_steps, mesh)
+    if files.is_writer():
+        with files.atomic_open(os.path.join(workdir, 'config.json')) as f:
+            json.dump({**json.loads(config.to_json_best_effort()),
+                       'derived': derived_batches(config, mesh.size, bool(jax.tree.leaves(built.state.batch_stats)))},
+                      f, indent=1)
     train_step = make_train_step(config, built, mesh)
     eval_step = make_eval_step(config, built, mesh)
 
@@ -211,7 +251,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, check_w
                     # Before anything of a non-finite step is logged or saved, the run stops.
                     host = jax.device_get(pending)
                     _check_finite([m['finite'] for m in host], step + 1 - len(host), last_saved,
-                                  checkpointer.directory)
+                                  checkpointer.directory, scaled='loss_scale' in host[-1])
                 if logging_now:
                     checkpointer.check_for_errors()  # A failed background save stops the run here.
                     check_writer()
@@ -221,6 +261,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, check_w
                               'train_accuracy': float(np.mean([m['accuracy'] for m in host])),
                               'learning_rate': float(host[-1]['learning_rate']),
                               'images_per_sec': (step - last_log_step) * config.batch_size / (now - last_log_time)}
+                    if 'loss_scale' in host[-1]:  # float16: the scale after this step, the steps skipped so far.
+                        record['train_loss_scale'] = float(host[-1]['loss_scale'])
+                        record['train_skipped_steps'] = int(host[-1]['skipped_steps'])
                     metrics_log.write(record)
                     progress.update(step - progress.n)
                     progress.set_postfix(loss=f"{record['train_loss']:.4f}",
@@ -263,18 +306,23 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, check_w
 
     # The same metrics.json and predictions.csv as --mode=eval, without its report (plots, Grad-CAM).
     test, _ = results.evaluate_state(eval_step, train_state, dataset, 'test', mesh, workdir, options=config.eval,
-                                     batch_size=config.batch_size, seed=config.seed, checkpoint_step=total_steps,
+                                     batch_size=config.batch_size, seed=config.seed, split_method=config.data.split,
+                                     checkpoint_step=total_steps, input_convention=input_convention.of(config.data).name,
                                      before_write=check_writer)
     logging.info('Test accuracy %.4f (step %d), written to %s', test['accuracy'], total_steps,
                  os.path.join(workdir, 'eval', 'test'))
     return test
 
 
-def _check_finite(finite_flags, first_step: int, last_saved: int, directory: str):
-    """Raises Diverged naming the first step whose loss or gradient norm was not finite."""
+def _check_finite(finite_flags, first_step: int, last_saved: int, directory: str, scaled: bool = False):
+    """Raises Diverged naming the first step whose loss or gradient norm was not finite (with loss
+    scaling: whose loss was not, or whose gradients overflowed float16 at a scale of 1 or below)."""
     bad = [first_step + i for i, finite in enumerate(finite_flags) if not finite]
     if bad:
         saved = f'the last checkpoint is step {last_saved} in {directory}' if last_saved else 'no checkpoint was saved'
-        raise Diverged(f'non-finite loss or gradient norm at step {bad[0]} ({len(bad)} of the last '
-                       f'{len(finite_flags)} steps); the run stopped without saving that state ({saved}). '
-                       f'Lower --config.optimizer.learning_rate or check the data.')
+        what = ('non-finite loss, or gradients beyond float16\'s range at a loss scale of 1 or below,' if scaled
+                else 'non-finite loss or gradient norm')
+        advice = (' Lower --config.optimizer.learning_rate, check the data, or train in float32 or bfloat16 '
+                  '(--config.dtype).' if scaled else ' Lower --config.optimizer.learning_rate or check the data.')
+        raise Diverged(f'{what} at step {bad[0]} ({len(bad)} of the last {len(finite_flags)} steps); the run '
+                       f'stopped without saving that state ({saved}).{advice}')

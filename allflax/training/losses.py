@@ -8,7 +8,8 @@ def focal_loss(logits: jax.Array, labels: jax.Array, *, alpha, gamma: float) -> 
     """Mean over examples of the per-class sigmoid focal loss summed over classes.
 
     `alpha` weighs positives against negatives: a float for every class, or one
-    value per class (a sequence as long as the logits' last axis).
+    value per class (a sequence as long as the logits' last axis). alpha[c] weighs
+    class c's positives, 1 - alpha[c] its negatives (all other classes' images).
     """
     num_classes = logits.shape[-1]
     alpha = jnp.asarray(alpha, jnp.float32)

@@ -1,7 +1,6 @@
 """A trained run restored for inference: what --mode=eval, --mode=predict and --mode=export share,
 so that no mode imports another. Takes config sections, as every library module does."""
 import dataclasses
-import json
 import os
 from collections.abc import Callable
 
@@ -12,20 +11,20 @@ import optax
 from flax import nnx
 
 from allflax import models, sharding
-from allflax.data.dataset import Split
+from allflax.data import membership
+from allflax.data.dataset import Split, read_splits_json
 from allflax.evaluation import inference, interpret
 from allflax.training import checkpoints, state, steps
 
 
 def run_summary(workdir: str) -> dict:
-    """splits.json as training wrote it: class names (in class order), the train split's size and
-    the whole file (split sizes, patients), which restoring a model needs without reading the data."""
-    path = os.path.join(workdir, 'splits.json')
-    if not os.path.exists(path):
-        raise FileNotFoundError(f'{path} not found: train into {workdir} first')
-    with open(path) as f:
-        summary = json.load(f)
-    return {'class_names': tuple(summary['train']['class_counts']),
+    """splits.json as training wrote it: class names (in the run's class order), the train split's
+    size and the whole file (split sizes, patients, members), which restoring a model needs without
+    reading the data."""
+    summary = read_splits_json(workdir)
+    if summary is None:
+        raise FileNotFoundError(f'{os.path.join(workdir, "splits.json")} not found: train into {workdir} first')
+    return {'class_names': membership.class_names(summary),
             'num_train_examples': summary['train']['num_examples'], 'splits': summary}
 
 
