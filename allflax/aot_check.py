@@ -5,7 +5,8 @@ on images/s.
 
   python -m allflax.aot_check --config=configs/efficientnetv2_b3_se.py:tpu --topology=v5e:1x1 \
       [--steps=train,eval] [--output=benchmarks/tpu_check/b3_v5e.json]
-  python -m allflax.aot_check --config=configs/vgg19_mhsa.py:gpu --topology=8xh100    # or t4, l4, a100-40gb, ...
+  python -m allflax.aot_check --config=configs/vgg19_mhsa.py:gpu --topology=8xh100    # or l4, a100-40gb, ...
+  python -m allflax.aot_check --config=configs/vgg19_mhsa.py:gpu,t4 --topology=2xt4   # Kaggle's T4 x2
   python -m allflax.aot_check --table=benchmarks/gpu_check    # The README's table of those JSONs.
 
 The programs are the ones training runs (`loop.make_train_step`, `loop.make_eval_step`) over a
@@ -70,6 +71,7 @@ CHIPS = {chip.name: chip for chip in (
     Chip('v6e', 'TPU v6 lite', 32, 918e12, 1638e9),
 )}
 COLAB_TYPES = ('v2-8', 'v5e-1', 'v6e-1')  # Colab's TPU runtimes, as Cloud names them.
+KAGGLE_TYPES = ('v5e-8',)  # Kaggle's TPU runtime, free within weekly hours.
 HEADROOM = 0.1  # A step fits if it leaves this fraction of HBM free (fragmentation, runtime buffers).
 # JAX takes this fraction of a GPU's memory for its pool at start (XLA_PYTHON_CLIENT_MEM_FRACTION's
 # default): a GPU step fits if it leaves HEADROOM of the pool free, which also covers cuDNN's
@@ -138,8 +140,8 @@ def target(topology: str, dtype: str) -> Target:
                       chip.hbm_gib, chip.hbm_gib, chip.peak_bf16_flops, chip.hbm_bytes_per_second, {})
     gpu, _ = gpu_targets.parse(topology)
     if dtype not in gpu.peak_flops:
-        raise ValueError(f'{gpu.name} has no {dtype} tensor cores (it has {", ".join(gpu.peak_flops)}): '
-                         f"for a T4 add ',t4' to the config's arg (:gpu,t4: float32)")
+        raise ValueError(f'{gpu.name} has no {dtype} arithmetic (it computes {", ".join(gpu.peak_flops)}): '
+                         f"add ',{gpu.name}' to the config's arg (:gpu,{gpu.name})")
     gpu, devices = gpu_targets.devices(topology)
     return Target('gpu', gpu.name, gpu.device_kind, devices, len(devices), gpu.memory_gib,
                   gpu.memory_gib * JAX_GPU_MEMORY_FRACTION, gpu.peak_flops[dtype], gpu.memory_bytes_per_second,
@@ -303,6 +305,9 @@ def tpu_table(reports: list[dict]) -> str:
         colab = COLAB_TYPES.index(name) if name in COLAB_TYPES else len(COLAB_TYPES)
         return report['model'], colab, report['chips'], name
 
+    def runtime(name):
+        return f'{name} (Colab)' if name in COLAB_TYPES else f'{name} (Kaggle, free)' if name in KAGGLE_TYPES else name
+
     lines = ['| recipe `:tpu` | TPU | chips | images per chip per step | train GiB per chip / HBM '
              '| fits (≥ 10 % free) | train GFLOP per image | roofline train images/s per chip |',
              '|---|---|---|---|---|---|---|---|']
@@ -314,7 +319,7 @@ def tpu_table(reports: list[dict]) -> str:
         images = f'{per_chip} ({micro} × {per_chip // micro})' if micro > 1 else f'{per_chip}'
         roofline = train['roofline']
         lines.append(' | '.join([
-            f'| {report["model"]}', f'{name} (Colab)' if name in COLAB_TYPES else name, str(report['chips']), images,
+            f'| {report["model"]}', runtime(name), str(report['chips']), images,
             f'{train["hbm_per_chip_gib"]["total"]:.1f} / {train["hbm_capacity_gib"]:g}',
             'yes' if train['fits'] else '**no**', f'{train["flops_per_image"] / 1e9:.0f}',
             f'{roofline["images_per_second_per_chip"]:.0f} ({roofline["bound"]}) |']))
@@ -323,7 +328,7 @@ def tpu_table(reports: list[dict]) -> str:
 
 def gpu_table(reports: list[dict]) -> str:
     """One row per recipe and GPU host, recipes by name, then by GPU count and in the order of
-    `gpu_targets.GPUS` (Colab's first)."""
+    `gpu_targets.GPUS`; Colab's and Kaggle's runtimes named (`gpu_targets.RUNTIMES`)."""
     def order(report):
         return report['model'], report['chips'], list(gpu_targets.GPUS).index(report['chip'])
 
@@ -334,7 +339,8 @@ def gpu_table(reports: list[dict]) -> str:
         train = report['train']
         micro, per_gpu = train['micro_batches'], report['per_chip_batch']
         roofline = train['roofline']
-        gpu = report['chip'] + (' (Colab)' if report['chip'] in gpu_targets.COLAB else '')
+        runtime = gpu_targets.RUNTIMES.get(report['topology'])
+        gpu = report['chip'] + (f' ({runtime})' if runtime else '')
         lines.append(' | '.join([
             f'| {report["model"]} `{report["config"].rpartition(":")[2]}`', gpu, str(report['chips']),
             report['dtype'], f'{per_gpu} ({micro} × {per_gpu // micro})' if micro > 1 else f'{per_gpu}',

@@ -1,46 +1,48 @@
 """A trained model outside the training stack: the bundle `--mode=export` writes, read and run with
 ONNX Runtime alone (no JAX, Flax, Orbax, Grain or TensorFlow, no workdir, no config file).
 
-  python -m allflax.bundle --bundle=DIR --input=cells/ --output=preds.csv [--batch_size=32]
+  python BUNDLE/predict.py --input=cells/ --output=preds.csv [--batch_size=32]
+  python -m allflax.bundle --bundle=BUNDLE --input=cells/ --output=preds.csv   (the same, from a checkout)
 
 A bundle is a folder: model.onnx (+ model.onnx.data, its weights), model.jax (the same function as
-StableHLO), MODEL_CARD.md and metadata.json, which holds a SHA-256 of every other file and is checked
-against `bundle_schema.json` when written and when read. Images are preprocessed by the code training
-used (`allflax.data.preprocess`), and the CSVs are those of `--mode=predict`.
+StableHLO), MODEL_CARD.md, its predictor (predict.py, the modules it imports, requirements.txt:
+`write_predictor`) and metadata.json, which holds a SHA-256 of every other file and is checked
+against `bundle_schema.json` when written and when read. The predictor is `allflax.bundle_predictor`;
+it preprocesses images with the code training used (`allflax.data.preprocess`), and its CSVs are
+those of `--mode=predict`.
 """
-import argparse
+import ast
 import contextlib
-import hashlib
+import inspect
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
 
 import jsonschema
-import numpy as np
 
-from allflax import files
+from allflax import bundle_predictor, files
+from allflax.bundle_predictor import METADATA, SCHEMA_VERSION, BundleError, sha256  # noqa: F401 (this module's API)
 from allflax.data import image_files, preprocess
 
-SCHEMA_VERSION = 1
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCHEMA_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'bundle_schema.json')
-METADATA = 'metadata.json'
 ONNX = 'model.onnx'
 STABLEHLO = 'model.jax'
 MODEL_CARD = 'MODEL_CARD.md'
+PREDICTOR = 'predict.py'
+REQUIREMENTS = 'requirements.txt'
+# The predictor a bundle carries: allflax's modules, each with its file name in the bundle.
+PREDICTOR_MODULES = {bundle_predictor: PREDICTOR, files: 'files.py', preprocess: 'preprocess.py',
+                     image_files: 'image_files.py'}
 
 
-class BundleError(ValueError):
-    """A bundle that cannot be used as it is, or input it refuses: said in one line."""
-
-
-def sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for block in iter(lambda: f.read(1 << 20), b''):
-            digest.update(block)
-    return digest.hexdigest()
+def read_metadata(directory: str) -> dict:
+    """The bundle's metadata, after checking it against its schema, every file's SHA-256, and its
+    preprocessing against this allflax's (`bundle_predictor.read_metadata`, with the schema)."""
+    return bundle_predictor.read_metadata(directory, validate)
 
 
 def _schema() -> dict:
@@ -50,40 +52,11 @@ def _schema() -> dict:
 
 def validate(metadata: dict, where: str):
     """Raises BundleError unless `metadata` is of this schema version and valid under its schema."""
-    version = metadata.get('schema_version') if isinstance(metadata, dict) else None
-    if version != SCHEMA_VERSION:
-        raise BundleError(f'{where}: schema version {version!r} is not one this allflax reads ({SCHEMA_VERSION}); '
-                          f'export the bundle again, or read it with the allflax that wrote it')
+    bundle_predictor.check_version(metadata, where)
     error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(_schema()).iter_errors(metadata))
     if error is not None:
         at = '/'.join(map(str, error.absolute_path)) or '(top level)'
         raise BundleError(f'{where}: not a valid bundle metadata.json at {at}: {error.message}')
-
-
-def read_metadata(directory: str) -> dict:
-    """The bundle's metadata, after checking its schema and every file's SHA-256."""
-    path = os.path.join(directory, METADATA)
-    if not os.path.isfile(path):
-        raise BundleError(f'{directory} is not a bundle: it has no {METADATA} (python main.py --mode=export writes one)')
-    try:
-        with open(path) as f:
-            metadata = json.load(f)
-    except (OSError, ValueError) as error:
-        raise BundleError(f'{path} cannot be read as JSON: {error}') from error
-    validate(metadata, path)
-    for name, digest in metadata['files'].items():
-        file_path = os.path.join(directory, name)
-        if not os.path.isfile(file_path):
-            raise BundleError(f'{file_path} is missing from the bundle (metadata.json lists it)')
-        if sha256(file_path) != digest:
-            raise BundleError(f'{file_path} has changed since export: its SHA-256 is not the one metadata.json '
-                              f'holds; export the bundle again')
-    expected = preprocess.describe([step['name'] for step in metadata['preprocessing']['steps']],
-                                   metadata['input']['size'])
-    if metadata['preprocessing']['steps'] != expected:
-        raise BundleError(f'{path}: its preprocessing is not what this allflax does '
-                          f'({json.dumps(expected)}); read it with the allflax that wrote it')
-    return metadata
 
 
 def check_replaceable(output: str, workdir: str | None = None):
@@ -167,83 +140,110 @@ def writing(output: str, workdir: str | None = None):
         raise
 
 
+def _bundled_names() -> set[str]:
+    """The names the bundle's modules import each other by (predict.py is imported by none)."""
+    return {os.path.splitext(name)[0] for module, name in PREDICTOR_MODULES.items() if module is not bundle_predictor}
+
+
+def _rewrite_import(line: re.Match, relative: str) -> str:
+    match = re.fullmatch(r'([ \t]*)from allflax(?:\.\w+)* import ([\w, ]+?)(\s+#.*)?', line.group(0))
+    imported = [name.strip() for name in match.group(2).split(',')] if match else []
+    if not imported or not set(imported) <= _bundled_names():
+        raise RuntimeError(f'{relative} imports what a bundle does not carry ({line.group(0).strip()}): add the '
+                           f'module to bundle.PREDICTOR_MODULES, or import it otherwise; no bundle written')
+    return f'{match.group(1)}import {", ".join(imported)}{match.group(3) or ""}'
+
+
+def bundled_source(module, version: str) -> str:
+    """`module`'s source as a bundle holds it: a header naming where it came from, then the source
+    unchanged but for its `from allflax... import a, b` lines, which become `import a, b` (the
+    bundle's own copies). Raises RuntimeError if it would import anything but the standard library,
+    the packages of `bundle_predictor.REQUIREMENTS` and the bundle's modules."""
+    path = inspect.getsourcefile(module)
+    relative = os.path.relpath(path, ROOT)
+    with open(path) as f:
+        source = f.read()
+    source = re.sub(r'^[ \t]*(from|import) allflax\b.*$', lambda line: _rewrite_import(line, relative), source,
+                    flags=re.M)
+    allowed = {*sys.stdlib_module_names, *_bundled_names(), 'numpy', 'cv2', 'onnxruntime'}
+    for node in ast.walk(ast.parse(source)):
+        names = ([alias.name for alias in node.names] if isinstance(node, ast.Import) else
+                 [node.module or ''] if isinstance(node, ast.ImportFrom) else [])
+        refused = [name for name in names if name.split('.')[0] not in allowed]
+        if refused:
+            raise RuntimeError(f'{relative} imports {", ".join(refused)}, which a bundle\'s predictor does not '
+                               f'have (the standard library, {", ".join(bundle_predictor.REQUIREMENTS)} and its own '
+                               f'modules); no bundle written')
+    header = (f'# {PREDICTOR_MODULES[module]} of this bundle: {relative}, written by allflax\'s --mode=export at\n'
+              f'# commit {version}: the code of allflax itself, unchanged but for its "from allflax...\n'
+              '# import" lines, which import this bundle\'s copies. Do not edit: metadata.json holds its SHA-256,\n'
+              '# and predict.py refuses a changed file.\n')
+    return header + source
+
+
+def pinned_requirements() -> list[str]:
+    """requirements.txt's pins of what the predictor needs (`bundle_predictor.REQUIREMENTS`)."""
+    path = os.path.join(ROOT, 'requirements.txt')
+    with open(path) as f:
+        pins = [re.fullmatch(r'([A-Za-z0-9._-]+)==([\w.+!-]+)', line.split('#')[0].strip()) for line in f]
+    versions = {match.group(1).lower().replace('_', '-'): match.group(2) for match in pins if match}
+    missing = [name for name in bundle_predictor.REQUIREMENTS if name not in versions]
+    if missing:
+        raise RuntimeError(f'{path} pins no version of {", ".join(missing)}, which a bundle\'s requirements.txt '
+                           f'needs; no bundle written')
+    return [f'{name}=={versions[name]}' for name in bundle_predictor.REQUIREMENTS]
+
+
+def write_predictor(directory: str, version: str) -> dict:
+    """predict.py, the modules it imports and requirements.txt in `directory` (`bundled_source`):
+    metadata.json's `predictor` entry."""
+    for module, name in PREDICTOR_MODULES.items():
+        with open(os.path.join(directory, name), 'w') as f:
+            f.write(bundled_source(module, version))
+    with open(os.path.join(directory, REQUIREMENTS), 'w') as f:
+        f.write(f'# What predict.py needs, as allflax pins it (commit {version}). In a new virtual environment:\n'
+                f'#   python -m venv venv && venv/bin/pip install -r requirements.txt\n'
+                + ''.join(f'{pin}\n' for pin in pinned_requirements()))
+    return {'file': PREDICTOR, 'modules': sorted(name for name in PREDICTOR_MODULES.values() if name != PREDICTOR),
+            'requirements': REQUIREMENTS, 'run': f'python {PREDICTOR} --input=cells/ --output=predictions.csv',
+            'generated_from': f'allflax {version}: '
+                              + ', '.join(os.path.relpath(inspect.getsourcefile(m), ROOT) for m in PREDICTOR_MODULES)}
+
+
 def finish(directory: str, metadata: dict, model_card: str):
-    """Writes MODEL_CARD.md, then metadata.json with the SHA-256 of every other file of
-    `directory`, validated before it is written and read back as a reader will."""
+    """Writes the predictor (`write_predictor`), MODEL_CARD.md, then metadata.json with the SHA-256
+    of every other file of `directory`, validated before it is written and read back as a reader will."""
+    predictor = write_predictor(directory, str((metadata.get('versions') or {}).get('allflax', 'unknown')))
     with open(os.path.join(directory, MODEL_CARD), 'w') as f:
         f.write(model_card)
     umask = os.umask(0)
     os.umask(umask)
     for name in os.listdir(directory):
         os.chmod(os.path.join(directory, name), 0o666 & ~umask)  # jax2onnx writes the weights private.
-    metadata = dict(metadata, files={name: sha256(os.path.join(directory, name))
-                                     for name in sorted(os.listdir(directory)) if name != METADATA})
+    metadata = dict(metadata, predictor=predictor,
+                    files={name: sha256(os.path.join(directory, name))
+                           for name in sorted(os.listdir(directory)) if name != METADATA})
     validate(metadata, os.path.join(directory, METADATA))
     with open(os.path.join(directory, METADATA), 'w') as f:
         json.dump(metadata, f, indent=1)
     read_metadata(directory)
 
 
-class Predictor:
-    """The bundle's ONNX model in ONNX Runtime, on the CPU."""
+class Predictor(bundle_predictor.Predictor):
+    """`bundle_predictor.Predictor`, with metadata.json checked against its schema too."""
 
     def __init__(self, directory: str):
-        import onnxruntime  # Here, so that reading metadata needs no ONNX Runtime.
-        self.metadata = read_metadata(directory)
-        options = onnxruntime.SessionOptions()
-        options.log_severity_level = 3  # Errors only: not the shape-inference notes of every load.
-        self.session = onnxruntime.InferenceSession(os.path.join(directory, self.metadata['formats']['onnx']['file']),
-                                                    options, providers=['CPUExecutionProvider'])
-        self.input_name = self.session.get_inputs()[0].name
-        self.classes = tuple(self.metadata['classes'])
-        self.size = self.metadata['input']['size']
-
-    def probabilities(self, tiles: np.ndarray, batch_size: int = 32) -> np.ndarray:
-        """(N, classes) float32 probabilities of preprocessed uint8 tiles (N, size, size, 3)."""
-        tiles = np.asarray(tiles)
-        expected = (self.size, self.size, self.metadata['input']['channels'])
-        if tiles.ndim != 4 or tiles.shape[1:] != expected or tiles.dtype != np.uint8:
-            raise BundleError(f'the bundle takes uint8 tiles of shape (N, {", ".join(map(str, expected))}), '
-                              f'preprocessed as its metadata.json says; got {tiles.dtype} {tiles.shape}')
-        outputs = [self.session.run(None, {self.input_name: tiles[start:start + batch_size]})[0]
-                   for start in range(0, len(tiles), batch_size)]
-        return np.concatenate(outputs) if outputs else np.zeros((0, len(self.classes)), np.float32)
-
-    def read_tiles(self, paths: list[str]):
-        """`image_files.read_tiles` with the bundle's preprocessing: (tiles, paths, errors)."""
-        steps = [step['name'] for step in self.metadata['preprocessing']['steps']]
-        return image_files.read_tiles(paths, steps, self.size)
+        super().__init__(directory, validate)
 
 
 def predict(directory: str, input_pattern: str, output: str, *, batch_size: int = 32) -> dict:
-    """`--mode=predict`'s CSVs from the bundle alone: `output` (path, predicted_class, one
-    probability column per class) and `<output stem>.errors.csv`."""
-    image_files.check_outputs(output)
-    predictor = Predictor(directory)
-    tiles, readable, errors = predictor.read_tiles(image_files.list_inputs(input_pattern))
-    probabilities = predictor.probabilities(np.stack(tiles) if tiles else np.zeros((0, predictor.size,
-                                                                                    predictor.size, 3), np.uint8),
-                                            batch_size)
-    errors_path = image_files.write_errors(output, errors)
-    image_files.write_predictions(output, readable, predictor.classes, probabilities,
-                                  predictor.metadata.get('decision_rule'))
-    return {'output': output, 'predicted': len(readable), 'unreadable': len(errors), 'errors': errors_path,
-            'checkpoint_step': predictor.metadata['source']['checkpoint_step']}
+    """`bundle_predictor.predict`, with metadata.json checked against its schema too."""
+    return bundle_predictor.predict(directory, input_pattern, output, batch_size=batch_size, validate=validate)
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog='python -m allflax.bundle', description=__doc__.split('\n\n')[0])
-    parser.add_argument('--bundle', required=True, help='the folder --mode=export wrote')
-    parser.add_argument('--input', required=True, help='an image file, a folder of images or a glob pattern')
-    parser.add_argument('--output', default='predictions.csv', help='the CSV to write')
-    parser.add_argument('--batch_size', type=int, default=32, help='images per ONNX Runtime call')
-    args = parser.parse_args(argv)
-    try:
-        summary = predict(args.bundle, args.input, args.output, batch_size=args.batch_size)
-    except (BundleError, FileNotFoundError, files.OutputRefused) as error:
-        print(f'error: {error}', file=sys.stderr)
-        sys.exit(1)
-    print(json.dumps(summary))
+    """`python -m allflax.bundle`: the bundle's own predictor (its predict.py), run from this checkout."""
+    bundle_predictor.main(argv, prog='python -m allflax.bundle', validate=validate)
 
 
 if __name__ == '__main__':

@@ -317,14 +317,19 @@ def render(metadata: dict) -> str:
     lines += ['', '## Limitations', '', *[f'- {line}' for line in limitations(metadata)], '',
               *_licence_section(metadata),
               '## How to run it', '',
-              'In a checkout of allflax (its `allflax/` package; JAX is not needed):', '',
+              'This folder alone, with Python 3.11 or newer and the packages pinned in its `requirements.txt` '
+              '(NumPy, OpenCV, ONNX Runtime): no checkout of allflax, no JAX. From any directory:', '',
               '```',
-              'pip install onnxruntime jsonschema opencv-python-headless numpy  # the versions of requirements.txt',
-              'python -m allflax.bundle --bundle=THIS_FOLDER --input=cells/ --output=predictions.csv',
+              'python -m venv venv && venv/bin/pip install -r THIS_FOLDER/requirements.txt',
+              'venv/bin/python THIS_FOLDER/predict.py --input=cells/ --output=predictions.csv  # [--batch_size=32]',
               '```', '',
-              'It checks every file against metadata.json, preprocesses each image as training did and writes one '
-              'row per image (path, predicted_class, one probability per class); unreadable images go to '
-              '`predictions.errors.csv`. Elsewhere, feed `model.onnx` the preprocessed uint8 tiles '
+              '`predict.py` first checks the schema version and every file against the SHA-256 metadata.json holds '
+              '(a changed or missing file is refused by name, and nothing is written), then preprocesses each image '
+              'with the code training used (`preprocess.py`, `image_files.py`: allflax\'s own modules, copied at '
+              'export) and writes one row per image (path, predicted_class, one probability per class, '
+              'decision_rule); unreadable images go to `predictions.errors.csv`. In a checkout of allflax, '
+              '`python -m allflax.bundle --bundle=THIS_FOLDER --input=cells/ --output=predictions.csv` runs the same '
+              'predictor. Elsewhere, feed `model.onnx` the preprocessed uint8 tiles '
               f'(input `{metadata["input"]["name"]}`), or call `model.jax` with '
               '`jax.export.deserialize(open("model.jax", "rb").read()).call(tiles)` on '
               f'{", ".join(metadata["formats"]["stablehlo"]["platforms"])}.', '']

@@ -2,10 +2,13 @@
 # Both paper recipes on one NVIDIA GPU, bfloat16, at their real image sizes, the model's own head:
 # images/s (train, eval), the allocator's peak memory and MFU, as a table
 # (benchmarks/accelerator_report.py), beside what `python -m allflax.aot_check` predicts for the
-# same GPU and batch compiling without it (train GiB, roofline images/s): compiled here on the CPU
-# for a GPU that allflax/gpu/targets.py knows (AOT=0 skips it), else the README table's JSON
-# (benchmarks/gpu_check), else n/a. Under 5 minutes on an H200, compiles included, plus the two
-# ahead-of-time compiles (about 2 minutes on 2 CPU cores).
+# same GPU, dtype and batch compiling without it (train GiB, roofline images/s): compiled here on
+# the CPU for a GPU that allflax/gpu/targets.py knows (AOT=0 skips it), else the README table's
+# JSON (benchmarks/gpu_check), else n/a. Under 5 minutes on an H200, compiles included, plus the
+# ahead-of-time compiles (about 2 minutes each on 2 CPU cores).
+# On a T4 (no bfloat16): float16 with loss scaling (`:gpu,t4`, its steps skipped for overflow
+# counted) beside float32 at half the batch (a micro-batch of the float32 recipes: 128 do not fit
+# in one pass); on a P100, float32 at half the batch (`:gpu,p100`'s micro-batch).
 #
 #   bash benchmarks/accelerator_check.sh
 #   BATCH_VGG=256 STEPS=30 RESULTS_DIR=/tmp/out bash benchmarks/accelerator_check.sh
@@ -91,6 +94,21 @@ $INSTALL_HINT"
   exit 4
 fi
 
+# The GPU's name in allflax/gpu/targets.py (t4, h100, ...): its dtypes, its config arg, its prediction.
+device_kind=$("$PYTHON" -c "import jax; print(jax.devices()[0].device_kind)" 2>/dev/null || true)
+topology=$(JAX_PLATFORMS=cpu "$PYTHON" -c "import sys; from allflax.gpu import targets
+gpu = targets.by_device_kind(sys.argv[1]); print(gpu.name if gpu else '')" "$device_kind" 2>/dev/null || true)
+# Runs as recipe:dtype:batch; ARG is the config arg whose train step the prediction compiles.
+ARG=gpu
+RUNS="vgg19_mhsa:bfloat16:$BATCH_VGG efficientnetv2_b3_se:bfloat16:$BATCH_B3"
+case $topology in
+  t4) ARG=gpu,t4
+      RUNS="vgg19_mhsa:float16:$BATCH_VGG vgg19_mhsa:float32:$((BATCH_VGG / 2))
+            efficientnetv2_b3_se:float16:$BATCH_B3 efficientnetv2_b3_se:float32:$((BATCH_B3 / 2))" ;;
+  p100) ARG=gpu,p100
+        RUNS="vgg19_mhsa:float32:$((BATCH_VGG / 2)) efficientnetv2_b3_se:float32:$((BATCH_B3 / 2))" ;;
+esac
+
 if [[ -z $RESULTS_DIR ]]; then RESULTS_DIR=$(mktemp -d); else mkdir -p "$RESULTS_DIR"; fi
 results="$RESULTS_DIR/accelerator_check.jsonl"
 : >"$results"
@@ -99,7 +117,7 @@ run() {  # name, then benchmarks.throughput flags.
   local name=$1; shift
   say "$name: $*"
   local start=$SECONDS rc=0
-  timeout --kill-after=10 "$RUN_TIMEOUT" "$PYTHON" -m benchmarks.throughput --head=model --dtype=bfloat16 \
+  timeout --kill-after=10 "$RUN_TIMEOUT" "$PYTHON" -m benchmarks.throughput --head=model \
     --steps="$STEPS" "$@" >"$RESULTS_DIR/$name.out" 2>"$RESULTS_DIR/$name.err" || rc=$?
   if [[ $rc -ne 0 ]] || ! grep '^{' "$RESULTS_DIR/$name.out" >>"$results"; then
     [[ $rc -eq 124 || $rc -eq 137 ]] && say "$name: over its ${RUN_TIMEOUT}s (RUN_TIMEOUT)"
@@ -110,26 +128,29 @@ run() {  # name, then benchmarks.throughput flags.
     say "$name: done in $((SECONDS - start)) s"
   fi
 }
-run vgg19_mhsa --model=vgg19_mhsa --image_size=224 --batch_size="$BATCH_VGG"
-run efficientnetv2_b3_se --model=efficientnetv2_b3_se --image_size=300 --batch_size="$BATCH_B3"
+declare -A SIZE=([vgg19_mhsa]=224 [efficientnetv2_b3_se]=300)
+for entry in $RUNS; do
+  IFS=: read -r recipe dtype batch <<<"$entry"
+  run "${recipe}_$dtype" --model="$recipe" --image_size="${SIZE[$recipe]}" --batch_size="$batch" --dtype="$dtype"
+done
 
-# The prediction the README's table would make for this GPU, at this commit and these batches: the
-# recipe's `:gpu` train step (B3+SE's with all of paper 2's augmentation, which the benchmark
+# The prediction the README's table would make for this GPU, at this commit, dtypes and batches: the
+# recipe's `:$ARG` train step (B3+SE's with all of paper 2's augmentation, which the benchmark
 # leaves out), compiled for the GPU's target on this machine's CPU, as on a host without one.
 predictions="$RESULTS_DIR/aot"
 mkdir -p "$predictions"
 cp benchmarks/gpu_check/*.json "$predictions"/ 2>/dev/null || true
-device_kind=$("$PYTHON" -c "import jax; print(jax.devices()[0].device_kind)" 2>/dev/null || true)
-topology=$(JAX_PLATFORMS=cpu "$PYTHON" -c "import sys; from allflax.gpu import targets
-gpu = targets.by_device_kind(sys.argv[1]); print(gpu.name if gpu else '')" "$device_kind" 2>/dev/null || true)
 if [[ ${AOT:-1} == 1 && -n $topology ]]; then
-  for recipe in vgg19_mhsa:"$BATCH_VGG" efficientnetv2_b3_se:"$BATCH_B3"; do
-    name=${recipe%%:*}
-    say "AOT: $name for $topology, compiled on the CPU"
+  rm -f "$predictions"/*_"$topology".json  # This commit's compiles replace the table's for this GPU.
+  for entry in $RUNS; do
+    IFS=: read -r name dtype batch <<<"$entry"
+    say "AOT: $name in $dtype for $topology, compiled on the CPU"
     JAX_PLATFORMS=cpu timeout --kill-after=10 "$RUN_TIMEOUT" "$PYTHON" -m allflax.aot_check \
-      --config=configs/"$name".py:gpu --config.batch_size="${recipe#*:}" --topology="$topology" --steps=train \
-      --output="$predictions/${name}_$topology.json" >"$RESULTS_DIR/aot_$name.out" 2>"$RESULTS_DIR/aot_$name.err" ||
-      say "AOT: $name failed (its output: $RESULTS_DIR/aot_$name.err); the table's JSON, if any, stands"
+      --config=configs/"$name".py:"$ARG" --config.dtype="$dtype" --config.batch_size="$batch" \
+      --topology="$topology" --steps=train --output="$predictions/${name}_${topology}_${dtype}_$batch.json" \
+      >"$RESULTS_DIR/aot_${name}_$dtype.out" 2>"$RESULTS_DIR/aot_${name}_$dtype.err" || {
+      say "AOT: $name in $dtype failed (its output: $RESULTS_DIR/aot_${name}_$dtype.err); the table's JSON, if any, stands"
+      cp "benchmarks/gpu_check/${name}_$topology.json" "$predictions"/ 2>/dev/null || true; }
   done
 elif [[ -z $topology ]]; then
   say "AOT: no target for '$device_kind' in allflax/gpu/targets.py: no prediction to compare"

@@ -9,6 +9,9 @@ With --predictions, each row also shows what `python -m allflax.aot_check` predi
 without a GPU, for the same model, batch and GPU (one device, same device_kind): train GiB per
 device and roofline images/s, so that the README's GPU table can be corrected where they disagree.
 
+skipped: float16 steps whose gradients overflowed (changing nothing but the loss scale), of the
+train steps run; n/a in other dtypes.
+
 MFU = train FLOPs per image (XLA's cost analysis of the whole train step: forward, backward,
 update) × train images/s ÷ the GPU's published dense bfloat16 peak. The peak is the datasheet's
 headline, not what a matrix product reaches (an H200 ran 8192³ bf16 products at ~790 TFLOP/s here).
@@ -110,7 +113,7 @@ def _number(value: float | None, digits: int) -> str:
 def table(records: list[dict], predictions: list[dict] = ()) -> str:
     """One row per record, in a fixed-width text table; AOT columns n/a without a prediction."""
     header = ('model', 'size', 'batch', 'dtype', 'train img/s', 'eval img/s', 'train GFLOP/img',
-              'peak HBM GiB', 'MFU', 'compile s', 'AOT GiB', 'AOT roofline img/s', 'device')
+              'peak HBM GiB', 'MFU', 'compile s', 'AOT GiB', 'AOT roofline img/s', 'skipped', 'device')
     rows = []
     for record in records:
         utilisation = mfu(record)
@@ -123,6 +126,8 @@ def table(records: list[dict], predictions: list[dict] = ()) -> str:
                      _number(record.get('compile_seconds'), 1),
                      _number(train and train['hbm_per_chip_gib']['total'], 2),
                      _number(train and train['roofline']['images_per_second_per_chip'], 0),
+                     'n/a' if record.get('skipped_steps') is None else
+                     f"{record['skipped_steps']}/{record.get('train_steps_run', '?')}",
                      record.get('device', '?')))
     widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header))]
     lines = ['  '.join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in (header, *rows)]

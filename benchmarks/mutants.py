@@ -28,6 +28,7 @@ MODULES = {
     'allflax/evaluation/calibration.py': ['tests/test_stats.py', 'tests/test_calibration.py'],
     'allflax/data/splits.py': ['tests/test_splits.py'],
     'allflax/bundle.py': ['tests/test_bundle.py'],
+    'allflax/bundle_predictor.py': ['tests/test_bundle.py'],
     'allflax/training/run_guard.py': ['tests/test_run_guard.py', 'tests/test_outputs.py'],
 }
 # What the tests import or read besides allflax/ and tests/: the recipes (conftest.py), pytest's settings.

@@ -9,7 +9,8 @@ pooling → one dense layer (no hidden layer, no dropout, no attention). flops_p
 cost analysis of the train step (forward, backward, update) over the batch size, with every
 convolution counted as a direct one (`ops.portable_only`): the nominal FLOPs, whichever kernels run.
 memory is the device allocator's peak and limit in bytes (None where the device keeps no
-statistics, as on the CPU).
+statistics, as on the CPU). With --dtype=float16 the step scales its loss (`:gpu,t4`):
+skipped_steps of train_steps_run overflowed and changed nothing but the scale.
 """
 import json
 import resource
@@ -29,7 +30,8 @@ flags.DEFINE_integer('image_size', 224, 'Square input size in pixels.')
 flags.DEFINE_integer('batch_size', 16, 'Images per step.')
 flags.DEFINE_enum('head', 'model', ['model', 'gap'], "'model': the registered model's own head; 'gap': GAP → dense.")
 flags.DEFINE_integer('num_classes', 4, 'Classes of the head.')
-flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'Compute dtype (parameters stay float32).')
+flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16', 'float16'],
+                  'Compute dtype (parameters stay float32; float16 with dynamic loss scaling).')
 flags.DEFINE_integer('steps', 10, 'Timed steps of each kind.')
 flags.DEFINE_boolean('blocks_from_stdin', False, 'Time the train step in blocks of --steps, one per line read from '
                      'stdin, until it closes (how benchmarks.peers interleaves frameworks); then the eval step.')
@@ -75,6 +77,7 @@ def main(argv):
     evaluation = common.seconds(bare.eval, FLAGS.steps)
     train_images_per_sec = batch_size / float(np.median(train))
     flops_per_image = bare.train_flops / batch_size
+    loss_scale = getattr(bare.state, 'loss_scale', None)
     print(json.dumps({
         'model': FLAGS.model, 'image_size': size, 'batch_size': batch_size, 'head': FLAGS.head,
         'num_classes': FLAGS.num_classes, 'dtype': FLAGS.dtype, 'steps': len(train),
@@ -85,6 +88,9 @@ def main(argv):
         'peak_rss_mb': round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
         'flops_per_image': round(flops_per_image),
         'achieved_gflops': round(flops_per_image * train_images_per_sec / 1e9, 2), 'memory': device_memory(),
+        'train_steps_run': int(bare.state.step),
+        'skipped_steps': None if loss_scale is None else int(loss_scale.skipped_steps),
+        'loss_scale': None if loss_scale is None else float(loss_scale.scale),
         **common.machine()}))
 
 

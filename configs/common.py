@@ -19,11 +19,13 @@ DEMO = dict(image_size=64, batch_size=16, total_steps=800, num_images=2400, num_
 # 300 to 1,050 steps the first checkpoint comes before half of the run.
 ACCELERATORS = {'gpu': dict(dtype='bfloat16', batch_size=128, max_device_batch=128, checkpoint_every_steps=100),
                 'tpu': dict(dtype='bfloat16', batch_size=256, max_device_batch=64, checkpoint_every_steps=100)}
-# After `gpu`, for GPUs that need other settings (`:gpu,t4`). A T4 (Turing) has no bfloat16 tensor
-# cores; its float16 ones would need dynamic loss scaling, which the train step does not have, so
-# it computes in float32 (8.1 TFLOP/s), in micro-batches that fit its 15 GiB. At a tenth of its
-# VGG19+MHSA roofline (72 images/s), 30 steps of 128 take 9 minutes.
-GPU_VARIANTS = {'t4': dict(dtype='float32', max_device_batch=64, checkpoint_every_steps=30)}
+# After `gpu`, for GPUs without bfloat16 (`:gpu,t4`). A T4 (Turing; Colab's free GPU, Kaggle's two)
+# computes in float16 on its tensor cores (65 TFLOP/s against 8.1 in float32), with dynamic loss
+# scaling (allflax/training/loss_scale.py). Kaggle's P100 (Pascal, no tensor cores) in float32, in
+# micro-batches that fit its 16 GB: at a tenth of its VGG19+MHSA roofline, 30 steps of 128 take
+# 8 minutes (benchmarks/RESULTS.md, "Checkpoints on Colab").
+GPU_VARIANTS = {'t4': dict(dtype='float16'),
+                'p100': dict(dtype='float32', max_device_batch=64, checkpoint_every_steps=30)}
 
 
 def base_config(*, model: str, data: str, image_size: int, batch_size: int, num_epochs: int,

@@ -64,3 +64,15 @@ def test_rows_show_the_aot_prediction_for_the_same_gpu_model_and_batch(tmp_path,
     assert accelerator_report.main(['accelerator_report', f'--predictions={tmp_path}', str(results)]) == 0
     rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith('vgg19_mhsa')]
     assert [row[10:12] for row in rows] == [['6.43', '8732'], ['n/a', 'n/a']]
+
+
+def test_a_float16_row_counts_its_skipped_steps(tmp_path, capsys):
+    """On a T4, float16 beside float32: the steps the loss scale skipped, of those run; n/a in float32."""
+    t4 = {**H200, 'device': 'Tesla T4', 'train_images_per_sec': 250.0}
+    results = tmp_path / 'results.jsonl'
+    results.write_text('\n'.join(map(json.dumps, [
+        {**t4, 'dtype': 'float16', 'train_steps_run': 21, 'skipped_steps': 2, 'loss_scale': 16384.0},
+        {**t4, 'dtype': 'float32', 'batch_size': 64, 'train_steps_run': 21, 'skipped_steps': None}])) + '\n')
+    assert accelerator_report.main(['accelerator_report', str(results)]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith('vgg19_mhsa')]
+    assert [(row[3], row[12]) for row in rows] == [('float16', '2/21'), ('float32', 'n/a')]

@@ -3,8 +3,11 @@ probabilities numpy recomputes) is written, checked, refused when changed, repla
 is one, and predicts as its numpy reference. tests/test_export.py holds bundles of trained models."""
 import csv
 import hashlib
+import importlib.util
 import json
 import os
+import subprocess
+import sys
 
 import cv2
 import numpy as np
@@ -14,11 +17,14 @@ from onnx import TensorProto, helper, numpy_helper
 
 from allflax import bundle, files, model_card
 from allflax.data import image_files, preprocess, sources
+from allflax.data.sources import fake_trees
 from configs import common
 
 SIZE = 8
 CLASSES = ('all', 'hem', 'other')
 STEPS = ['resize_pad']
+# The files every bundle's predictor is (bundle.write_predictor).
+PREDICTOR_FILES = ('predict.py', 'files.py', 'preprocess.py', 'image_files.py', 'requirements.txt')
 WEIGHTS = np.random.default_rng(0).normal(size=(3, len(CLASSES))).astype(np.float32) / 50
 
 
@@ -97,7 +103,8 @@ def test_finish_makes_every_file_readable_as_the_umask_allows(tmp_path):
     finally:
         os.umask(umask)
     assert {name: os.stat(directory / name).st_mode & 0o777 for name in os.listdir(directory)} == {
-        'model.onnx': 0o640, 'model.jax': 0o640, 'MODEL_CARD.md': 0o640, 'metadata.json': 0o640}
+        'model.onnx': 0o640, 'model.jax': 0o640, 'MODEL_CARD.md': 0o640, 'metadata.json': 0o640,
+        **dict.fromkeys(PREDICTOR_FILES, 0o640)}
 
 
 def test_finish_refuses_invalid_metadata_naming_the_file(tmp_path):
@@ -106,12 +113,12 @@ def test_finish_refuses_invalid_metadata_naming_the_file(tmp_path):
     with pytest.raises(bundle.BundleError, match=f'^{directory}/metadata.json: not a valid bundle metadata.json '
                                                  f'at model: '):
         bundle.finish(str(directory), dict(metadata_of(), model=''), '# card\n')
-    assert os.listdir(directory) == ['MODEL_CARD.md']  # No metadata.json: not a bundle.
+    assert 'metadata.json' not in os.listdir(directory)  # Not a bundle.
 
 
 def test_finish_hashes_every_other_file_and_read_checks_them(tiny_bundle):
     metadata = read_json(os.path.join(tiny_bundle, 'metadata.json'))
-    assert set(metadata['files']) == {'model.onnx', 'model.jax', 'MODEL_CARD.md'}
+    assert set(metadata['files']) == {'model.onnx', 'model.jax', 'MODEL_CARD.md', *PREDICTOR_FILES}
     for name, digest in metadata['files'].items():
         with open(os.path.join(tiny_bundle, name), 'rb') as f:
             assert hashlib.sha256(f.read()).hexdigest() == digest
@@ -119,7 +126,7 @@ def test_finish_hashes_every_other_file_and_read_checks_them(tiny_bundle):
     assert bundle.read_metadata(tiny_bundle) == metadata
 
 
-@pytest.mark.parametrize('name', ['model.onnx', 'model.jax', 'MODEL_CARD.md'])
+@pytest.mark.parametrize('name', ['model.onnx', 'model.jax', 'MODEL_CARD.md', 'predict.py', 'requirements.txt'])
 def test_a_changed_or_missing_file_is_named(tiny_bundle, name):
     path = os.path.join(tiny_bundle, name)
     with open(path, 'r+b') as f:
@@ -503,3 +510,160 @@ def test_a_threshold_rule_decides_the_class_and_is_named(tmp_path):
         rows = list(csv.reader(f))
     assert rows[0] == ['path', 'predicted_class', 'hem', 'all', 'decision_rule']
     assert [row[1] for row in rows[1:]] == expected and {row[-1] for row in rows[1:]} == {'threshold 0.4 on all'}
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# What a bundle's predictor must run without: each is made unimportable for predict.py's runs here.
+NOT_IN_A_BUNDLE = ('allflax', 'jax', 'jaxlib', 'flax', 'orbax', 'grain', 'tensorflow', 'jsonschema', 'configs')
+
+
+def without_allflax(tmp_path) -> dict:
+    """An environment whose PYTHONPATH shadows allflax, JAX and the rest with packages that refuse to
+    be imported: a run that imports any of them fails, naming it."""
+    poisoned = tmp_path / 'poisoned'
+    for name in NOT_IN_A_BUNDLE:
+        (poisoned / name).mkdir(parents=True)
+        (poisoned / name / '__init__.py').write_text(f'raise ImportError("the bundle imported {name}")\n')
+    return dict(os.environ, PYTHONPATH=str(poisoned))
+
+
+def run_predict_py(directory, *args, cwd, python=sys.executable, env=None):
+    """`python BUNDLE/predict.py ARGS` in a fresh process, from `cwd`."""
+    return subprocess.run([python, os.path.join(directory, 'predict.py'), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_the_bundled_predictor_is_allflax_code_with_its_imports_pointed_at_the_bundle(tiny_bundle):
+    """Each bundled module is its allflax module line for line, after a header naming it and the
+    commit; the only lines that differ are `from allflax... import` lines, which import the bundle's copies."""
+    origins = {'predict.py': 'allflax/bundle_predictor.py', 'files.py': 'allflax/files.py',
+               'preprocess.py': 'allflax/data/preprocess.py', 'image_files.py': 'allflax/data/image_files.py'}
+    for name, origin in origins.items():
+        with open(os.path.join(tiny_bundle, name)) as f:
+            bundled = f.read().splitlines()
+        with open(os.path.join(ROOT, origin)) as f:
+            original = f.read().splitlines()
+        header, body = bundled[:len(bundled) - len(original)], bundled[len(bundled) - len(original):]
+        assert header[:2] == [f"# {name} of this bundle: {origin}, written by allflax's --mode=export at",
+                              '# commit test: the code of allflax itself, unchanged but for its "from allflax...']
+        assert len(header) == 4 and all(line.startswith('# ') for line in header)
+        expected = [(line, 'import ' + line.split(' import ', 1)[1])
+                    for line in original if line.startswith('from allflax')]
+        assert [(a, b) for a, b in zip(original, body) if a != b] == expected
+    assert open(os.path.join(tiny_bundle, 'requirements.txt')).read().splitlines()[2:] == [
+        'numpy==2.4.6', 'opencv-python-headless==5.0.0.93', 'onnxruntime==1.32.0']  # As requirements.txt pins them.
+    assert read_json(os.path.join(tiny_bundle, 'metadata.json'))['predictor']['modules'] == [
+        'files.py', 'image_files.py', 'preprocess.py']
+
+
+def test_export_refuses_a_predictor_module_that_imports_beyond_the_bundle(tmp_path, monkeypatch):
+    def module(source):
+        path = tmp_path / f'extra{len(list(tmp_path.iterdir()))}.py'
+        path.write_text(source)
+        extra = importlib.util.module_from_spec(importlib.util.spec_from_file_location(path.stem, path))
+        monkeypatch.setitem(bundle.PREDICTOR_MODULES, extra, 'extra.py')
+        return extra
+
+    for source, refused in [('import os\nimport jax\n', 'imports jax, which a bundle'),
+                            ('def f():\n    from jsonschema import validators\n', 'imports jsonschema, which'),
+                            ('from allflax.evaluation import calibration\n', 'imports what a bundle does not carry '
+                                                                             r'\(from allflax.evaluation import'),
+                            ('import allflax.files\n', 'imports what a bundle does not carry'),
+                            ('from . import files\n', 'imports , which')]:
+        with pytest.raises(RuntimeError, match=f'extra.*\\.py {refused}.*; no bundle written$'):
+            bundle.bundled_source(module(source), 'test')
+    assert bundle.bundled_source(module('import cv2\nfrom allflax import files\n'), 'test').endswith(
+        '\nimport cv2\nimport files\n')
+
+
+def test_predict_py_runs_alone_from_any_directory_as_the_allflax_cli(tiny_bundle, tmp_path):
+    """predict.py, from another directory, with allflax, JAX and jsonschema unimportable: the same
+    CSVs, byte for byte, as `python -m allflax.bundle`, and the numpy reference's probabilities."""
+    cells = str(tmp_path / 'cells')
+    paths = write_cells(cells)
+    elsewhere = tmp_path / 'elsewhere'
+    elsewhere.mkdir()
+    run = run_predict_py(tiny_bundle, f'--input={cells}', '--output=out/preds.csv', '--batch_size=2',
+                         cwd=elsewhere, env=without_allflax(tmp_path))
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout) == {'output': 'out/preds.csv', 'predicted': 5, 'unreadable': 1,
+                                      'errors': 'out/preds.errors.csv', 'checkpoint_step': 3}
+    assert run.stderr.splitlines() == [f'unreadable: {cells}/broken.png: not a decodable image (truncated, corrupt or '
+                                       'not an image)']
+    assert set(os.listdir(tiny_bundle)) == {'metadata.json', *read_json(os.path.join(tiny_bundle,
+                                                                                      'metadata.json'))['files']}
+    bundle.main([f'--bundle={tiny_bundle}', f'--input={cells}', f'--output={tmp_path / "cli.csv"}'])
+    for suffix in ('.csv', '.errors.csv'):
+        assert (elsewhere / 'out' / f'preds{suffix}').read_bytes() == (tmp_path / f'cli{suffix}').read_bytes()
+    with open(elsewhere / 'out' / 'preds.csv', newline='') as f:
+        rows = list(csv.reader(f))[1:]
+    tiles = np.stack([preprocess.preprocess(preprocess.read_image(p), STEPS, SIZE) for p in paths])
+    assert [row[0] for row in rows] == paths
+    np.testing.assert_allclose(np.float64([row[2:-1] for row in rows]), reference_probabilities(tiles), atol=1e-6)
+
+
+def tree_of(folder):
+    return sorted((root, tuple(sorted(names))) for root, _, names in os.walk(folder))
+
+
+def test_predict_py_refuses_a_changed_bundle_by_name_in_one_line_and_writes_nothing(tiny_bundle, tmp_path):
+    cells = str(tmp_path / 'cells')
+    write_cells(cells, count=1)
+    metadata = read_json(os.path.join(tiny_bundle, 'metadata.json'))
+    env = without_allflax(tmp_path)
+
+    def refused(message):
+        before = tree_of(tmp_path)
+        run = run_predict_py(tiny_bundle, f'--input={cells}', f'--output={tmp_path / "p.csv"}', cwd=tmp_path, env=env)
+        assert (run.returncode, run.stdout, run.stderr.splitlines()) == (1, '', [f'error: {message}'])
+        assert tree_of(tmp_path) == before
+
+    changed = 'has changed since export: its SHA-256 is not the one metadata.json holds; export the bundle again'
+    for name, change in [('preprocess.py', b'\n# an edit\n'), ('image_files.py', b'\nraise SystemExit(3)\n'),
+                         ('model.onnx', b'\0'), ('requirements.txt', b'jax\n')]:
+        path = os.path.join(tiny_bundle, name)
+        original = open(path, 'rb').read()
+        with open(path, 'ab') as f:
+            f.write(change)
+        refused(f'{path} {changed}')  # Its modules before they are imported: a changed one never runs.
+        with open(path, 'wb') as f:
+            f.write(original)
+    os.remove(os.path.join(tiny_bundle, 'files.py'))
+    refused(f'{tiny_bundle}/files.py is missing from the bundle (metadata.json lists it)')
+    with open(os.path.join(tiny_bundle, 'metadata.json'), 'w') as f:
+        json.dump(dict(metadata, schema_version=2), f)
+    refused(f'{tiny_bundle}/metadata.json: schema version 2 is not one this allflax reads (1); export the bundle '
+            'again, or read it with the allflax that wrote it')
+    with open(os.path.join(tiny_bundle, 'metadata.json'), 'w') as f:
+        json.dump(dict(metadata, input=dict(metadata['input'], size='8')), f)
+    refused(f'{tiny_bundle}/metadata.json: not a valid bundle metadata.json at input/size: expected a int; export the '
+            'bundle again')
+
+
+def test_the_bundled_preprocessing_gives_training_tiles_bit_for_bit(tiny_bundle, tmp_path):
+    """The bundle's own image_files and preprocess (as predict.py imports them, without allflax) on
+    synthetic smear cells saved as PNG and JPEG, square and not, against training's
+    `preprocess.preprocess(preprocess.read_image(path))`: each step alone and all four."""
+    cells = fake_trees.generated_cells('synthetic_all4', count_per_class=1, size=48, seed=0)
+    paths = []
+    for i, cell in enumerate(cell for per_class in cells for cell in per_class):
+        for extension, image in (('png', cell), ('jpg', cell[:, 7:]), ('png', cell[5:, :40])):
+            paths.append(fake_trees.write_image(str(tmp_path / 'cells' / f'cell{i}_{image.shape[1]}.{extension}'),
+                                                image))
+    step_lists = {'resize_pad': ['resize_pad'], 'clahe': ['clahe'], 'roi_crop': ['roi_crop'], 'lab': ['lab'],
+                  'all': ['roi_crop', 'clahe', 'resize_pad', 'lab']}
+    script = (f'import sys\nimport numpy as np\nsys.path.insert(0, {tiny_bundle!r})\nimport image_files\n'
+              f'tiles = {{}}\nfor name, steps in {step_lists!r}.items():\n'
+              f'    read, readable, errors = image_files.read_tiles({paths!r}, steps, {SIZE * 4})\n'
+              f'    assert readable == {paths!r} and errors == [], errors\n'
+              f'    tiles[name] = np.stack(read)\nnp.savez({str(tmp_path / "tiles.npz")!r}, **tiles)\n')
+    run = subprocess.run([sys.executable, '-c', script], cwd=tmp_path, env=without_allflax(tmp_path),
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    bundled = np.load(tmp_path / 'tiles.npz')
+    for name, steps in step_lists.items():
+        training = np.stack([preprocess.preprocess(preprocess.read_image(p), steps, SIZE * 4) for p in paths])
+        assert bundled[name].dtype == np.uint8 and bundled[name].shape == (len(paths), SIZE * 4, SIZE * 4, 3)
+        np.testing.assert_array_equal(bundled[name], training, err_msg=name)
+        if name != 'resize_pad':  # Each step changes the tiles: the comparison would catch a step left out.
+            assert (bundled[name] != bundled['resize_pad']).any(axis=(1, 2, 3)).all(), name

@@ -1,5 +1,6 @@
 """Recipe arg strings: `:gpu` and `:tpu` give bfloat16 runs at accelerator batch sizes, and agree
 with the compiled reports of benchmarks/tpu_check and benchmarks/gpu_check."""
+import functools
 import importlib
 import os
 
@@ -42,6 +43,20 @@ def reports_with_configs():
     return pairs
 
 
+@functools.cache
+def _model_dtypes(recipe_name: str, arg: str):
+    """(logits, the params' dtypes) of the recipe's model as `arg` builds it: traced once for the
+    args that build the same model (`:gpu` and `:tpu` differ only in batch)."""
+    config = importlib.import_module(recipe_name).get_config(arg)
+    model = nnx.eval_shape(lambda: models.create(config.model.name, 2, dtype=config.dtype,
+                                                 image_size=config.data.image_size, **config.model.options))
+    graphdef, state = nnx.split(model)
+    size = config.data.image_size
+    logits = jax.eval_shape(lambda state, images: nnx.merge(graphdef, state)(images), state,
+                            jax.ShapeDtypeStruct((2, size, size, 3), jnp.float32))
+    return logits, {leaf.dtype for leaf in jax.tree.leaves(nnx.state(model, nnx.Param))}
+
+
 @pytest.mark.parametrize('recipe', RECIPES)
 @pytest.mark.parametrize('accelerator', sorted(common.ACCELERATORS))
 def test_accelerator_arg_builds_a_bfloat16_model(recipe, accelerator):
@@ -49,14 +64,10 @@ def test_accelerator_arg_builds_a_bfloat16_model(recipe, accelerator):
     assert config.dtype == 'bfloat16' and config.batch_size > default.batch_size
     changed = {key for key, value in _flat(config).items() if _flat(default)[key] != value}
     assert changed <= _ACCELERATOR_KEYS, changed
-    model = nnx.eval_shape(lambda: models.create(config.model.name, 2, dtype=config.dtype,
-                                                 image_size=config.data.image_size, **config.model.options))
-    graphdef, state = nnx.split(model)
-    size = config.data.image_size
-    logits = jax.eval_shape(lambda state, images: nnx.merge(graphdef, state)(images), state,
-                            jax.ShapeDtypeStruct((2, size, size, 3), jnp.float32))
+    assert _flat(config.model) == _flat(recipe.get_config('gpu').model)  # The same model for every accelerator.
+    logits, param_dtypes = _model_dtypes(recipe.__name__, 'gpu')
     assert logits.shape == (2, 2) and logits.dtype == jnp.float32
-    assert {leaf.dtype for leaf in jax.tree.leaves(nnx.state(model, nnx.Param))} == {jnp.dtype('float32')}
+    assert param_dtypes == {jnp.dtype('float32')}
 
 
 def test_args_apply_in_order_and_unknown_ones_are_refused():
@@ -88,13 +99,18 @@ def test_the_reports_are_of_the_configs_as_they_are():
 
 
 @pytest.mark.parametrize('recipe', RECIPES)
-def test_a_t4_makes_the_gpu_update_in_a_dtype_it_has(recipe):
-    """`:gpu,t4`: the update of `:gpu` (the same global batch), in a dtype that a T4 computes
-    (allflax/gpu/targets.py: it has no bfloat16) and `:gpu`'s dtype on every other GPU."""
-    gpu, t4 = recipe.get_config('gpu'), recipe.get_config('gpu,t4')
-    assert t4.batch_size == gpu.batch_size and t4.optimizer == gpu.optimizer
-    assert t4.dtype in targets.GPUS['t4'].peak_flops and gpu.dtype not in targets.GPUS['t4'].peak_flops
-    assert all(gpu.dtype in target.peak_flops for name, target in targets.GPUS.items() if name != 't4')
+@pytest.mark.parametrize('name', sorted(common.GPU_VARIANTS))
+def test_a_gpu_without_bfloat16_makes_the_gpu_update_in_a_dtype_it_has(recipe, name):
+    """`:gpu,t4` and `:gpu,p100`: the update of `:gpu` (the same global batch), in a dtype that the GPU
+    computes (allflax/gpu/targets.py: neither has bfloat16) and `:gpu`'s dtype on every other GPU;
+    the T4's fastest (float16, its tensor cores')."""
+    gpu, variant = recipe.get_config('gpu'), recipe.get_config(f'gpu,{name}')
+    assert variant.batch_size == gpu.batch_size and variant.optimizer == gpu.optimizer
+    assert variant.dtype in targets.GPUS[name].peak_flops and gpu.dtype not in targets.GPUS[name].peak_flops
+    assert all(gpu.dtype in target.peak_flops for other, target in targets.GPUS.items()
+               if other not in common.GPU_VARIANTS)
+    t4 = targets.GPUS['t4'].peak_flops
+    assert recipe.get_config('gpu,t4').dtype == max(t4, key=t4.get)
 
 
 # A tenth of the roofline: what a real step reaches is below it (data loading, the host, the

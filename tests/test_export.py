@@ -16,7 +16,8 @@ from absl import flags
 from flax import nnx
 
 import main
-from allflax import bundle, export, files, model_card, models, predict, train
+import platform_deps
+from allflax import bundle, bundle_predictor, export, files, model_card, models, predict, train
 from allflax.data import pipeline, sources
 from allflax.evaluation import metrics
 from configs import efficientnetv2_b3_se
@@ -135,7 +136,8 @@ def test_bundle_predicts_as_the_checkpoint(recipe, request):
     metadata = bundle.read_metadata(output)
     thumbnails = {error['thumbnail'] for error in metadata['evaluation']['confident_errors']['shown']}
     assert set(metadata['files']) == {'model.onnx', 'model.onnx.data', 'model.jax', 'MODEL_CARD.md',
-                                      'reliability.png', *thumbnails}
+                                      'reliability.png', *thumbnails, 'predict.py', 'files.py', 'preprocess.py',
+                                      'image_files.py', 'requirements.txt'}
     assert set(summary['bytes']) == {*metadata['files'], 'metadata.json'}
     class_names = sources.synthetic.CLASS_NAMES[config.data.name]  # The data set's own definition.
     assert metadata['classes'] == list(class_names)
@@ -224,7 +226,47 @@ def run_bundle_cli(*args):
     return run, lines, json.loads(imported)
 
 
-def test_bundle_cli_predicts_as_predict_mode_without_jax(vgg_bundle, tmp_path):
+# What pip and uv say when they cannot reach a package index (not a pin they cannot meet).
+NO_INDEX = ('NewConnectionError', 'Failed to establish a new connection', 'Temporary failure in name resolution',
+            'Name or service not known', 'Network is unreachable', 'ConnectTimeout', 'ProxyError',
+            'error sending request', 'dns error', 'failed to lookup address')
+
+
+@pytest.fixture(scope='session')
+def bundle_venv(tmp_path_factory):
+    """`venv(requirements.txt)`: the python of a new virtual environment that holds only the packages
+    of that file (and what they depend on; no pip), made once per content per session by uv (a test
+    requirement, as pip's resolver but seconds from its cache, where pip takes half a minute)."""
+    made = {}
+
+    def venv(requirements: str) -> str:
+        with open(requirements, 'rb') as f:
+            key = hashlib.sha256(f.read()).hexdigest()[:16]
+        if key not in made:
+            folder = str(tmp_path_factory.mktemp(f'venv_{key}'))
+            uv = shutil.which('uv', path=os.path.dirname(sys.executable)) or 'uv'
+            for command in ([uv, 'venv', '--quiet', '--python', sys.executable, folder],
+                            [uv, 'pip', 'install', '--quiet', '--python', os.path.join(folder, 'bin', 'python'),
+                             '-r', requirements]):
+                run = subprocess.run(command, capture_output=True, text=True, timeout=600)
+                said = run.stdout + run.stderr
+                if run.returncode and any(sign in said for sign in NO_INDEX):
+                    platform_deps.missing(f'no package index reachable to install {requirements}: '
+                                          f'{said.strip().splitlines()[-1]}')
+                assert run.returncode == 0, f'{" ".join(command)}:\n{said[-3000:]}'
+            made[key] = os.path.join(folder, 'bin', 'python')
+        return made[key]
+    return venv
+
+
+def read_rows(path):
+    with open(path, newline='') as f:
+        return list(csv.reader(f))
+
+
+def test_the_bundle_alone_and_its_cli_predict_as_predict_mode(vgg_bundle, bundle_venv, tmp_path):
+    """The bundle's predict.py in a virtual environment made from its requirements.txt alone, run
+    from another directory, and `python -m allflax.bundle` (without JAX): --mode=predict's CSVs."""
     config, workdir, output, _ = vgg_bundle
     cells = str(tmp_path / 'cells')
     write_cells(cells, np.random.default_rng(0))
@@ -233,21 +275,38 @@ def test_bundle_cli_predicts_as_predict_mode_without_jax(vgg_bundle, tmp_path):
     assert run.returncode == 0, run.stderr
     assert imported == []
     assert lines == [f'unreadable: {cells}/broken.png: not a decodable image (truncated, corrupt or not an image)']
+
+    python = bundle_venv(os.path.join(output, 'requirements.txt'))
+    elsewhere = tmp_path / 'elsewhere'
+    elsewhere.mkdir()
+    environment = {key: value for key, value in os.environ.items() if key != 'PYTHONPATH'}
+    look = ('import importlib.util, importlib.metadata as m\n'
+            f'print([name for name in {(*FORBIDDEN, "allflax", "jsonschema")!r} if importlib.util.find_spec(name)])\n'
+            'print(sorted(f"{n}=={m.version(n)}" for n in ("numpy", "opencv-python-headless", "onnxruntime")))\n')
+    seen = subprocess.run([python, '-c', look], cwd=elsewhere, env=environment, capture_output=True, text=True,
+                          timeout=60)
+    with open(os.path.join(ROOT, 'requirements.txt')) as f:
+        pinned = sorted(line.strip() for line in f if line.split('==')[0] in bundle_predictor.REQUIREMENTS)
+    assert seen.stdout.splitlines() == ['[]', repr(pinned)], seen.stderr
+    alone = subprocess.run([python, os.path.join(output, 'predict.py'), f'--input={cells}', '--output=alone.csv'],
+                           cwd=elsewhere, env=environment, capture_output=True, text=True, timeout=120)
+    assert alone.returncode == 0, alone.stderr
+    assert alone.stderr.splitlines() == lines
+
     predict.predict(config, workdir, cells, str(tmp_path / 'predict.csv'))
-    for suffix in ('.csv', '.errors.csv'):
-        with open(tmp_path / f'bundle{suffix}') as f:
-            from_bundle = f.read().splitlines()
-        with open(tmp_path / f'predict{suffix}') as f:
-            from_predict = f.read().splitlines()
-        assert len(from_bundle) == len(from_predict) == (7 if suffix == '.csv' else 2)
-        assert from_bundle[0] == from_predict[0]  # The same columns.
-        for row_bundle, row_predict in zip(from_bundle[1:], from_predict[1:]):
-            path_b, class_b, *p_b = row_bundle.split(',')
-            path_p, class_p, *p_p = row_predict.split(',')
-            assert (path_b, class_b) == (path_p, class_p)
-            if suffix == '.csv':  # Probabilities, then the decision rule applied.
-                np.testing.assert_allclose(np.float64(p_b[:-1]), np.float64(p_p[:-1]), atol=1e-4)
-                assert p_b[-1] == p_p[-1] == 'argmax'  # Four classes: no operating point.
+    by_mode = read_rows(tmp_path / 'predict.csv')
+    assert len(by_mode) == 7 and by_mode[0][-1] == 'decision_rule'
+    for rows, atol in ((read_rows(tmp_path / 'bundle.csv'), 1e-4), (read_rows(elsewhere / 'alone.csv'), 1e-4)):
+        assert rows[0] == by_mode[0]  # The same columns.
+        assert [row[:2] for row in rows] == [row[:2] for row in by_mode]  # Paths and classes.
+        np.testing.assert_allclose(np.float64([row[2:-1] for row in rows[1:]]),
+                                   np.float64([row[2:-1] for row in by_mode[1:]]), atol=atol)
+        assert {row[-1] for row in rows[1:]} == {'argmax'}  # Four classes: no operating point.
+    np.testing.assert_allclose(np.float64([row[2:-1] for row in read_rows(elsewhere / 'alone.csv')[1:]]),
+                               np.float64([row[2:-1] for row in read_rows(tmp_path / 'bundle.csv')[1:]]), atol=1e-6)
+    for errors in (tmp_path / 'bundle.errors.csv', elsewhere / 'alone.errors.csv'):
+        assert read_rows(errors) == read_rows(tmp_path / 'predict.errors.csv') == [
+            ['path', 'reason'], [f'{cells}/broken.png', 'not a decodable image (truncated, corrupt or not an image)']]
 
 
 def tree(folder):
@@ -419,7 +478,9 @@ def test_the_bundle_answers_the_card_from_the_run_and_names_no_local_path(recipe
         assert f'![{error["thumbnail"]}]({error["thumbnail"]})' in card
 
     rule = ('- Decision rule: a threshold of' if len(metadata['classes']) == 2 else '- Decision rule: argmax')
-    for answer in ('### Out of scope: do not use it for', rule, '## Licence and citation',
+    for answer in ('### Out of scope: do not use it for', rule, '## Licence and citation', 'no checkout of allflax',
+                   'venv/bin/pip install -r THIS_FOLDER/requirements.txt',
+                   'venv/bin/python THIS_FOLDER/predict.py --input=cells/ --output=predictions.csv',
                    'arXiv:2508.17216', 'arXiv:2601.01026', '| Specimen | none: synthetic',
                    f'- Checkpoint: step {steps[-1]} of the run `run`, exported as the latest checkpoint of the run.'):
         assert answer in card, answer

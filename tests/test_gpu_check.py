@@ -68,9 +68,10 @@ def test_unknown_gpu_is_refused_naming_the_known_ones(topology):
         targets.parse(topology)
 
 
-def test_a_t4_is_refused_bfloat16():
-    with pytest.raises(ValueError, match=r"t4 has no bfloat16 tensor cores .*:gpu,t4"):
-        aot_check.target('t4', 'bfloat16')
+@pytest.mark.parametrize('name', ['t4', 'p100'])
+def test_a_gpu_without_bfloat16_is_refused_it_naming_its_arg(name):
+    with pytest.raises(ValueError, match=rf"{name} has no bfloat16 arithmetic .*:gpu,{name}"):
+        aot_check.target(name, 'bfloat16')
 
 
 # XLA's own target configs for four of these GPUs, as their drivers reported them (openxla/xla,
@@ -110,11 +111,13 @@ def test_target_config_says_what_the_driver_said_to_xla(name):
 
 
 # Dense FLOPs per SM per clock, from NVIDIA's architecture whitepapers: tensor cores per SM ×
-# multiply-adds per tensor core per clock × 2. Turing TU104 (7.5): 8 × 64 float16; its float32 runs
+# multiply-adds per tensor core per clock × 2. Pascal GP100 (6.0) has none: each of its 64 FP32 lanes
+# does one float32 FMA or two float16 ones (half2) per clock. Turing TU104 (7.5): 8 × 64 float16; its float32 runs
 # on the FP32 lanes, an FMA each (2 FLOPs). Ampere GA100 (8.0): 4 × 256 float16/bfloat16, TF32
 # half that. Ada AD104 (8.9): 4 × 128 float16/bfloat16 accumulating in float32, TF32 half. Hopper
 # GH100 (9.0): 4 × 512, TF32 half.
 _TENSOR_FLOPS_PER_SM_PER_CLOCK = {
+    (6, 0): {'float16': 64 * 2 * 2},
     (7, 5): {'float16': 1024},
     (8, 0): {'bfloat16': 2048, 'float16': 2048, 'float32': 1024},
     (8, 9): {'bfloat16': 1024, 'float16': 1024, 'float32': 512},
@@ -180,14 +183,18 @@ def test_the_reports_count_the_published_multiply_adds():
 def test_table_rows_name_the_config_and_say_what_does_not_fit():
     def report(gpu, gpus, per_gpu, micro, total, fits, arg='gpu', dtype='bfloat16'):
         return {'platform': 'gpu', 'model': 'm', 'config': f'configs/m.py:{arg}', 'chip': gpu, 'chips': gpus,
+                'topology': f'{gpus}x{gpu}' if gpus > 1 else gpu,
                 'dtype': dtype, 'per_chip_batch': per_gpu, 'chip_spec': {'hbm_gib': 80},
                 'train': {'micro_batches': micro, 'hbm_per_chip_gib': {'total': total}, 'hbm_capacity_gib': 15,
                           'fits': fits, 'flops_per_image': 2e10,
                           'roofline': {'images_per_second_per_chip': 99.6, 'bound': 'compute'}}}
 
-    rows = aot_check.table([report('h100', 8, 16, 1, 70.0, False),
-                            report('t4', 1, 128, 2, 3.94, True, 'gpu,t4', 'float32')]).splitlines()[2:]
-    assert rows == ['| m `gpu,t4` | t4 (Colab) | 1 | float32 | 128 (2 × 64) | 3.9 / 15.0 | yes | 20 | 100 (compute) |',
+    rows = aot_check.table([report('h100', 8, 16, 1, 70.0, False), report('t4', 2, 64, 1, 3.0, True, 'gpu,t4', 'float16'),
+                            report('p100', 1, 128, 2, 3.94, True, 'gpu,p100', 'float32'),
+                            report('t4', 1, 128, 1, 5.0, True, 'gpu,t4', 'float16')]).splitlines()[2:]
+    assert rows == ['| m `gpu,p100` | p100 (Kaggle, free) | 1 | float32 | 128 (2 × 64) | 3.9 / 15.0 | yes | 20 | 100 (compute) |',
+                    '| m `gpu,t4` | t4 (Colab, free) | 1 | float16 | 128 | 5.0 / 15.0 | yes | 20 | 100 (compute) |',
+                    '| m `gpu,t4` | t4 (Kaggle, free) | 2 | float16 | 64 | 3.0 / 15.0 | yes | 20 | 100 (compute) |',
                     '| m `gpu` | h100 | 8 | bfloat16 | 16 | 70.0 / 15.0 | **no** | 20 | 100 (compute) |']
     with pytest.raises(ValueError, match='two folders'):
         aot_check.table([report('h100', 1, 128, 1, 1.0, True), {**report('h100', 1, 128, 1, 1.0, True),
@@ -196,13 +203,13 @@ def test_table_rows_name_the_config_and_say_what_does_not_fit():
 
 def test_the_readme_table_is_the_reports_table():
     """README.md's GPU table is `python -m allflax.aot_check --table=benchmarks/gpu_check`, row for
-    row, and every recipe's `:gpu` fits each of Colab's GPUs and a lab's."""
+    row, and every recipe's `:gpu` (`:gpu,t4`, `:gpu,p100`) fits each of Colab's and Kaggle's GPUs and a lab's."""
     reports = aot_check.read_reports(os.path.join(ROOT, 'benchmarks', 'gpu_check'))
     with open(os.path.join(ROOT, 'README.md')) as f:
         assert aot_check.table(reports) in f.read(), \
             'README.md: paste the output of python -m allflax.aot_check --table=benchmarks/gpu_check'
-    assert all(report['train']['fits'] and report['config'].rpartition(':')[2] in ('gpu', 'gpu,t4')
+    assert all(report['train']['fits'] and report['config'].rpartition(':')[2] in ('gpu', 'gpu,t4', 'gpu,p100')
                for report in reports)
     assert {(report['model'], report['topology']) for report in reports} == {
         (model, topology) for model in ('vgg19_mhsa', 'efficientnetv2_b3_se')
-        for topology in ('t4', 'l4', 'a100-40gb', 'a100-80gb', 'h100', '8xh100')}
+        for topology in ('t4', '2xt4', 'p100', 'l4', 'a100-40gb', 'a100-80gb', 'h100', '8xh100')}

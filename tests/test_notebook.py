@@ -301,6 +301,22 @@ def test_the_notebook_trains_with_the_settings_of_the_runtimes_accelerator(platf
     assert _helpers()['recipe_settings'](platform, listing) == settings
 
 
+@pytest.mark.parametrize('listing, runtime', [
+    ('  cuda:0  Tesla T4  memory: 14.7 GiB\n', 't4 (Colab, free)'),
+    ('  cuda:0  Tesla T4  memory: 14.7 GiB\n  cuda:1  Tesla T4  memory: 14.7 GiB\n', 't4 (Kaggle, free)'),
+])
+def test_on_a_t4_the_notebook_states_the_speed_of_the_readme_table(listing, runtime):
+    """On Colab's T4 and Kaggle's two, the chips cell states each recipe's roofline as the README's
+    GPU table gives it for `:gpu,t4` there."""
+    text = _helpers()['expected_speed']('gpu,t4', listing, ROOT)
+    with open(os.path.join(ROOT, 'README.md')) as f:
+        rows = [line.split(' | ') for line in f if f'`gpu,t4` | {runtime} |' in line]
+    assert len(rows) == 2
+    for row in rows:
+        model, images_per_second = row[0].strip('| ').split()[0], row[-1].split()[0]
+        assert f'{model}: at most {images_per_second} images/s' in text, (model, text)
+
+
 def test_interrupting_a_training_cell_saves_a_checkpoint_and_shows_its_message(tmp_path, capsys):
     """The cell's stop button raises KeyboardInterrupt in the kernel: the helper passes SIGINT on to
     the training process, waits for its checkpoint, and shows the message that says so."""

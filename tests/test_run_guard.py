@@ -823,6 +823,7 @@ def _demo(**values):
          data__split_fractions__test=0.3333333),
     dict(optimizer__warmup_fraction=0.0, optimizer__weight_decay=0.0, loss__gamma=0.0, model__init_from='imagenet'),
     dict(optimizer__warmup_fraction=1.0, loss__gamma=0.5, model__name='vgg16'),
+    dict(dtype='float16'), dict(dtype='bfloat16'),
 ], ids=lambda values: ','.join(values))
 def test_every_rule_accepts_the_edge_of_its_range(values):
     _validate_all(_demo(**values))
@@ -834,7 +835,8 @@ def test_a_keras_weights_directory_is_a_valid_init_from(tmp_path):
 
 def test_each_invalid_value_is_named_with_its_rule_and_flag(tmp_path):
     config = _demo(total_steps=-1, num_epochs=-1, batch_size=0, log_every_steps=0, eval_every_steps=0,
-                   checkpoint_every_steps=0, keep_checkpoints=0, data__image_size=31, model__name='vgg99',
+                   checkpoint_every_steps=0, keep_checkpoints=0, dtype='float64', data__image_size=31,
+                   model__name='vgg99',
                    data__augment=('flip', 'warp'), model__init_from=str(tmp_path / 'missing'),
                    data__num_workers=-1, data__split='stratified', data__split_fractions__train=1.2,
                    data__split_fractions__val=-0.2, data__split_fractions__test=0.0,
@@ -851,6 +853,8 @@ def test_each_invalid_value_is_named_with_its_rule_and_flag(tmp_path):
         '  eval_every_steps=0 must be >= 1 step; set --config.eval_every_steps\n'
         '  checkpoint_every_steps=0 must be >= 1 step; set --config.checkpoint_every_steps\n'
         '  keep_checkpoints=0 must be >= 1; set --config.keep_checkpoints\n'
+        "  dtype='float64' must be float32, bfloat16 or float16 (the compute dtype; parameters stay float32); "
+        'set --config.dtype\n'
         '  data.image_size=31 must be >= 32 pixels (the networks downsample by 32); set --config.data.image_size\n'
         "  model.name='vgg99' is not a model: use one of vgg16, vgg19_mhsa; set --config.model.name\n"
         "  data.augment=('flip', 'warp') names an unknown op: use some of flip, rot90; set --config.data.augment\n"

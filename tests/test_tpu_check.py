@@ -66,10 +66,12 @@ def test_table_rows_name_cloud_types_and_say_what_does_not_fit():
                           'fits': fits, 'flops_per_image': 2e10,
                           'roofline': {'images_per_second_per_chip': 99.6, 'bound': 'memory'}}}
 
-    reports = [report('v4', 4, 64, 1, 15.0, False), report('v5e', 1, 256, 4, 3.94, True)]
+    reports = [report('v4', 4, 64, 1, 15.0, False), report('v5e', 1, 256, 4, 3.94, True),
+               report('v5e', 8, 32, 1, 2.2, True)]
     rows = tpu_check.table(reports).splitlines()[2:]
     assert rows == ['| m | v5e-1 (Colab) | 1 | 256 (4 × 64) | 3.9 / 16 | yes | 20 | 100 (memory) |',
-                    '| m | v4-8 | 4 | 64 | 15.0 / 16 | **no** | 20 | 100 (memory) |']
+                    '| m | v4-8 | 4 | 64 | 15.0 / 16 | **no** | 20 | 100 (memory) |',
+                    '| m | v5e-8 (Kaggle, free) | 8 | 32 | 2.2 / 16 | yes | 20 | 100 (memory) |']
 
 
 def test_table_names_a_file_that_is_not_a_report(tmp_path):

@@ -36,6 +36,9 @@ class Gpu:
 
 
 # Sources, per GPU (dense peaks are half the datasheets' "with sparsity" figures):
+# - P100 (PCIe 16 GB, Kaggle's): NVIDIA Tesla P100 datasheet: 9.3 TFLOPS FP32, 18.7 FP16 (two per
+#   FP32 lane: Pascal has no tensor cores), 16 GB HBM2 at 732 GB/s; Pascal whitepaper (GP100 as
+#   P100 PCIe): 56 SMs of 64 FP32 cores, 4 MB L2, 1,303 MHz boost. No bfloat16.
 # - T4: NVIDIA T4 datasheet: 65 TFLOPS mixed precision FP16/FP32, 8.1 TFLOPS FP32, 16 GB GDDR6,
 #   320 GB/s; Turing whitepaper: 40 SMs of 64 FP32 cores, 4 MB L2, 1,590 MHz boost. No bfloat16.
 # - L4: NVIDIA L4 datasheet: BF16/FP16 242 TFLOPS and TF32 120 TFLOPS with sparsity, 24 GB GDDR6,
@@ -47,9 +50,11 @@ class Gpu:
 #   80 GB HBM3 at 3.35 TB/s; Hopper whitepaper: 132 SMs of 128 FP32 cores, 50 MB L2, 1,980 MHz.
 # - H200 (SXM): NVIDIA H200 datasheet: the H100's peaks, 141 GB HBM3e at 4.8 TB/s; the same GH100
 #   chip as the H100 SXM5 (132 SMs, 50 MB L2).
-# memory_mib: nvidia-smi's memory.total on those cards (Colab's T4, L4 and A100 runtimes; the SXM
-# A100 80 GB, H100 80 GB HBM3 and H200).
+# memory_mib: nvidia-smi's memory.total on those cards (Colab's T4, L4 and A100 runtimes, Kaggle's
+# P100; the SXM A100 80 GB, H100 80 GB HBM3 and H200).
 GPUS = {gpu.name: gpu for gpu in (
+    Gpu('p100', 'Tesla P100-PCIE-16GB', 16280, {'float16': 18.7e12, 'float32': 9.3e12}, 732e9, (6, 0), 56, 64,
+        4 * 2 ** 20, 1.303),
     Gpu('t4', 'Tesla T4', 15360, {'float16': 65e12, 'float32': 8.1e12}, 320e9, (7, 5), 40, 64, 4 * 2 ** 20, 1.59),
     Gpu('l4', 'NVIDIA L4', 23034, {'bfloat16': 121e12, 'float16': 121e12, 'float32': 60e12}, 300e9, (8, 9), 58,
         128, 48 * 2 ** 20, 2.04),
@@ -62,10 +67,13 @@ GPUS = {gpu.name: gpu for gpu in (
     Gpu('h200', 'NVIDIA H200', 143771, {'bfloat16': 989e12, 'float16': 989e12, 'float32': 494e12},
         4800e9, (9, 0), 132, 128, 50 * 2 ** 20, 1.98),
 )}
-COLAB = ('t4', 'l4', 'a100-40gb')  # Colab's GPU runtimes.
+# The notebook runtimes these hosts are, by --topology: Colab's (its free tier has the T4) and
+# Kaggle's (free, within weekly hours).
+RUNTIMES = {'t4': 'Colab, free', 'l4': 'Colab', 'a100-40gb': 'Colab', '2xt4': 'Kaggle, free', 'p100': 'Kaggle, free'}
 # Per compute capability, from the CUDA C++ Programming Guide's table of technical specifications:
-# resident threads per SM, shared memory per SM, and the most one block may opt in to (bytes).
-_SM_LIMITS = {(7, 5): (1024, 64 * 1024, 64 * 1024), (8, 0): (2048, 164 * 1024, 163 * 1024),
+# resident threads per SM, shared memory per SM, and the most one block may opt in to (bytes;
+# 6.0 has no opt-in beyond the 48 KB every block gets).
+_SM_LIMITS = {(6, 0): (2048, 64 * 1024, 48 * 1024), (7, 5): (1024, 64 * 1024, 64 * 1024), (8, 0): (2048, 164 * 1024, 163 * 1024),
               (8, 9): (1536, 100 * 1024, 99 * 1024), (9, 0): (2048, 228 * 1024, 227 * 1024)}
 # The CUDA and cuDNN versions the compiled program is for: those JAX 0.10.2's CUDA 12 plugin needs.
 _CUDA_RUNTIME, _CUDNN = (12, 8), (9, 8)

@@ -32,6 +32,13 @@ def register(name: str, *, sized_by_input: bool = False):
     return decorator
 
 
+def head_dtype(dtype) -> jnp.dtype:
+    """The dtype of a head's global pooling and logits: float32 where the compute dtype is float16,
+    whose range (to 65,504) the logits and the loss need more than its speed; else the compute dtype
+    (bfloat16 has float32's range)."""
+    return jnp.dtype(jnp.float32) if jnp.dtype(dtype) == jnp.float16 else jnp.dtype(dtype)
+
+
 def names() -> list[str]:
     _import_families()
     return sorted(_REGISTRY)

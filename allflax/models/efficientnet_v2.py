@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from allflax.models import batch_norm, ops, register
+from allflax.models import batch_norm, head_dtype, ops, register
 from allflax.models.attention import SqueezeExcitation
 
 
@@ -202,7 +202,7 @@ class EfficientNetV2(nnx.Module):
             self.head_bn = norm(head_hidden)
             channels = head_hidden
         self.dropout = nnx.Dropout(dropout_rate, rngs=rngs)
-        self.predictions = dense(channels, num_classes)
+        self.predictions = dense(channels, num_classes, dtype=head_dtype(dtype))
 
     def features(self, images: jax.Array) -> jax.Array:
         """The last convolutional feature map (top_conv → top_bn → swish), e.g. for Grad-CAM."""
@@ -216,7 +216,7 @@ class EfficientNetV2(nnx.Module):
         x = features
         if hasattr(self, 'attention'):
             x = self.attention(x)
-        x = x.mean(axis=(1, 2))
+        x = x.astype(head_dtype(self.dtype)).mean(axis=(1, 2))
         if hasattr(self, 'head_fc'):
             x = batch_norm.norm(self.head_bn, self.head_fc(x), swish=True)
         return self.predictions(self.dropout(x)).astype(jnp.float32)

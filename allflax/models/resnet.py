@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from allflax.models import register
+from allflax.models import head_dtype, register
 
 # Bottleneck blocks per stage (stages conv2..conv5); every block ends 4× wider than FILTERS.
 BLOCKS = {'resnet50': (3, 4, 6, 3), 'resnet101': (3, 4, 23, 3)}
@@ -55,7 +55,7 @@ class ResNet(nnx.Module):
         self.block_names = tuple(block_names)
         if include_top:
             self.predictions = nnx.Linear(channels, num_classes, kernel_init=nnx.initializers.glorot_uniform(),
-                                          dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                                          dtype=head_dtype(dtype), param_dtype=param_dtype, rngs=rngs)
 
     def _block(self, name: str, x: jax.Array) -> jax.Array:
         def layer(suffix):
@@ -82,7 +82,7 @@ class ResNet(nnx.Module):
         """Float32 logits from `features`, or the features unchanged without a top."""
         if not self.include_top:
             return features
-        return self.predictions(features.mean(axis=(1, 2))).astype(jnp.float32)
+        return self.predictions(features.astype(head_dtype(self.dtype)).mean(axis=(1, 2))).astype(jnp.float32)
 
     def __call__(self, images: jax.Array) -> jax.Array:
         return self.head(self.features(images))

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from allflax.models import ops, register
+from allflax.models import head_dtype, ops, register
 from allflax.models.attention import MultiHeadSelfAttention
 
 # Convolutions per block; every block ends in a 2×2 max-pool.
@@ -92,7 +92,7 @@ class VGG(nnx.Module):
         else:
             raise ValueError(f"VGG head must be 'flatten' or 'gap', got {head!r}")
         self.dropout = nnx.Dropout(dropout_rate, rngs=rngs)
-        self.predictions = dense(channels, num_classes)
+        self.predictions = dense(channels, num_classes, dtype=head_dtype(dtype))
 
     @staticmethod
     def _attention(channels, size, heads, dropout, dtype, param_dtype, rngs):
@@ -128,7 +128,7 @@ class VGG(nnx.Module):
             x = self.dropout(nnx.relu(self.fc1(x)))
             x = self.dropout(nnx.relu(self.fc2(x)))
         else:
-            x = x.mean(axis=(1, 2))
+            x = x.astype(head_dtype(self.dtype)).mean(axis=(1, 2))
             if hasattr(self, 'head_fc'):
                 x = nnx.relu(self.head_fc(x))
             x = self.dropout(x)

@@ -251,7 +251,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, check_w
                     # Before anything of a non-finite step is logged or saved, the run stops.
                     host = jax.device_get(pending)
                     _check_finite([m['finite'] for m in host], step + 1 - len(host), last_saved,
-                                  checkpointer.directory)
+                                  checkpointer.directory, scaled='loss_scale' in host[-1])
                 if logging_now:
                     checkpointer.check_for_errors()  # A failed background save stops the run here.
                     check_writer()
@@ -261,6 +261,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, check_w
                               'train_accuracy': float(np.mean([m['accuracy'] for m in host])),
                               'learning_rate': float(host[-1]['learning_rate']),
                               'images_per_sec': (step - last_log_step) * config.batch_size / (now - last_log_time)}
+                    if 'loss_scale' in host[-1]:  # float16: the scale after this step, the steps skipped so far.
+                        record['train_loss_scale'] = float(host[-1]['loss_scale'])
+                        record['train_skipped_steps'] = int(host[-1]['skipped_steps'])
                     metrics_log.write(record)
                     progress.update(step - progress.n)
                     progress.set_postfix(loss=f"{record['train_loss']:.4f}",
@@ -311,11 +314,15 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, check_w
     return test
 
 
-def _check_finite(finite_flags, first_step: int, last_saved: int, directory: str):
-    """Raises Diverged naming the first step whose loss or gradient norm was not finite."""
+def _check_finite(finite_flags, first_step: int, last_saved: int, directory: str, scaled: bool = False):
+    """Raises Diverged naming the first step whose loss or gradient norm was not finite (with loss
+    scaling: whose loss was not, or whose gradients overflowed float16 at a scale of 1 or below)."""
     bad = [first_step + i for i, finite in enumerate(finite_flags) if not finite]
     if bad:
         saved = f'the last checkpoint is step {last_saved} in {directory}' if last_saved else 'no checkpoint was saved'
-        raise Diverged(f'non-finite loss or gradient norm at step {bad[0]} ({len(bad)} of the last '
-                       f'{len(finite_flags)} steps); the run stopped without saving that state ({saved}). '
-                       f'Lower --config.optimizer.learning_rate or check the data.')
+        what = ('non-finite loss, or gradients beyond float16\'s range at a loss scale of 1 or below,' if scaled
+                else 'non-finite loss or gradient norm')
+        advice = (' Lower --config.optimizer.learning_rate, check the data, or train in float32 or bfloat16 '
+                  '(--config.dtype).' if scaled else ' Lower --config.optimizer.learning_rate or check the data.')
+        raise Diverged(f'{what} at step {bad[0]} ({len(bad)} of the last {len(finite_flags)} steps); the run '
+                       f'stopped without saving that state ({saved}).{advice}')

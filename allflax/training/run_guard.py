@@ -500,6 +500,8 @@ def validate_config(config, *, synthetic_names: Collection[str], real_names: Col
     for key in ('log_every_steps', 'eval_every_steps', 'checkpoint_every_steps'):
         check(key, lambda v: v >= 1, 'must be >= 1 step')
     check('keep_checkpoints', lambda v: v >= 1, 'must be >= 1')
+    check('dtype', lambda v: v in ('float32', 'bfloat16', 'float16'),
+          'must be float32, bfloat16 or float16 (the compute dtype; parameters stay float32)')
     check('data.image_size', lambda v: v >= MIN_IMAGE_SIZE, f'must be >= {MIN_IMAGE_SIZE} pixels (the networks '
           f'downsample by {MIN_IMAGE_SIZE})')
     if model_names:

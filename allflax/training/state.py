@@ -16,6 +16,7 @@ from jax.sharding import Mesh
 
 from allflax import models, sharding
 from allflax.models import imagenet, keras_weights
+from allflax.training import loss_scale as loss_scaling
 from allflax.training import optim
 
 
@@ -26,6 +27,13 @@ class TrainState:
     params: nnx.State
     batch_stats: nnx.State
     opt_state: optax.OptState
+
+
+@flax.struct.dataclass
+class ScaledTrainState(TrainState):
+    """A float16 run's state: also its loss scale. A class of its own, so that the states of the
+    other runs, and their checkpoints, keep the tree they had."""
+    loss_scale: loss_scaling.LossScale
 
 
 @flax.struct.dataclass
@@ -49,9 +57,12 @@ def split_model(model: nnx.Module) -> tuple[ModelParts, nnx.State, nnx.State]:
     return ModelParts(train_graph, eval_graph, rng_state), params, batch_stats
 
 
-def init_state(params, batch_stats, tx: optax.GradientTransformation) -> TrainState:
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
-                      opt_state=tx.init(params))
+def init_state(params, batch_stats, tx: optax.GradientTransformation, dtype: str = 'float32') -> TrainState:
+    """The state at step 0; with dynamic loss scaling where `dtype` is float16."""
+    fields = dict(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats, opt_state=tx.init(params))
+    if jnp.dtype(dtype) == jnp.float16:
+        return ScaledTrainState(**fields, loss_scale=loss_scaling.initial())
+    return TrainState(**fields)
 
 
 @flax.struct.dataclass
@@ -97,10 +108,10 @@ def setup(model_config: ml_collections.ConfigDict, optimizer: ml_collections.Con
     parts, params, batch_stats = split_model(model)
     schedule = optim.learning_rate_schedule(optimizer, total_steps)
     tx = optim.make_optimizer(optimizer, schedule, pretrained_paths, model_config.freeze_backbone_steps)
-    abstract_state = jax.eval_shape(lambda: init_state(params, batch_stats, tx))
+    abstract_state = jax.eval_shape(lambda: init_state(params, batch_stats, tx, dtype))
     state_sharding = jax.tree.map(lambda _: sharding.replicated(mesh), abstract_state)
     if abstract:
         state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state, state_sharding)
     else:
-        state = jax.jit(lambda p, b: init_state(p, b, tx), out_shardings=state_sharding)(params, batch_stats)
+        state = jax.jit(lambda p, b: init_state(p, b, tx, dtype), out_shardings=state_sharding)(params, batch_stats)
     return Setup(parts, tx, schedule, state, state_sharding)

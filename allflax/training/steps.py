@@ -14,6 +14,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from allflax import sharding
 from allflax.data import augment, input_convention
+from allflax.training import loss_scale as loss_scaling
 from allflax.training import losses
 from allflax.training.state import Setup, TrainState
 
@@ -32,6 +33,10 @@ def make_train_step(built: Setup, mesh: Mesh, *, data: ml_collections.ConfigDict
     the memory of the devices present: the whole batch's update without batch norm or dropout
     (tests/test_accumulation.py). Batch norm normalises by each micro-batch's statistics and
     updates its running averages once per micro-batch; dropout draws per micro-batch.
+
+    A float16 state (`state.ScaledTrainState`) trains with dynamic loss scaling (`loss_scale`): a
+    step whose gradients overflow leaves params, optimiser state (its schedule's counts included)
+    and batch statistics as they were, and only halves the scale. Other states carry no scaling.
     """
     dtype = jnp.dtype(dtype)
     base_key = jax.random.key(seed)
@@ -39,7 +44,7 @@ def make_train_step(built: Setup, mesh: Mesh, *, data: ml_collections.ConfigDict
     parts, tx, schedule = built.parts, built.tx, built.schedule
     split_rows = NamedSharding(mesh, PartitionSpec(None, 'data'))
 
-    def loss_fn(params, batch_stats, images, labels, dropout_key):
+    def loss_fn(params, batch_stats, images, labels, dropout_key, scale):
         # Fresh variables in this trace: the forward pass updates batch statistics and
         # reseeding sets keys, and NNX refuses to mutate variables of an outer trace.
         batch_stats, rng_state = jax.tree.map(jnp.asarray, (batch_stats, parts.rng_state))
@@ -47,7 +52,7 @@ def make_train_step(built: Setup, mesh: Mesh, *, data: ml_collections.ConfigDict
         nnx.reseed(model, default=dropout_key)
         logits = model(images)
         value = losses.focal_loss(logits, labels, alpha=alpha, gamma=loss.gamma)
-        return value, (logits, nnx.state(model, nnx.BatchStat))
+        return value if scale is None else value * scale, (logits, nnx.state(model, nnx.BatchStat))
 
     gradient_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -57,10 +62,10 @@ def make_train_step(built: Setup, mesh: Mesh, *, data: ml_collections.ConfigDict
         images = augment.apply(images, draws, names, data.augment_params)
         return input_convention.normalize(images, data, dtype)
 
-    def whole(params, batch_stats, images, draws, labels, dropout_key):
-        return gradient_fn(params, batch_stats, model_input(images, draws), labels, dropout_key)
+    def whole(params, batch_stats, images, draws, labels, dropout_key, scale):
+        return gradient_fn(params, batch_stats, model_input(images, draws), labels, dropout_key, scale)
 
-    def accumulated(params, batch_stats, images, draws, labels, dropout_key):
+    def accumulated(params, batch_stats, images, draws, labels, dropout_key, scale):
         """gradient_fn's results over the batch, as the mean over its k micro-batches, each
         augmented in its turn (with its rows of the batch's draws): the augmented batch is never
         in memory at once."""
@@ -73,7 +78,7 @@ def make_train_step(built: Setup, mesh: Mesh, *, data: ml_collections.ConfigDict
             index, micro_images, micro_draws, micro_labels = micro
             (value, (logits, batch_stats)), grads = gradient_fn(
                 params, batch_stats, model_input(micro_images, micro_draws), micro_labels,
-                jax.random.fold_in(dropout_key, index))
+                jax.random.fold_in(dropout_key, index), scale)
             return (total_value + value, jax.tree.map(jnp.add, total_grads, grads), batch_stats), logits
 
         zeros = jax.tree.map(jnp.zeros_like, params)
@@ -90,18 +95,34 @@ def make_train_step(built: Setup, mesh: Mesh, *, data: ml_collections.ConfigDict
         images = batch['image']
         draws = augment.draw(augment_key, images.shape, names, data.augment_params)
         gradients = whole if accumulation_steps == 1 else accumulated
+        loss_scale = getattr(state, 'loss_scale', None)
         (value, (logits, batch_stats)), grads = gradients(state.params, state.batch_stats, images, draws,
-                                                          batch['label'], dropout_key)
+                                                          batch['label'], dropout_key,
+                                                          None if loss_scale is None else loss_scale.scale)
+        if loss_scale is not None:
+            value = value / loss_scale.scale  # Exact: the scale is a power of two.
+            grads, applied = loss_scaling.unscale(grads, loss_scale)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {'loss': value,
-                   'accuracy': jnp.mean(jnp.argmax(logits, -1) == batch['label']),
-                   'learning_rate': schedule(state.step),
-                   # The loop stops at a non-finite step (train.py) before saving its state.
-                   'finite': jnp.isfinite(value) & jnp.isfinite(optax.global_norm(grads))}
-        new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
-                                  opt_state=opt_state)
-        return new_state, metrics
+        metrics = {'loss': value, 'accuracy': jnp.mean(jnp.argmax(logits, -1) == batch['label'])}
+        if loss_scale is None:
+            metrics['learning_rate'] = schedule(state.step)
+            # The loop stops at a non-finite step (train.py) before saving its state.
+            metrics['finite'] = jnp.isfinite(value) & jnp.isfinite(optax.global_norm(grads))
+            return state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                                 opt_state=opt_state), metrics
+        # Overflowed gradients: the step changes nothing but the scale (and the step, the batch's).
+        params, opt_state, batch_stats = jax.tree.map(
+            lambda new, old: jnp.where(applied, new, old), (params, opt_state, batch_stats),
+            (state.params, state.opt_state, state.batch_stats))
+        new_scale = loss_scaling.adjust(loss_scale, applied)
+        # The schedule counts the updates made: the steps less those skipped.
+        metrics['learning_rate'] = schedule(state.step - loss_scale.skipped_steps)
+        # A non-finite loss, or gradients that overflow float16 even unscaled (at a scale <= 1), stop the loop.
+        metrics['finite'] = jnp.isfinite(value) & (applied | (loss_scale.scale > 1))
+        metrics['loss_scale'], metrics['skipped_steps'] = new_scale.scale, new_scale.skipped_steps
+        return state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state,
+                             loss_scale=new_scale), metrics
 
     batch = sharding.batch_sharding(mesh)
     return jax.jit(train_step, in_shardings=(built.state_sharding, batch),
