@@ -14,10 +14,12 @@ import sys
 from absl import app, flags, logging
 from ml_collections import ConfigDict, config_flags
 
-from allflax import bundle, compare, evaluate, export, files, montecarlo, predict, runtime, train
+from allflax import files, runtime
 from allflax.data import membership
+from allflax.deploy import bundle
 from allflax.models import imagenet
-from allflax.training import checkpoints, run_guard
+from allflax.modes import compare, evaluate, export, montecarlo, predict, train
+from allflax.training import checkpoints, config_check, loop, resume_check, workdir_lock
 from configs import common
 
 FLAGS = flags.FLAGS
@@ -41,7 +43,7 @@ flags.DEFINE_bool('gradcam', False, 'predict: also write Grad-CAM panels to <out
 def _config_of_run(workdir: str) -> ConfigDict:
     """--config if given, else the run's config.json, with sections added since it was written."""
     if FLAGS.config is not None:
-        return train.resolve_input_convention(FLAGS.config)
+        return loop.resolve_input_convention(FLAGS.config)
     path = os.path.join(workdir, 'config.json')
     if not os.path.exists(path):
         raise FileNotFoundError(f'{path} not found: pass --config, or train into {workdir} first')
@@ -49,7 +51,7 @@ def _config_of_run(workdir: str) -> ConfigDict:
         try:
             config = ConfigDict(json.load(f))
         except json.JSONDecodeError as error:
-            raise run_guard.ConfigError(f'{path} is not valid JSON ({error}): restore it, or pass --config '
+            raise config_check.ConfigError(f'{path} is not valid JSON ({error}): restore it, or pass --config '
                                         f'with the recipe the run was trained with') from None
     if 'eval' not in config:
         config.eval = common.eval_config()
@@ -67,8 +69,8 @@ def _require(name: str):
 
 
 # Errors whose message says all a user needs: printed as one line, without a traceback.
-_ONE_LINE_ERRORS = (train.Interrupted, train.Diverged, run_guard.WorkdirBusyError, run_guard.ResumeMismatchError,
-                    run_guard.ConfigError, FileNotFoundError, MissingFlag, checkpoints.CheckpointError,
+_ONE_LINE_ERRORS = (loop.Interrupted, loop.Diverged, workdir_lock.WorkdirBusyError, resume_check.ResumeMismatchError,
+                    config_check.ConfigError, FileNotFoundError, MissingFlag, checkpoints.CheckpointError,
                     imagenet.WeightsUnavailableError, imagenet.InputConventionError, bundle.BundleError,
                     files.OutputRefused, membership.SplitsChanged)
 
@@ -94,7 +96,7 @@ def _run(argv):
     if FLAGS.mode in ('train', 'montecarlo'):
         _require('config')
         if FLAGS.mode == 'train':
-            train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+            train.run(FLAGS.config, FLAGS.workdir)
         else:
             summary = montecarlo.run(FLAGS.config, FLAGS.workdir)
             print(json.dumps({name: summary['metrics'][name] for name in ('accuracy', 'f1_macro')}))

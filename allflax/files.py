@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 def is_writer() -> bool:
     """Whether this process writes the run's files: the first of a multi-host run. A process that
-    has not imported JAX (`python -m allflax.bundle`) is no part of one: it imports none for this."""
+    has not imported JAX (`python -m allflax.deploy.bundle`) is no part of one: it imports none for this."""
     jax = sys.modules.get('jax')
     return jax is None or jax.process_index() == 0
 

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Both paper recipes on one NVIDIA GPU, bfloat16, at their real image sizes, the model's own head:
 # images/s (train, eval), the allocator's peak memory and MFU, as a table
-# (benchmarks/accelerator_report.py), beside what `python -m allflax.aot_check` predicts for the
+# (benchmarks/accelerator_report.py), beside what `python -m allflax.aot.check` predicts for the
 # same GPU, dtype and batch compiling without it (train GiB, roofline images/s): compiled here on
-# the CPU for a GPU that allflax/gpu/targets.py knows (AOT=0 skips it), else the README table's
+# the CPU for a GPU that allflax/aot/gpu.py knows (AOT=0 skips it), else the README table's
 # JSON (benchmarks/gpu_check), else n/a. Under 5 minutes on an H200, compiles included, plus the
 # ahead-of-time compiles (about 2 minutes each on 2 CPU cores).
 # On a T4 (no bfloat16): float16 with loss scaling (`:gpu,t4`, its steps skipped for overflow
@@ -94,9 +94,9 @@ $INSTALL_HINT"
   exit 4
 fi
 
-# The GPU's name in allflax/gpu/targets.py (t4, h100, ...): its dtypes, its config arg, its prediction.
+# The GPU's name in allflax/aot/gpu.py (t4, h100, ...): its dtypes, its config arg, its prediction.
 device_kind=$("$PYTHON" -c "import jax; print(jax.devices()[0].device_kind)" 2>/dev/null || true)
-topology=$(JAX_PLATFORMS=cpu "$PYTHON" -c "import sys; from allflax.gpu import targets
+topology=$(JAX_PLATFORMS=cpu "$PYTHON" -c "import sys; from allflax.aot import gpu as targets
 gpu = targets.by_device_kind(sys.argv[1]); print(gpu.name if gpu else '')" "$device_kind" 2>/dev/null || true)
 # Runs as recipe:dtype:batch; ARG is the config arg whose train step the prediction compiles.
 ARG=gpu
@@ -145,7 +145,7 @@ if [[ ${AOT:-1} == 1 && -n $topology ]]; then
   for entry in $RUNS; do
     IFS=: read -r name dtype batch <<<"$entry"
     say "AOT: $name in $dtype for $topology, compiled on the CPU"
-    JAX_PLATFORMS=cpu timeout --kill-after=10 "$RUN_TIMEOUT" "$PYTHON" -m allflax.aot_check \
+    JAX_PLATFORMS=cpu timeout --kill-after=10 "$RUN_TIMEOUT" "$PYTHON" -m allflax.aot.check \
       --config=configs/"$name".py:"$ARG" --config.dtype="$dtype" --config.batch_size="$batch" \
       --topology="$topology" --steps=train --output="$predictions/${name}_${topology}_${dtype}_$batch.json" \
       >"$RESULTS_DIR/aot_${name}_$dtype.out" 2>"$RESULTS_DIR/aot_${name}_$dtype.err" || {
@@ -153,7 +153,7 @@ if [[ ${AOT:-1} == 1 && -n $topology ]]; then
       cp "benchmarks/gpu_check/${name}_$topology.json" "$predictions"/ 2>/dev/null || true; }
   done
 elif [[ -z $topology ]]; then
-  say "AOT: no target for '$device_kind' in allflax/gpu/targets.py: no prediction to compare"
+  say "AOT: no target for '$device_kind' in allflax/aot/gpu.py: no prediction to compare"
 fi
 
 cat "$results"

@@ -5,7 +5,7 @@ Imports no JAX: it runs, and is tested, anywhere.
   python -m benchmarks.accelerator_report [--predictions=benchmarks/gpu_check] results.jsonl [...]
   (or lines on stdin)
 
-With --predictions, each row also shows what `python -m allflax.aot_check` predicted, compiling
+With --predictions, each row also shows what `python -m allflax.aot.check` predicted, compiling
 without a GPU, for the same model, batch and GPU (one device, same device_kind): train GiB per
 device and roofline images/s, so that the README's GPU table can be corrected where they disagree.
 

@@ -22,9 +22,10 @@ import numpy as np
 from absl import app, flags
 from ml_collections import ConfigDict
 
-from allflax import bundle, bundle_predictor, runtime
+from allflax import runtime
 from allflax.data import pipeline
 from allflax.data.dataset import Split
+from allflax.deploy import bundle, predictor
 from allflax.evaluation import calibration, inference
 from allflax.training import restore
 from benchmarks import common
@@ -90,7 +91,7 @@ def main(argv):
     import onnxruntime
     if FLAGS.no_spinning:
         resting = bundle.Predictor(FLAGS.bundle)
-        options = bundle_predictor.session_options(onnxruntime)
+        options = predictor.session_options(onnxruntime)
         options.add_session_config_entry('session.intra_op.allow_spinning', '0')
         resting.session = onnxruntime.InferenceSession(os.path.join(FLAGS.bundle, bundle.ONNX), options,
                                                        providers=['CPUExecutionProvider'])
@@ -103,7 +104,7 @@ def main(argv):
         int8_model = quantize_int8(os.path.join(FLAGS.bundle, bundle.ONNX), chosen, folder)
         load['int8_quantize_s'] = time.perf_counter() - start
         int8 = bundle.Predictor(FLAGS.bundle)  # Its checks and options, the int8 model's session.
-        int8.session = onnxruntime.InferenceSession(int8_model, bundle_predictor.session_options(onnxruntime),
+        int8.session = onnxruntime.InferenceSession(int8_model, predictor.session_options(onnxruntime),
                                                     providers=['CPUExecutionProvider'])
         paths['bundle_int8'] = lambda images, b: int8.probabilities(images, b)
     results = {}

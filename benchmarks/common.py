@@ -9,10 +9,10 @@ import ml_collections
 import numpy as np
 
 from allflax import runtime, sharding
-from allflax import train
 from allflax.data import augment, input_convention
-from allflax.models import ops
 from allflax.data.sources import fake_trees
+from allflax.models import ops
+from allflax.training import loop
 
 # The fake C-NMC tree the benchmarks read when no data.dir is given: 600 cells of 450 px,
 # the real set's image size, of 12 patients.
@@ -54,7 +54,7 @@ def seconds(run: Callable[[int], object], repeats: int) -> list[float]:
 def device_augment_seconds(images: np.ndarray, config: ml_collections.ConfigDict, repeats: int) -> list[float]:
     """Seconds per batch of the compiled augmentation and normalisation of the train step."""
     names, params = tuple(config.data.augment), config.data.augment_params
-    data = train.resolve_input_convention(config).data
+    data = loop.resolve_input_convention(config).data
 
     @jax.jit
     def augment_batch(batch, key):
@@ -71,12 +71,12 @@ class BareSteps:
 
     def __init__(self, config: ml_collections.ConfigDict, batch: dict[str, np.ndarray], num_classes: int):
         mesh = sharding.make_mesh()
-        built = train.build(config, num_classes, config.total_steps, mesh)
+        built = loop.build(config, num_classes, config.total_steps, mesh)
         self.state = built.state
         self.batch = sharding.put_batch(batch, sharding.batch_sharding(mesh))
 
         def lower_train_step():
-            return train.make_train_step(config, built, mesh).lower(self.state, self.batch)
+            return loop.make_train_step(config, built, mesh).lower(self.state, self.batch)
 
         start = time.perf_counter()
         self._train = lower_train_step().compile()
@@ -85,7 +85,7 @@ class BareSteps:
         # neither the oneDNN custom calls nor what Winograd saves.
         with ops.portable_only():
             self.train_flops = lower_train_step().cost_analysis()['flops']
-        self._eval = train.make_eval_step(config, built, mesh)
+        self._eval = loop.make_eval_step(config, built, mesh)
         jax.block_until_ready((self.train(0), self.eval(0)))  # Warm-up; compiles the eval step.
 
     def train(self, _):

@@ -3,7 +3,7 @@ compiled train step fed one batch already on the device? Prints one JSON line.
 
   python -m benchmarks.loop_overhead --config=configs/vgg19_mhsa.py:demo --steps=40
 
-The loop is `train.train_and_evaluate` itself, its throughput read from the images_per_sec it
+The loop is `loop.train_and_evaluate` itself, its throughput read from the images_per_sec it
 logs every --log_every steps (the first interval, with compilation, left out; evaluation and
 checkpoints only at the end, outside the intervals). The bare step runs as many steps in
 intervals of the same length. Runs alternate, --repeats times each, for the spread.
@@ -16,8 +16,9 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from allflax import runtime, sharding, train
+from allflax import runtime, sharding
 from allflax.data import pipeline
+from allflax.training import loop
 from benchmarks import common, records
 
 FLAGS = flags.FLAGS
@@ -31,7 +32,7 @@ flags.mark_flag_as_required('config')
 
 def loop_images_per_second(config) -> list[float]:
     with tempfile.TemporaryDirectory() as workdir:
-        train.train_and_evaluate(config, workdir)
+        loop.train_and_evaluate(config, workdir)
         with open(os.path.join(workdir, 'metrics.jsonl')) as f:
             records = [json.loads(line) for line in f]
     return [record['images_per_sec'] for record in records

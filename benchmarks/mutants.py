@@ -27,9 +27,11 @@ MODULES = {
     'allflax/evaluation/stats.py': ['tests/test_stats.py', 'tests/test_intervals.py'],
     'allflax/evaluation/calibration.py': ['tests/test_stats.py', 'tests/test_calibration.py'],
     'allflax/data/splits.py': ['tests/test_splits.py'],
-    'allflax/bundle.py': ['tests/test_bundle.py'],
-    'allflax/bundle_predictor.py': ['tests/test_bundle.py'],
-    'allflax/training/run_guard.py': ['tests/test_run_guard.py', 'tests/test_outputs.py'],
+    'allflax/deploy/bundle.py': ['tests/test_bundle.py'],
+    'allflax/deploy/predictor.py': ['tests/test_bundle.py'],
+    'allflax/training/workdir_lock.py': ['tests/test_run_guard.py', 'tests/test_outputs.py'],
+    'allflax/training/resume_check.py': ['tests/test_run_guard.py', 'tests/test_outputs.py'],
+    'allflax/training/config_check.py': ['tests/test_run_guard.py', 'tests/test_configs.py'],
 }
 # What the tests import or read besides allflax/ and tests/: the recipes (conftest.py), pytest's settings.
 ALSO_COPY = ['configs', 'pytest.ini']
@@ -44,7 +46,7 @@ class MutmutError(RuntimeError):
 
 
 def _ignore_hangups():
-    # A mutant of run_guard's liveness probe, os.kill(pid, 0) -> os.kill(pid, 1), sends SIGHUP to
+    # A mutant of workdir_lock's liveness probe, os.kill(pid, 0) -> os.kill(pid, 1), sends SIGHUP to
     # the lock holder its test names, the test's parent: mutmut itself.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
 

@@ -7,7 +7,7 @@ DEMO = dict(image_size=64, batch_size=16, total_steps=800, num_images=2400, num_
 # `:gpu` and `:tpu`: bfloat16 compute and a global batch that keeps the accelerator busy (one
 # 80 GB GPU; a v2-8/v3-8 TPU, 32 per core). The learning rate stays the recipe's.
 # `max_device_batch`: more images per device than this are taken as micro-batches of a step
-# (gradient accumulation), e.g. 256 on one v5e chip's 16 GiB (`python -m allflax.aot_check`
+# (gradient accumulation), e.g. 256 on one v5e chip's 16 GiB (`python -m allflax.aot.check`
 # measures what fits). The micro-batches' mean gradient is the whole batch's update for models
 # without batch norm (tests/test_accumulation.py); batch norm (EfficientNetV2, ResNet) normalises
 # by each micro-batch's statistics (over all devices: batch_size / micro-batches images) and

@@ -10,8 +10,9 @@ import sys
 import jax
 import numpy as np
 
-from allflax import sharding, train
+from allflax import sharding
 from allflax.data.sources import synthetic
+from allflax.training import loop
 
 
 def main(cache_dir: str, config_name: str):
@@ -23,8 +24,8 @@ def main(cache_dir: str, config_name: str):
     data = synthetic.load('synthetic_all4', num_images=24, image_size=32, num_patients=8, seed=0,
                           cache_dir=cache_dir)
     mesh = sharding.make_mesh()
-    built = train.build(config, 4, config.total_steps, mesh)
-    train_step = train.make_train_step(config, built, mesh)
+    built = loop.build(config, 4, config.total_steps, mesh)
+    train_step = loop.make_train_step(config, built, mesh)
     state, losses = built.state, []
     for step in range(3):
         rows = slice(8 * step, 8 * step + 8)

@@ -9,26 +9,26 @@ import sys
 
 import jax
 
-from allflax.training import loop, run_guard
+from allflax.training import loop, workdir_lock
 
 
 def main(run: dict):
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')
     jax.distributed.initialize(coordinator_address=f'localhost:{run["port"]}', num_processes=2,
                                process_id=run['process_id'])
-    lock = run_guard.WorkdirLock(run['workdir']) if jax.process_index() == 0 else None
+    lock = workdir_lock.WorkdirLock(run['workdir']) if jax.process_index() == 0 else None
     if lock:
         lock.acquire()
     check = loop.writer_check(lock, run['workdir'])
     out = {'process': jax.process_index(), 'stopped_at': None}
     for index in range(3):
         if index == 1 and lock:
-            with open(os.path.join(run['workdir'], run_guard.LOCK_NAME), 'w') as f:
+            with open(os.path.join(run['workdir'], workdir_lock.LOCK_NAME), 'w') as f:
                 json.dump({'host': 'host-b', 'pid': 4242, 'started': 'now', 'command': 'x', 'token': 'b' * 32,
                            'renewed': 'now', 'lease_seconds': 60.0}, f)
         try:
             check()
-        except run_guard.WorkdirBusyError as error:
+        except workdir_lock.WorkdirBusyError as error:
             out.update(stopped_at=index, error=str(error).splitlines()[0])
             break
     if lock:

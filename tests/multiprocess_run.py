@@ -12,9 +12,8 @@ import sys
 import jax
 import numpy as np
 
-from allflax import train
-from allflax.training import restore
 from allflax.data import pipeline
+from allflax.training import loop, restore
 from configs import vgg19_mhsa
 
 
@@ -50,8 +49,8 @@ def main(run: dict):
         pipeline.DevicePrefetcher.__next__ = next_batch
     out = {'process': jax.process_index(), 'processes': jax.process_count(), 'devices': jax.device_count()}
     try:
-        out['test'] = train.train_and_evaluate(config, run['workdir'])
-    except train.Interrupted as error:
+        out['test'] = loop.train_and_evaluate(config, run['workdir'])
+    except loop.Interrupted as error:
         out['interrupted'] = str(error)
     else:
         # The final parameters (replicated: every process holds them whole), for the test to compare.

@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from allflax import sharding, train
+from allflax import sharding
 from allflax.training import loop, steps
 
 
@@ -12,7 +12,7 @@ from allflax.training import loop, steps
 def test_accumulation_steps_divide_the_device_share(tiny_config, max_device_batch, expected):
     with tiny_config.unlocked():
         tiny_config.max_device_batch = max_device_batch
-    assert train.accumulation_steps(tiny_config, num_devices=1) == expected  # 8 images on one device.
+    assert loop.accumulation_steps(tiny_config, num_devices=1) == expected  # 8 images on one device.
 
 
 @pytest.mark.parametrize('devices, batch_norm, expected', [
@@ -42,8 +42,8 @@ def test_micro_batches_give_the_full_batch_update(tiny_config):
              'label': rng.integers(0, 4, 8).astype(np.int32)}
     results = {}
     for k in (1, 4):
-        built = train.build(tiny_config, 4, 10, mesh, load_pretrained=False)
-        data = train.resolve_input_convention(tiny_config).data
+        built = loop.build(tiny_config, 4, 10, mesh, load_pretrained=False)
+        data = loop.resolve_input_convention(tiny_config).data
         step = steps.make_train_step(built, mesh, data=data, loss=tiny_config.loss,
                                      dtype=tiny_config.dtype, seed=tiny_config.seed, accumulation_steps=k)
         state, metrics = step(built.state, sharding.put_batch(batch, sharding.batch_sharding(mesh)))

@@ -8,8 +8,8 @@ import platform_deps
 import pytest
 from flax import nnx
 
-from allflax.models import batch_norm
 from allflax.cpu import kernels as cpu_kernels
+from allflax.models import batch_norm
 
 
 def relative_error(got, want):

@@ -15,9 +15,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from allflax import bundle, files, model_card
+from allflax import files
 from allflax.data import image_files, preprocess, sources
 from allflax.data.sources import fake_trees
+from allflax.deploy import bundle, model_card
 from configs import common
 
 SIZE = 8
@@ -218,7 +219,7 @@ def test_the_cli_writes_predict_csvs_and_refuses_in_one_line(tiny_bundle, tmp_pa
     output = str(tmp_path / 'out' / 'preds.csv')
 
     def cli(*args):
-        """python -m allflax.bundle, in this process: (exit code, its summary or its stderr lines)."""
+        """python -m allflax.deploy.bundle, in this process: (exit code, its summary or its stderr lines)."""
         capsys.readouterr()
         try:
             bundle.main([f'--bundle={tiny_bundle}', *args])
@@ -536,7 +537,7 @@ def run_predict_py(directory, *args, cwd, python=sys.executable, env=None):
 def test_the_bundled_predictor_is_allflax_code_with_its_imports_pointed_at_the_bundle(tiny_bundle):
     """Each bundled module is its allflax module line for line, after a header naming it and the
     commit; the only lines that differ are `from allflax... import` lines, which import the bundle's copies."""
-    origins = {'predict.py': 'allflax/bundle_predictor.py', 'files.py': 'allflax/files.py',
+    origins = {'predict.py': 'allflax/deploy/predictor.py', 'files.py': 'allflax/files.py',
                'preprocess.py': 'allflax/data/preprocess.py', 'image_files.py': 'allflax/data/image_files.py'}
     for name, origin in origins.items():
         with open(os.path.join(tiny_bundle, name)) as f:
@@ -578,7 +579,7 @@ def test_export_refuses_a_predictor_module_that_imports_beyond_the_bundle(tmp_pa
 
 def test_predict_py_runs_alone_from_any_directory_as_the_allflax_cli(tiny_bundle, tmp_path):
     """predict.py, from another directory, with allflax, JAX and jsonschema unimportable: the same
-    CSVs, byte for byte, as `python -m allflax.bundle`, and the numpy reference's probabilities."""
+    CSVs, byte for byte, as `python -m allflax.deploy.bundle`, and the numpy reference's probabilities."""
     cells = str(tmp_path / 'cells')
     paths = write_cells(cells)
     elsewhere = tmp_path / 'elsewhere'

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from absl import flags
 
-from allflax.data.sources import fake_trees
 from allflax.data import cache, pipeline, prepared, preprocess
+from allflax.data.sources import fake_trees
 from configs import vgg19_mhsa
 
 SIZE = 32

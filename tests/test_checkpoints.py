@@ -10,8 +10,8 @@ import numpy as np
 import platform_deps
 import pytest
 
-from allflax import evaluate, train
-from allflax.training import checkpoints
+from allflax.modes import evaluate
+from allflax.training import checkpoints, loop
 
 
 def _save(checkpointer, step, accuracy):
@@ -76,16 +76,16 @@ def test_an_unreadable_latest_checkpoint_is_reported_and_passed_over(tmp_path, c
 
 def test_training_and_eval_fall_back_from_an_unreadable_checkpoint(tiny_config, tmp_path, at_batch):
     straight = str(tmp_path / 'straight')
-    expected = train.train_and_evaluate(tiny_config, straight)
+    expected = loop.train_and_evaluate(tiny_config, straight)
     workdir = str(tmp_path / 'run')
     at_batch(5)
     with pytest.raises(KeyboardInterrupt):
-        train.train_and_evaluate(tiny_config, workdir)
+        loop.train_and_evaluate(tiny_config, workdir)
     at_batch.restore()
     _corrupt(os.path.join(workdir, 'checkpoints', '4'))
     # Eval of the unfinished run reads step 3 (eval_every_steps); training resumes from it and ends as the straight run.
     assert evaluate.evaluate(tiny_config, workdir, with_report=False)['checkpoint_step'] == 3
-    assert train.train_and_evaluate(tiny_config, workdir) == expected
+    assert loop.train_and_evaluate(tiny_config, workdir) == expected
 
 
 def test_a_full_disk_stops_the_run_in_one_line(tiny_config, tmp_path):
@@ -97,7 +97,7 @@ def test_a_full_disk_stops_the_run_in_one_line(tiny_config, tmp_path):
         with tiny_config.unlocked():
             tiny_config.total_steps = 12
         with pytest.raises(checkpoints.CheckpointError, match=r'checkpoint.*failed.*is the disk full') as raised:
-            train.train_and_evaluate(tiny_config, workdir)
+            loop.train_and_evaluate(tiny_config, workdir)
         assert len(str(raised.value).splitlines()) == 1
         with open(os.path.join(workdir, 'metrics.jsonl')) as f:
             logged = [json.loads(line)['step'] for line in f if 'train_loss' in line]

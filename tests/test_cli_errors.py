@@ -8,9 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from allflax import sharding, train
+from allflax import sharding
 from allflax.data.dataset import Dataset, Split
 from allflax.evaluation import results
+from allflax.training import loop
 from configs import common
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -78,4 +79,4 @@ def test_eval_refuses_non_finite_probabilities(tmp_path):
 
 @pytest.mark.parametrize('name, code', [('SIGTERM', 143), ('SIGINT', 130)])
 def test_an_interrupted_run_exits_as_the_signal_would_have(name, code):
-    assert train.Interrupted(name, 'saved').exit_code == code
+    assert loop.Interrupted(name, 'saved').exit_code == code

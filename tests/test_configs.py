@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import pytest
 from flax import nnx
 
-from allflax import aot_check, models
-from allflax.gpu import targets
+from allflax import models
+from allflax.aot import check as aot_check, gpu as targets
 from configs import common, efficientnetv2_b3_se, vgg19_mhsa
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -88,7 +88,7 @@ def test_demo_overrides_apply_only_to_the_demo():
 
 def test_the_reports_are_of_the_configs_as_they_are():
     """Each report's dtype, batch and micro-batches are what its config gives today: a config
-    changed since its report was compiled fails here (rerun `python -m allflax.aot_check`)."""
+    changed since its report was compiled fails here (rerun `python -m allflax.aot.check`)."""
     for report, config in reports_with_configs():
         where = f"{report['config']} on {report['topology']}"
         assert (report['dtype'], report['global_batch'], report['image_size']) == (
@@ -102,7 +102,7 @@ def test_the_reports_are_of_the_configs_as_they_are():
 @pytest.mark.parametrize('name', sorted(common.GPU_VARIANTS))
 def test_a_gpu_without_bfloat16_makes_the_gpu_update_in_a_dtype_it_has(recipe, name):
     """`:gpu,t4` and `:gpu,p100`: the update of `:gpu` (the same global batch), in a dtype that the GPU
-    computes (allflax/gpu/targets.py: neither has bfloat16) and `:gpu`'s dtype on every other GPU;
+    computes (allflax/aot/gpu.py: neither has bfloat16) and `:gpu`'s dtype on every other GPU;
     the T4's fastest (float16, its tensor cores')."""
     gpu, variant = recipe.get_config('gpu'), recipe.get_config(f'gpu,{name}')
     assert variant.batch_size == gpu.batch_size and variant.optimizer == gpu.optimizer

@@ -12,11 +12,9 @@ from flax import nnx
 from jax import lax
 
 from allflax import models, sharding
+from allflax.cpu import conv as cpu_conv, kernels as cpu_kernels, onednn
 from allflax.models import ops
-from allflax import train
-from allflax.cpu import conv as cpu_conv
-from allflax.cpu import kernels as cpu_kernels
-from allflax.cpu import onednn
+from allflax.training import loop
 
 # nnx.Conv's dimension numbers for NHWC inputs and HWIO kernels.
 NHWC = lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1), out_spec=(0, 3, 1, 2))
@@ -272,7 +270,7 @@ def test_bfloat16_without_cpu_arithmetic_says_so(tiny_config, monkeypatch, caplo
     with tiny_config.unlocked():
         tiny_config.dtype = dtype
     with caplog.at_level('WARNING'):
-        train.build(tiny_config, 2, 2, sharding.make_mesh())
+        loop.build(tiny_config, 2, 2, sharding.make_mesh())
     warned = [record.getMessage() for record in caplog.records if 'bfloat16 arithmetic' in record.getMessage()]
     if dtype == 'bfloat16' and kernels_built and not bfloat16_convolutions:
         assert len(warned) == 1 and '--config.dtype=float32' in warned[0]

@@ -18,10 +18,11 @@ import scipy.stats
 from absl import flags
 
 import main
-from allflax import compare, montecarlo, sharding, train
+from allflax import sharding
 from allflax.data import pipeline
 from allflax.data.dataset import Dataset, Split
 from allflax.evaluation import inference, report, results
+from allflax.modes import compare, montecarlo
 from allflax.training import loop, restore
 from configs import common
 
@@ -45,7 +46,7 @@ def read_csv(path):
 def tiny_run(make_tiny_config, tmp_path_factory):
     config = make_tiny_config()
     workdir = str(tmp_path_factory.mktemp('runs') / 'vgg19_mhsa')
-    train.train_and_evaluate(config, workdir)
+    loop.train_and_evaluate(config, workdir)
     return config, workdir
 
 
@@ -231,7 +232,7 @@ def test_compare_two_runs_and_refuse_different_images(tiny_run, make_tiny_config
         config.model.options = {}  # No attention block or pooled head: Keras's VGG19 top.
         config.eval.bootstrap_samples = 200
     workdir_b = str(tmp_path / 'vgg19')
-    train.train_and_evaluate(config, workdir_b)
+    loop.train_and_evaluate(config, workdir_b)
     output_dir = str(tmp_path / 'comparison')
     run_main(monkeypatch, '--mode=compare', f'--workdirs={workdir_a},{workdir_b}', f'--output_dir={output_dir}')
     with open(os.path.join(output_dir, 'compare.json')) as f:

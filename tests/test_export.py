@@ -1,4 +1,4 @@
-"""--mode=export's bundle against the checkpoint it came from, and `python -m allflax.bundle` without JAX."""
+"""--mode=export's bundle against the checkpoint it came from, and `python -m allflax.deploy.bundle` without JAX."""
 import csv
 import hashlib
 import json
@@ -17,9 +17,12 @@ from flax import nnx
 
 import main
 import platform_deps
-from allflax import bundle, bundle_predictor, export, files, model_card, models, predict, train
+from allflax import files, models
 from allflax.data import pipeline, sources
+from allflax.deploy import bundle, model_card, predictor
 from allflax.evaluation import metrics
+from allflax.modes import export, predict
+from allflax.training import loop
 from configs import efficientnetv2_b3_se
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -45,7 +48,7 @@ def tiny_b3_config(cache_dir):
 
 def train_and_export(config, folder):
     workdir, output = str(folder / 'run'), str(folder / 'bundle')
-    train.train_and_evaluate(config, workdir)
+    loop.train_and_evaluate(config, workdir)
     return config, workdir, output, export.export(config, workdir, output)
 
 
@@ -217,7 +220,7 @@ def write_cells(folder, rng):
 
 
 def run_bundle_cli(*args):
-    """`python -m allflax.bundle ...` in a fresh process; returns (the run, the forbidden modules it imported)."""
+    """`python -m allflax.deploy.bundle ...` in a fresh process; returns (the run, the forbidden modules it imported)."""
     script = ('import json, sys\nfrom allflax import bundle\ntry:\n    bundle.main(sys.argv[1:])\nfinally:\n'
               f'    print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in {FORBIDDEN!r})), '
               'file=sys.stderr)\n')
@@ -266,7 +269,7 @@ def read_rows(path):
 
 def test_the_bundle_alone_and_its_cli_predict_as_predict_mode(vgg_bundle, bundle_venv, tmp_path):
     """The bundle's predict.py in a virtual environment made from its requirements.txt alone, run
-    from another directory, and `python -m allflax.bundle` (without JAX): --mode=predict's CSVs."""
+    from another directory, and `python -m allflax.deploy.bundle` (without JAX): --mode=predict's CSVs."""
     config, workdir, output, _ = vgg_bundle
     cells = str(tmp_path / 'cells')
     write_cells(cells, np.random.default_rng(0))
@@ -286,7 +289,7 @@ def test_the_bundle_alone_and_its_cli_predict_as_predict_mode(vgg_bundle, bundle
     seen = subprocess.run([python, '-c', look], cwd=elsewhere, env=environment, capture_output=True, text=True,
                           timeout=60)
     with open(os.path.join(ROOT, 'requirements.txt')) as f:
-        pinned = sorted(line.strip() for line in f if line.split('==')[0] in bundle_predictor.REQUIREMENTS)
+        pinned = sorted(line.strip() for line in f if line.split('==')[0] in predictor.REQUIREMENTS)
     assert seen.stdout.splitlines() == ['[]', repr(pinned)], seen.stderr
     alone = subprocess.run([python, os.path.join(output, 'predict.py'), f'--input={cells}', '--output=alone.csv'],
                            cwd=elsewhere, env=environment, capture_output=True, text=True, timeout=120)

@@ -1,4 +1,4 @@
-"""`python -m allflax.aot_check --topology=<gpu>` compiles a recipe for NVIDIA GPUs on this CPU host
+"""`python -m allflax.aot.check --topology=<gpu>` compiles a recipe for NVIDIA GPUs on this CPU host
 (JAX's CUDA plugin and ptxas, no driver) from target descriptions written from published facts."""
 import importlib.util
 import os
@@ -10,8 +10,9 @@ import jax.numpy as jnp
 import platform_deps
 import pytest
 
-from allflax import aot_check, sharding, train
-from allflax.gpu import targets
+from allflax import sharding
+from allflax.aot import check as aot_check, gpu as targets
+from allflax.training import loop
 from configs import vgg19_mhsa
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -37,11 +38,11 @@ def test_demo_train_step_compiles_for_a_gpu(cuda_plugin):
     found = aot_check.target('h100', config.dtype)
     assert [d.device_kind for d in found.devices] == ['NVIDIA H100 80GB HBM3']
     mesh = sharding.make_mesh(found.devices)
-    built = train.build(config, 4, 10, mesh, load_pretrained=False, abstract=True)
+    built = loop.build(config, 4, 10, mesh, load_pretrained=False, abstract=True)
     batch = sharding.batch_sharding(mesh)
     images = {'image': jax.ShapeDtypeStruct((8, 32, 32, 3), jnp.uint8, sharding=batch),
               'label': jax.ShapeDtypeStruct((8,), jnp.int32, sharding=batch)}
-    lowered, compiled, _, _ = aot_check._compile(train.make_train_step(config, built, mesh),
+    lowered, compiled, _, _ = aot_check._compile(loop.make_train_step(config, built, mesh),
                                                  (built.state, images), found.compiler_options)
     assert 'allflax_' not in lowered.as_text() and 'allflax_' not in compiled.as_text()
     assert '__cudnn$conv' in compiled.as_text()  # The convolutions are cuDNN's, as on a GPU.
@@ -76,7 +77,7 @@ def test_a_gpu_without_bfloat16_is_refused_it_naming_its_arg(name):
 
 # XLA's own target configs for four of these GPUs, as their drivers reported them (openxla/xla,
 # xla/backends/gpu/target_config/specs/{a100_sxm_40,a100_sxm_80,h100_sxm,h200}.txtpb): a record
-# independent of the datasheets that allflax/gpu/targets.py is written from.
+# independent of the datasheets that allflax/aot/gpu.py is written from.
 _XLA_SPECS = {
     'a100-40gb': dict(compute_capability=(8, 0), core_count=108, fpus_per_core=64, threads_per_core_limit=2048,
                       shared_memory_per_core=167936, shared_memory_per_block_optin=166912, l2_cache_size=41943040,
@@ -143,9 +144,9 @@ def test_peak_flops_are_the_sms_at_their_clock(name):
 
 
 def test_the_reports_are_their_rooflines_on_todays_targets():
-    """Each GPU report against allflax/gpu/targets.py as it is now and the roofline's definition,
+    """Each GPU report against allflax/aot/gpu.py as it is now and the roofline's definition,
     max(FLOPs / peak, bytes / bandwidth): a target changed since the reports were compiled, or a
-    roofline computed otherwise, fails here (rerun `python -m allflax.aot_check`)."""
+    roofline computed otherwise, fails here (rerun `python -m allflax.aot.check`)."""
     for report in aot_check.read_reports(os.path.join(ROOT, 'benchmarks', 'gpu_check')):
         gpu, where = targets.GPUS[report['chip']], report['topology']
         peak = gpu.peak_flops[report['dtype']]
@@ -202,12 +203,12 @@ def test_table_rows_name_the_config_and_say_what_does_not_fit():
 
 
 def test_the_readme_table_is_the_reports_table():
-    """README.md's GPU table is `python -m allflax.aot_check --table=benchmarks/gpu_check`, row for
+    """README.md's GPU table is `python -m allflax.aot.check --table=benchmarks/gpu_check`, row for
     row, and every recipe's `:gpu` (`:gpu,t4`, `:gpu,p100`) fits each of Colab's and Kaggle's GPUs and a lab's."""
     reports = aot_check.read_reports(os.path.join(ROOT, 'benchmarks', 'gpu_check'))
     with open(os.path.join(ROOT, 'README.md')) as f:
         assert aot_check.table(reports) in f.read(), \
-            'README.md: paste the output of python -m allflax.aot_check --table=benchmarks/gpu_check'
+            'README.md: paste the output of python -m allflax.aot.check --table=benchmarks/gpu_check'
     assert all(report['train']['fits'] and report['config'].rpartition(':')[2] in ('gpu', 'gpu,t4', 'gpu,p100')
                for report in reports)
     assert {(report['model'], report['topology']) for report in reports} == {

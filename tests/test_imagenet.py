@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 from allflax import models
-from allflax.models import imagenet, keras_weights
+from allflax.models import imagenet, keras_weights, weight_files
 
 VGG19_FILE = imagenet.KERAS_WEIGHTS['vgg19'].file_name
 MANUAL_ROUTE = f'python -m {keras_weights.__name__} --model=vgg19 --keras='
@@ -78,7 +78,7 @@ def served_vgg19(server, vgg19_notop, monkeypatch):
     body, values = vgg19_notop
     server.files[f'/mirror/{VGG19_FILE}'] = body
     real = imagenet.KERAS_WEIGHTS['vgg19']
-    monkeypatch.setitem(imagenet.KERAS_WEIGHTS, 'vgg19', imagenet.WeightFile(real.url, hashlib.md5(body).hexdigest(),
+    monkeypatch.setitem(imagenet.KERAS_WEIGHTS, 'vgg19', weight_files.WeightFile(real.url, hashlib.md5(body).hexdigest(),
                                                                           real.input_convention))
     return server, values
 
@@ -133,7 +133,7 @@ def test_a_failed_conversion_leaves_no_directory_and_the_next_reuses_the_downloa
 def test_wrong_hash_names_the_url_and_manual_route_and_keeps_nothing(served_vgg19, tmp_path, monkeypatch):
     server, _ = served_vgg19
     real = imagenet.KERAS_WEIGHTS['vgg19']
-    monkeypatch.setitem(imagenet.KERAS_WEIGHTS, 'vgg19', imagenet.WeightFile(real.url, '0' * 32, real.input_convention))
+    monkeypatch.setitem(imagenet.KERAS_WEIGHTS, 'vgg19', weight_files.WeightFile(real.url, '0' * 32, real.input_convention))
     url = f'{server.url}/{VGG19_FILE}'
     with pytest.raises(imagenet.WeightsUnavailableError, match='the download has hash') as error:
         imagenet.imagenet_params('vgg19_mhsa', str(tmp_path), base_url=server.url)

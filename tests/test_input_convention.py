@@ -12,11 +12,11 @@ import pytest  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import main  # noqa: E402
-from allflax import models, train  # noqa: E402
+from allflax import models  # noqa: E402
 from allflax.data import input_convention  # noqa: E402
 from allflax.data.sources import synthetic  # noqa: E402
 from allflax.models import imagenet, keras_weights  # noqa: E402
-from allflax.training import loop, run_guard  # noqa: E402
+from allflax.training import loop, resume_check  # noqa: E402
 from configs import common, efficientnetv2_b3_se, vgg19_mhsa  # noqa: E402
 
 SIZE = 64
@@ -49,7 +49,7 @@ def run_data(model_name: str):
     config = common.base_config(model=model_name, data='synthetic_cnmc', image_size=SIZE, batch_size=2,
                                 num_epochs=1, learning_rate=1e-3)
     config.model.init_from = 'imagenet'
-    return train.resolve_input_convention(config).data
+    return loop.resolve_input_convention(config).data
 
 
 @pytest.mark.parametrize('name', list(KERAS))
@@ -104,14 +104,14 @@ def test_caffe_is_bgr_minus_the_imagenet_means_by_hand():
 def test_init_from_imagenet_takes_the_weights_convention_into_the_run(config_module, expected):
     config = config_module.get_config('demo')
     assert config.data.input_convention == ''
-    scratch = train.resolve_input_convention(config_module.get_config('demo'))
+    scratch = loop.resolve_input_convention(config_module.get_config('demo'))
     assert scratch.data.input_convention == 'imagenet_mean_std'  # From scratch: the default, named.
     config.model.init_from = 'imagenet'
-    assert train.resolve_input_convention(config).data.input_convention == expected
+    assert loop.resolve_input_convention(config).data.input_convention == expected
     assert json.loads(config.to_json_best_effort())['data']['input_convention'] == expected  # As config.json holds it.
     # Set to the weights' own value: accepted.
     config.data.input_convention = expected
-    assert train.resolve_input_convention(config).data.input_convention == expected
+    assert loop.resolve_input_convention(config).data.input_convention == expected
 
 
 def test_a_value_that_contradicts_the_weights_is_refused_in_one_line_before_any_write(tmp_path):
@@ -120,7 +120,7 @@ def test_a_value_that_contradicts_the_weights_is_refused_in_one_line_before_any_
     config.data.input_convention = 'imagenet_mean_std'
     config.data.cache_dir = str(tmp_path / 'cache')
     with pytest.raises(imagenet.InputConventionError) as refused:
-        train.train_and_evaluate(config, str(tmp_path / 'run'))
+        loop.train_and_evaluate(config, str(tmp_path / 'run'))
     message = str(refused.value)
     assert message == ("data.input_convention='imagenet_mean_std' contradicts model.init_from='imagenet': Keras's "
                        "vgg19 ImageNet weights were trained on 'caffe' (RGB reversed to BGR, minus the ImageNet BGR "
@@ -167,9 +167,9 @@ def test_a_run_from_before_the_setting_resumes_only_on_the_input_it_was_trained_
     saved = json.loads(config.to_json_best_effort())
     del saved['data']['input_convention']
     (tmp_path / 'config.json').write_text(json.dumps(saved))
-    train.resolve_input_convention(config)
+    loop.resolve_input_convention(config)
     if refused:
-        with pytest.raises(run_guard.ResumeMismatchError, match="data.input_convention: absent -> 'caffe'"):
+        with pytest.raises(resume_check.ResumeMismatchError, match="data.input_convention: absent -> 'caffe'"):
             loop.check_resume(config, str(tmp_path))
     else:
         loop.check_resume(config, str(tmp_path))

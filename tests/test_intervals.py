@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import scipy.stats
 
-from allflax import bundle, model_card
 from allflax.data import input_convention
+from allflax.deploy import bundle, model_card
 from allflax.evaluation import stats
 
 SAMPLES = 100  # Enough to compare percentiles value for value.

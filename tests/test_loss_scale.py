@@ -15,10 +15,10 @@ from flax import nnx
 from flax.nnx.nn import attention as nnx_attention
 from flax.training import dynamic_scale
 
-from allflax import evaluate, models, sharding, train
+from allflax import models, sharding
 from allflax.models import attention, batch_norm
-from allflax.training import checkpoints, loop, losses, state
-from allflax.training import loss_scale as loss_scaling
+from allflax.modes import evaluate
+from allflax.training import checkpoints, loop, loss_scale as loss_scaling, losses, state
 from configs import common
 
 TINY = 'tiny_bn_for_loss_scale_tests'
@@ -55,8 +55,8 @@ def _config(dtype: str, image_size: int = 16, batch_size: int = 8) -> ml_collect
 @functools.cache
 def _compiled(dtype: str):
     config, mesh = _config(dtype), sharding.make_mesh()
-    built = train.build(config, 4, 40, mesh)
-    return built, train.make_train_step(config, built, mesh), mesh
+    built = loop.build(config, 4, 40, mesh)
+    return built, loop.make_train_step(config, built, mesh), mesh
 
 
 def _setup(dtype: str):
@@ -170,7 +170,7 @@ def test_a_non_finite_loss_stops_the_run_an_overflow_of_the_scale_does_not():
     after, metrics = step(broken, batch)
     assert not bool(metrics['finite']) and int(after.loss_scale.skipped_steps) == 1
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(after.params), host_before.params)
-    with pytest.raises(train.Diverged) as error:
+    with pytest.raises(loop.Diverged) as error:
         loop._check_finite([True, False], 41, 40, '/runs/a/checkpoints', scaled=True)
     assert str(error.value) == (
         "non-finite loss, or gradients beyond float16's range at a loss scale of 1 or below, at step 42 (1 of the "
@@ -286,10 +286,10 @@ def test_a_resumed_float16_run_keeps_its_scale_and_logs_it(make_tiny_config, tmp
         config.dtype, config.model.name, config.model.options = 'float16', TINY, ml_collections.ConfigDict()
         config.total_steps = 6
     workdir = str(tmp_path / 'run')
-    train.train_and_evaluate(config, workdir)
+    loop.train_and_evaluate(config, workdir)
     with config.unlocked():
         config.total_steps = 12
-    train.train_and_evaluate(config, workdir)
+    loop.train_and_evaluate(config, workdir)
     with open(os.path.join(workdir, 'metrics.jsonl')) as f:
         logged = {r['step']: (r['train_loss_scale'], r['train_skipped_steps'])
                   for r in map(json.loads, f) if 'train_loss' in r}
@@ -297,11 +297,11 @@ def test_a_resumed_float16_run_keeps_its_scale_and_logs_it(make_tiny_config, tmp
     events = b''.join(open(path, 'rb').read() for path in glob.glob(os.path.join(workdir, 'tensorboard', '*')))
     assert b'train/loss_scale' in events and b'train/skipped_steps' in events
     checkpointer = checkpoints.Checkpointer(os.path.join(workdir, 'checkpoints'), read_only=True)
-    built = train.build(config, 4, 12, sharding.make_mesh(), abstract=True)
+    built = loop.build(config, 4, 12, sharding.make_mesh(), abstract=True)
     saved, _ = checkpointer.restore(12, checkpoints.abstract_with_sharding(built.state, built.state_sharding))
     checkpointer.close()
     assert (float(saved.loss_scale.scale), int(saved.loss_scale.skipped_steps)) == (2.0 ** 108, 12)
-    initial = train.build(config, 4, 12, sharding.make_mesh()).state
+    initial = loop.build(config, 4, 12, sharding.make_mesh()).state
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(saved.params), jax.device_get(initial.params))
     assert evaluate.evaluate(config, workdir, with_report=False)['checkpoint_step'] == 12
 

@@ -9,9 +9,10 @@ import jax.numpy as jnp
 import pytest
 from jax.experimental import topologies
 
-from allflax import sharding, train
+from allflax import sharding
 from allflax.cpu import kernels as cpu_kernels
 from allflax.data import augment
+from allflax.training import loop
 from configs import efficientnetv2_b3_se, vgg19_mhsa
 
 RECIPES = {'vgg19_mhsa': vgg19_mhsa, 'efficientnetv2_b3_se': efficientnetv2_b3_se}
@@ -36,8 +37,8 @@ def _abstract_batch(mesh, config):
 
 
 def _lowered_train_step(config, mesh, **lower_options):
-    built = train.build(config, 4, 10, mesh, load_pretrained=False, abstract=True)
-    step = train.make_train_step(config, built, mesh)
+    built = loop.build(config, 4, 10, mesh, load_pretrained=False, abstract=True)
+    step = loop.make_train_step(config, built, mesh)
     return step.trace(built.state, _abstract_batch(mesh, config)).lower(**lower_options)
 
 
@@ -69,7 +70,7 @@ def test_tpu_program_compiles_on_this_host_without_cpu_kernels():
     memory = lowered.compile().memory_analysis()
     # The float32 weights (VGG19's 20.0 M convolution weights and 1.2 M more) and AdamW's two
     # moments are the arguments: 12 bytes per weight, and the small batch.
-    weights = sum(x.size for x in jax.tree.leaves(train.build(config, 4, 10, mesh, abstract=True).state.params))
+    weights = sum(x.size for x in jax.tree.leaves(loop.build(config, 4, 10, mesh, abstract=True).state.params))
     assert 21_000_000 < weights < 21_500_000
     assert 12 * weights < memory.argument_size_in_bytes < 12 * weights + 2 ** 20
     assert 0 < memory.temp_size_in_bytes < 2 ** 30
@@ -104,6 +105,6 @@ def test_checkpoint_tree_is_the_one_written_before_the_cpu_package():
         recorded = json.load(f)
     mesh = sharding.make_mesh()
     for name in RECIPES:
-        built = train.build(_config(name), 4, 10, mesh, load_pretrained=False, abstract=True)
+        built = loop.build(_config(name), 4, 10, mesh, load_pretrained=False, abstract=True)
         leaves = jax.tree_util.tree_flatten_with_path(built.state)[0]
         assert [[jax.tree_util.keystr(path), list(x.shape), str(x.dtype)] for path, x in leaves] == recorded[name]

@@ -16,10 +16,11 @@ import pytest
 from absl import flags
 
 import main
-from allflax import compare, train
 from allflax.data import cache, membership, pipeline, preprocess
 from allflax.data.dataset import read_splits_json
 from allflax.data.sources import fake_trees, synthetic
+from allflax.modes import compare
+from allflax.training import loop
 from configs import vgg19_mhsa
 
 SIZE = 32
@@ -270,7 +271,7 @@ def _workdir_of_a_run(probe, tmp_path, root):
     """A run's workdir as training leaves it before its first checkpoint: config.json and splits.json."""
     work = str(tmp_path / 'run')
     shutil.copytree(probe['work'], work)
-    config = train.resolve_input_convention(_config(root, probe['cache']))  # As training writes it.
+    config = loop.resolve_input_convention(_config(root, probe['cache']))  # As training writes it.
     with open(os.path.join(work, 'config.json'), 'w') as f:
         f.write(config.to_json_best_effort(indent=1))
     return config, work
@@ -303,7 +304,7 @@ def test_a_resume_refuses_before_any_file_changes(probe, tmp_path):
     _write_patients_csv(root, [row for row in _rows(root) if row[0] != gone])
     before = _snapshot(work)
     with pytest.raises(membership.SplitsChanged, match=f"1 train file missing: {gone}; refusing to resume"):
-        train.train_and_evaluate(config, work)
+        loop.train_and_evaluate(config, work)
     assert _snapshot(work) == before
     with open(os.path.join(work, 'splits.json')) as f:
         assert json.load(f) == probe['recorded']

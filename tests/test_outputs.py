@@ -6,9 +6,10 @@ import os
 
 import pytest
 
-from allflax import compare, files, montecarlo, predict, train
+from allflax import files
 from allflax.data import image_files
-from allflax.training import run_guard
+from allflax.modes import compare, montecarlo, predict
+from allflax.training import loop, resume_check, workdir_lock
 
 
 def tree(folder):
@@ -93,24 +94,24 @@ def test_training_refuses_a_folder_that_is_not_a_run(tiny_config, tmp_path):
     (mine / 'config.json').write_text(json.dumps({'project': 'not allflax'}))
     before = tree(tmp_path)
     with pytest.raises(files.OutputRefused, match=f'{mine}/config.json is not an allflax run\'s config.json'):
-        train.train_and_evaluate(tiny_config, str(mine))
+        loop.train_and_evaluate(tiny_config, str(mine))
     os.remove(mine / 'config.json')
     before = tree(tmp_path)
     with pytest.raises(files.OutputRefused, match=rf'{mine} holds files that allflax did not write there '
                                                   r'\(notes.txt\)'):
-        train.train_and_evaluate(tiny_config, str(mine))
+        loop.train_and_evaluate(tiny_config, str(mine))
     assert tree(tmp_path) == before
 
     # What a run writes, a run that stopped before its config.json included, is a run's.
     started = tmp_path / 'started'
     (started / 'checkpoints').mkdir(parents=True)
-    (started / run_guard.LOCK_NAME).write_text('')
+    (started / workdir_lock.LOCK_NAME).write_text('')
     (started / '.config.json.x.tmp').write_text('')
-    assert run_guard.saved_run_config(str(started)) is None
+    assert resume_check.saved_run_config(str(started)) is None
     with open(started / 'config.json', 'w') as f:
         f.write(tiny_config.to_json_best_effort())
     (started / 'notes.txt').write_text('added later by the user')  # Kept, and the run is still a run.
-    assert run_guard.saved_run_config(str(started))['seed'] == tiny_config.seed
+    assert resume_check.saved_run_config(str(started))['seed'] == tiny_config.seed
 
 
 def test_montecarlo_refuses_a_folder_of_other_files(tiny_config, tmp_path):

@@ -5,9 +5,9 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from allflax import models, sharding  # noqa: E402
-from allflax.models import keras_weights  # noqa: E402
-from allflax import train  # noqa: E402
 from allflax.data.sources import synthetic  # noqa: E402
+from allflax.models import keras_weights  # noqa: E402
+from allflax.training import loop  # noqa: E402
 from configs import efficientnetv2_b3_se  # noqa: E402
 
 SIZE = 32
@@ -32,14 +32,14 @@ def test_b3_notop_file_initialises_b3_se_and_freezes_the_backbone_first(tmp_path
         config.model.init_from = str(tmp_path / 'params')
         config.model.freeze_backbone_steps = 2
     mesh = sharding.make_mesh()
-    built = train.build(config, 2, 4, mesh)
+    built = loop.build(config, 2, 4, mesh)
     stem = keras_model.get_layer('stem_conv').weights[0].numpy()
     np.testing.assert_array_equal(built.state.params['stem_conv']['kernel'][...], stem)
 
     data = synthetic.load('synthetic_cnmc', num_images=8, image_size=SIZE, num_patients=4, seed=0,
                           cache_dir=synthetic_cache)
     batch = sharding.put_batch({'image': data.images[:4], 'label': data.labels[:4]}, sharding.batch_sharding(mesh))
-    train_step = train.make_train_step(config, built, mesh)
+    train_step = loop.make_train_step(config, built, mesh)
     head_before = np.asarray(built.state.params['predictions']['kernel'][...])
     state = built.state
     for _ in range(2):  # The warm-up's first learning rate is 0: the head moves in step 2.

@@ -7,8 +7,8 @@ import os
 from absl import flags
 
 from allflax.data.sources import fake_trees
-from allflax import evaluate, train
-from allflax.training import checkpoints
+from allflax.modes import evaluate
+from allflax.training import checkpoints, loop
 from configs import efficientnetv2_b3_se, vgg19_mhsa
 
 SIZE = 32
@@ -41,7 +41,7 @@ def test_cnmc2019_trains_with_paper_2s_augmentation(tmp_path):
     config = _config('cnmc2019', tree, tmp_path / 'cache',
                      augment=efficientnetv2_b3_se.get_config().data.augment)
     workdir = str(tmp_path / 'run')
-    result = train.train_and_evaluate(config, workdir)
+    result = loop.train_and_evaluate(config, workdir)
     _check_run(workdir, result)
     # A patient added to data.dir after training: --mode=eval scores the run's recorded test members,
     # the very images training's own test evaluation scored.
@@ -61,4 +61,4 @@ def test_all_aria_trains_from_grain_worker_processes(tmp_path):
     tree = fake_trees.make_all_aria_tree(str(tmp_path / 'tree'), images_per_class=8, size=48)
     config = _config('all_aria', tree, tmp_path / 'cache', num_workers=2)
     workdir = str(tmp_path / 'run')
-    _check_run(workdir, train.train_and_evaluate(config, workdir))
+    _check_run(workdir, loop.train_and_evaluate(config, workdir))

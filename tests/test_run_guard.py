@@ -13,7 +13,7 @@ import pytest
 
 from allflax import files
 from allflax.data import sources
-from allflax.training import run_guard
+from allflax.training import config_check, resume_check, workdir_lock
 from configs import vgg19_mhsa
 
 SYNTHETIC = tuple(sources.synthetic.CLASS_NAMES)
@@ -21,14 +21,14 @@ REAL = tuple(sources.REAL)
 # Waits for `go`, tries the lock, prints the outcome, and holds a won lock until `done` exists.
 CONTENDER = '''
 import os, sys, time
-from allflax.training import run_guard
+from allflax.training import config_check, resume_check, workdir_lock
 workdir = sys.argv[1]
 while not os.path.exists(os.path.join(workdir, 'go')):
     time.sleep(0.001)
 try:
-    lock = run_guard.WorkdirLock(workdir)
+    lock = workdir_lock.WorkdirLock(workdir)
     lock.acquire()
-except run_guard.WorkdirBusyError:
+except workdir_lock.WorkdirBusyError:
     print('busy', flush=True)
 else:
     print('won', flush=True)
@@ -54,7 +54,7 @@ def deadline():
 
 
 def _write_lock(workdir, content) -> bytes:
-    path = os.path.join(workdir, run_guard.LOCK_NAME)
+    path = os.path.join(workdir, workdir_lock.LOCK_NAME)
     data = content if isinstance(content, bytes) else json.dumps(content).encode()
     with open(path, 'wb') as f:
         f.write(data)
@@ -73,7 +73,7 @@ def _finished_pid() -> int:
 
 
 def _lock_of(workdir) -> dict:
-    with open(os.path.join(workdir, run_guard.LOCK_NAME)) as f:
+    with open(os.path.join(workdir, workdir_lock.LOCK_NAME)) as f:
         return json.load(f)
 
 
@@ -92,8 +92,8 @@ def test_lock_is_written_and_removed(tmp_path, monkeypatch):
         linked.append((source, target))
         link(source, target)
 
-    monkeypatch.setattr(run_guard.os, 'link', spy)
-    with run_guard.WorkdirLock(workdir) as lock:
+    monkeypatch.setattr(workdir_lock.os, 'link', spy)
+    with workdir_lock.WorkdirLock(workdir) as lock:
         record = _lock_of(workdir)
         assert record['host'] == socket.gethostname() and record['pid'] == os.getpid()
         assert record['started'].endswith('+00:00') and record['command'] == ' '.join(sys.argv)
@@ -107,12 +107,12 @@ def test_lock_is_written_and_removed(tmp_path, monkeypatch):
     assert target == os.path.join(workdir, 'run.lock') and os.path.dirname(source) == workdir
     # A run killed between the two leaves that file behind: its workdir is still a run's.
     open(source, 'w').close()
-    assert run_guard.saved_run_config(workdir) is None
+    assert resume_check.saved_run_config(workdir) is None
 
 
 def test_a_lock_never_acquired_allows_no_write_and_releases_nothing(tmp_path):
-    lock = run_guard.WorkdirLock(str(tmp_path))
-    with pytest.raises(run_guard.WorkdirBusyError) as error:
+    lock = workdir_lock.WorkdirLock(str(tmp_path))
+    with pytest.raises(workdir_lock.WorkdirBusyError) as error:
         lock.check()
     assert str(error.value) == f'{tmp_path}/run.lock is not held by this process: it must not write {tmp_path}'
     lock.release()
@@ -120,9 +120,9 @@ def test_a_lock_never_acquired_allows_no_write_and_releases_nothing(tmp_path):
 
 
 def test_our_own_held_lock_refuses_a_second_acquire(tmp_path):
-    with run_guard.WorkdirLock(str(tmp_path)):
-        with pytest.raises(run_guard.WorkdirBusyError, match=f'process {os.getpid()} on this host'):
-            run_guard.WorkdirLock(str(tmp_path)).acquire()
+    with workdir_lock.WorkdirLock(str(tmp_path)):
+        with pytest.raises(workdir_lock.WorkdirBusyError, match=f'process {os.getpid()} on this host'):
+            workdir_lock.WorkdirLock(str(tmp_path)).acquire()
         assert _lock_of(str(tmp_path))['pid'] == os.getpid()
 
 
@@ -134,8 +134,8 @@ def test_live_holder_refuses_and_leaves_the_file_unchanged(tmp_path):
     try:
         holder.stdout.readline()
         data = _write_lock(tmp_path, _holder(holder.pid))
-        with pytest.raises(run_guard.WorkdirBusyError) as error:
-            run_guard.WorkdirLock(str(tmp_path)).acquire()
+        with pytest.raises(workdir_lock.WorkdirBusyError) as error:
+            workdir_lock.WorkdirLock(str(tmp_path)).acquire()
         with pytest.raises(subprocess.TimeoutExpired):
             holder.wait(timeout=0.1)  # Asked whether it runs, never sent a signal.
     finally:
@@ -149,7 +149,7 @@ def test_live_holder_refuses_and_leaves_the_file_unchanged(tmp_path):
 def test_lock_of_a_finished_process_is_taken_over_with_a_warning(tmp_path, caplog):
     dead = _finished_pid()
     _write_lock(tmp_path, _holder(dead))
-    with caplog.at_level('WARNING'), run_guard.WorkdirLock(str(tmp_path)):
+    with caplog.at_level('WARNING'), workdir_lock.WorkdirLock(str(tmp_path)):
         taken = _lock_of(str(tmp_path))
         # Its lock counts no holders (written before generations): ours is the first generation.
         assert taken['pid'] == os.getpid() and taken['generation'] == 1
@@ -164,8 +164,8 @@ def test_lock_from_another_host_refuses(tmp_path):
     """Pid 1 is a container's first process, a run's there. A lock written by hand may name no
     start or command."""
     data = _write_lock(tmp_path, {'host': 'tpu-vm-7', 'pid': 1})
-    with pytest.raises(run_guard.WorkdirBusyError) as error:
-        run_guard.WorkdirLock(str(tmp_path)).acquire()
+    with pytest.raises(workdir_lock.WorkdirBusyError) as error:
+        workdir_lock.WorkdirLock(str(tmp_path)).acquire()
     assert str(error.value) == _busy(tmp_path, 1, 'host tpu-vm-7, which this machine cannot check', since='?',
                                      command='?')
     assert (tmp_path / 'run.lock').read_bytes() == data
@@ -174,10 +174,10 @@ def test_lock_from_another_host_refuses(tmp_path):
 # Empty, torn, and whole JSON that names no process: not a dict, no host, pid 0 (not a process).
 @pytest.mark.parametrize('content', [b'', b'{"host": "x", "pi', b'[1]', b'{"pid": 5}', b'{"host": "x", "pid": 0}'])
 def test_empty_or_torn_lock_is_stale(tmp_path, caplog, monkeypatch, content):
-    monkeypatch.setattr(run_guard.WorkdirLock, 'TORN_GRACE_SECONDS', 0.1)
+    monkeypatch.setattr(workdir_lock.WorkdirLock, 'TORN_GRACE_SECONDS', 0.1)
     _write_lock(tmp_path, content)
     start = time.monotonic()
-    with caplog.at_level('WARNING'), run_guard.WorkdirLock(str(tmp_path)):
+    with caplog.at_level('WARNING'), workdir_lock.WorkdirLock(str(tmp_path)):
         assert _lock_of(str(tmp_path))['pid'] == os.getpid()
     assert 0.1 <= time.monotonic() - start < 2
     assert [r.getMessage() for r in caplog.records] == [
@@ -187,16 +187,16 @@ def test_empty_or_torn_lock_is_stale(tmp_path, caplog, monkeypatch, content):
 def test_a_fresh_empty_lock_is_given_its_writers_grace(tmp_path, monkeypatch):
     """Where link() is refused, a lock is created empty and then written: a fresh empty one may be a
     writer at work, and is taken over only once older than the grace."""
-    monkeypatch.setattr(run_guard.WorkdirLock, 'TORN_GRACE_SECONDS', 0.5)
+    monkeypatch.setattr(workdir_lock.WorkdirLock, 'TORN_GRACE_SECONDS', 0.5)
     _write_lock(tmp_path, b'')
     start = time.monotonic()
-    with run_guard.WorkdirLock(str(tmp_path)):
+    with workdir_lock.WorkdirLock(str(tmp_path)):
         waited = time.monotonic() - start
     assert 0.4 < waited < 3
 
 
 def test_exit_keeps_a_lock_another_process_owns(tmp_path):
-    with run_guard.WorkdirLock(str(tmp_path)):
+    with workdir_lock.WorkdirLock(str(tmp_path)):
         other = _write_lock(tmp_path, _holder(os.getppid()))
     assert (tmp_path / 'run.lock').read_bytes() == other
 
@@ -231,7 +231,7 @@ def test_a_stale_lock_that_changes_before_its_takeover_is_looked_at_again(tmp_pa
     """Between this process reading a stale lock and claiming it, another process took it (or its
     holder released it): the takeover is dropped, and the lock judged again as it now is."""
     _write_lock(tmp_path, _holder(_finished_pid()))
-    take_over, taken = run_guard.WorkdirLock._take_over, []
+    take_over, taken = workdir_lock.WorkdirLock._take_over, []
 
     def after_a_race(self, record, content):
         if meanwhile == 'renewed':
@@ -240,13 +240,13 @@ def test_a_stale_lock_that_changes_before_its_takeover_is_looked_at_again(tmp_pa
             os.remove(tmp_path / 'run.lock')
         return take_over(self, record, content)
 
-    monkeypatch.setattr(run_guard.WorkdirLock, '_take_over', after_a_race)
+    monkeypatch.setattr(workdir_lock.WorkdirLock, '_take_over', after_a_race)
     if meanwhile == 'renewed':
-        with pytest.raises(run_guard.WorkdirBusyError, match=f'in use by process {os.getppid()} on this host'):
-            run_guard.WorkdirLock(str(tmp_path)).acquire()
+        with pytest.raises(workdir_lock.WorkdirBusyError, match=f'in use by process {os.getppid()} on this host'):
+            workdir_lock.WorkdirLock(str(tmp_path)).acquire()
         assert (tmp_path / 'run.lock').read_bytes() == taken[0]
     else:
-        with run_guard.WorkdirLock(str(tmp_path)) as lock:  # A free workdir now: created afresh.
+        with workdir_lock.WorkdirLock(str(tmp_path)) as lock:  # A free workdir now: created afresh.
             assert _lock_of(str(tmp_path))['pid'] == os.getpid()
             lock.check()
 
@@ -273,7 +273,7 @@ def _refuse_links(monkeypatch, code=errno.EPERM) -> list:
         tried.append(target)
         raise OSError(code, os.strerror(code))
 
-    monkeypatch.setattr(run_guard.os, 'link', link)
+    monkeypatch.setattr(workdir_lock.os, 'link', link)
     return tried
 
 
@@ -284,7 +284,7 @@ def test_where_links_are_refused_the_lock_is_created_exclusively(tmp_path, monke
     with SkewedHost('host-a', 0).lock(tmp_path, 0.4) as holder:
         record = _lock_of(str(tmp_path))
         assert (record['host'], record['pid'], record['generation']) == ('host-a', os.getpid(), 1)
-        with pytest.raises(run_guard.WorkdirBusyError, match='in use by process .* on host host-a'):
+        with pytest.raises(workdir_lock.WorkdirBusyError, match='in use by process .* on host host-a'):
             SkewedHost('host-b', 0).lock(tmp_path, 0.4).acquire()  # Looks until it sees a renewal.
         holder.check()
         assert _lock_of(str(tmp_path))['token'] == record['token']
@@ -296,7 +296,7 @@ def test_a_link_error_other_than_a_refusal_is_raised(tmp_path, monkeypatch):
     """EIO is a failing disk, not a filesystem without hard links: raised, not worked around."""
     _refuse_links(monkeypatch, errno.EIO)
     with pytest.raises(OSError) as error:
-        run_guard.WorkdirLock(str(tmp_path)).acquire()
+        workdir_lock.WorkdirLock(str(tmp_path)).acquire()
     assert error.value.errno == errno.EIO and os.listdir(tmp_path) == []
 
 
@@ -315,7 +315,7 @@ def test_an_expired_lease_from_another_host_is_taken_over_naming_its_holder(tmp_
         del holder['renewed']
     _write_lock(tmp_path, holder)
     start = time.monotonic()
-    with caplog.at_level('WARNING'), run_guard.WorkdirLock(str(tmp_path)):
+    with caplog.at_level('WARNING'), workdir_lock.WorkdirLock(str(tmp_path)):
         taken = _lock_of(str(tmp_path))
         assert taken['host'] == socket.gethostname() and taken['generation'] == 4
     assert 0.3 <= time.monotonic() - start < 2
@@ -331,7 +331,7 @@ def test_a_live_process_of_this_host_that_stopped_renewing_loses_its_lease(tmp_p
     was reused: once watched unrenewed for a lease, the lease is over all the same."""
     _write_lock(tmp_path, _leased(socket.gethostname(), renewed_seconds_ago=120, pid=os.getppid(), lease=0.5))
     start = time.monotonic()
-    with caplog.at_level('WARNING'), run_guard.WorkdirLock(str(tmp_path)):
+    with caplog.at_level('WARNING'), workdir_lock.WorkdirLock(str(tmp_path)):
         assert _lock_of(str(tmp_path))['pid'] == os.getpid()
     assert time.monotonic() - start >= 0.5
     assert any(f'process {os.getppid()} on host {socket.gethostname()}, not renewed for 0.5 s while this process '
@@ -343,8 +343,8 @@ def test_a_recent_renewal_of_a_live_process_of_this_host_is_refused_at_once(tmp_
     holder = _leased(socket.gethostname(), renewed_seconds_ago=0.5, pid=os.getppid(), lease=2.0)
     data = _write_lock(tmp_path, holder)
     start = time.monotonic()
-    with pytest.raises(run_guard.WorkdirBusyError) as error:
-        run_guard.WorkdirLock(str(tmp_path)).acquire()
+    with pytest.raises(workdir_lock.WorkdirBusyError) as error:
+        workdir_lock.WorkdirLock(str(tmp_path)).acquire()
     assert time.monotonic() - start < 0.5 and (tmp_path / 'run.lock').read_bytes() == data
     assert str(error.value) == _busy(tmp_path, os.getppid(), 'this host',
                                      lease=f'; it renews a 2 s lease, last at {holder["renewed"]} by its clock')
@@ -353,8 +353,8 @@ def test_a_recent_renewal_of_a_live_process_of_this_host_is_refused_at_once(tmp_
 def test_a_lease_of_no_length_from_another_host_is_never_over(tmp_path):
     """A lease of 0 s is no lease: as a lock written before leases, never taken from another host."""
     data = _write_lock(tmp_path, _leased('tpu-vm-7', renewed_seconds_ago=0, lease=0))
-    with pytest.raises(run_guard.WorkdirBusyError, match='host tpu-vm-7, which this machine cannot check'):
-        run_guard.WorkdirLock(str(tmp_path)).acquire()
+    with pytest.raises(workdir_lock.WorkdirBusyError, match='host tpu-vm-7, which this machine cannot check'):
+        workdir_lock.WorkdirLock(str(tmp_path)).acquire()
     assert (tmp_path / 'run.lock').read_bytes() == data
 
 
@@ -371,10 +371,10 @@ def test_a_renewed_lease_from_another_host_is_refused(tmp_path, monkeypatch):
             os.replace(tmp_path / 'renewed', tmp_path / 'run.lock')
         sleep(seconds)
 
-    monkeypatch.setattr(run_guard.time, 'sleep', renew_then_sleep)
+    monkeypatch.setattr(workdir_lock.time, 'sleep', renew_then_sleep)
     start = time.monotonic()
-    with pytest.raises(run_guard.WorkdirBusyError, match='host tpu-vm-7, which this machine cannot check'):
-        run_guard.WorkdirLock(str(tmp_path)).acquire()
+    with pytest.raises(workdir_lock.WorkdirBusyError, match='host tpu-vm-7, which this machine cannot check'):
+        workdir_lock.WorkdirLock(str(tmp_path)).acquire()
     assert time.monotonic() - start < lease
     assert (tmp_path / 'run.lock').read_text() == renewed
 
@@ -384,14 +384,14 @@ def test_a_lease_left_unrenewed_is_taken_over_even_with_a_clock_ahead(tmp_path, 
     process watches is over, whatever time it claims."""
     _write_lock(tmp_path, _leased('fast-clock-host', renewed_seconds_ago=-3600, lease=0.5))
     start = time.monotonic()
-    with caplog.at_level('WARNING'), run_guard.WorkdirLock(str(tmp_path)):
+    with caplog.at_level('WARNING'), workdir_lock.WorkdirLock(str(tmp_path)):
         pass
     assert 0.5 <= time.monotonic() - start < 3
     assert any('not renewed for 0.5 s while this process watched it' in r.getMessage() for r in caplog.records)
 
 
 def test_the_holder_renews_its_lease_and_learns_when_it_lost_it(tmp_path):
-    with run_guard.WorkdirLock(str(tmp_path), lease_seconds=0.4) as lock:
+    with workdir_lock.WorkdirLock(str(tmp_path), lease_seconds=0.4) as lock:
         first = _lock_of(str(tmp_path))
         assert first['lease_seconds'] == 0.4 and first['generation'] == 1 and first['renewals'] == 0
         time.sleep(0.35)
@@ -400,9 +400,9 @@ def test_the_holder_renews_its_lease_and_learns_when_it_lost_it(tmp_path):
         assert {k: renewed[k] for k in ('started', 'token', 'pid')} == {k: first[k] for k in ('started', 'token', 'pid')}
         lock.check()
         _write_lock(tmp_path, _leased('other-host', renewed_seconds_ago=0))  # Taken over meanwhile.
-        with pytest.raises(run_guard.WorkdirBusyError, match='taken over by process 4242 on other-host'):
+        with pytest.raises(workdir_lock.WorkdirBusyError, match='taken over by process 4242 on other-host'):
             lock.check()  # At once: the check reads the lock before each write.
-        with pytest.raises(run_guard.WorkdirBusyError, match='taken over by process 4242 on other-host'):
+        with pytest.raises(workdir_lock.WorkdirBusyError, match='taken over by process 4242 on other-host'):
             lock.check()  # And stays lost, even if the lock were to read as ours again.
     assert _lock_of(str(tmp_path))['host'] == 'other-host'  # Not ours: left alone at release.
 
@@ -414,7 +414,7 @@ class SkewedHost:
         self.name, self.offset = name, offset
 
     def lock(self, workdir, lease):
-        return run_guard.WorkdirLock(str(workdir), lease_seconds=lease, hostname=self.name,
+        return workdir_lock.WorkdirLock(str(workdir), lease_seconds=lease, hostname=self.name,
                                      clock=lambda: time.time() + self.offset)
 
 
@@ -426,7 +426,7 @@ def test_a_live_lease_holds_whatever_the_contenders_clock_says(tmp_path, offset)
     with SkewedHost('host-a', 0).lock(tmp_path, lease) as holder:
         held = _lock_of(str(tmp_path))
         start = time.monotonic()
-        with pytest.raises(run_guard.WorkdirBusyError, match='in use by process .* on host host-a'):
+        with pytest.raises(workdir_lock.WorkdirBusyError, match='in use by process .* on host host-a'):
             SkewedHost('host-b', offset).lock(tmp_path, lease).acquire()
         assert time.monotonic() - start < lease  # A renewal is seen within a quarter lease or so.
         holder.check()
@@ -438,7 +438,7 @@ def test_a_renewal_never_overwrites_a_newer_holder(tmp_path, monkeypatch):
     """A takeover holds run.lock.takeover while it replaces the lock: the holder's renewal waits for
     it, then finds the lock taken, and leaves the new holder's lock as it is."""
     lease = 0.4
-    with run_guard.WorkdirLock(str(tmp_path), lease_seconds=lease) as lock:
+    with workdir_lock.WorkdirLock(str(tmp_path), lease_seconds=lease) as lock:
         claim = tmp_path / 'run.lock.takeover'
         claim.write_bytes(b'host-b 77 claim')  # host-b is taking over: its read, compare, replace.
         before = (tmp_path / 'run.lock').read_bytes()
@@ -448,7 +448,7 @@ def test_a_renewal_never_overwrites_a_newer_holder(tmp_path, monkeypatch):
         claim.unlink()
         time.sleep(lease / 2)
         assert (tmp_path / 'run.lock').read_bytes() == newer
-        with pytest.raises(run_guard.WorkdirBusyError, match='taken over by process 77 on host-b'):
+        with pytest.raises(workdir_lock.WorkdirBusyError, match='taken over by process 77 on host-b'):
             lock.check()
     assert (tmp_path / 'run.lock').read_bytes() == newer
 
@@ -475,9 +475,9 @@ class Ticks:
         pass
 
 
-def _ticked(workdir, *actions, lease=0.4) -> tuple[run_guard.WorkdirLock, Ticks]:
+def _ticked(workdir, *actions, lease=0.4) -> tuple[workdir_lock.WorkdirLock, Ticks]:
     """A lock acquired in `workdir` whose renewing thread has run through `actions` and stopped."""
-    lock = run_guard.WorkdirLock(str(workdir), lease_seconds=lease)
+    lock = workdir_lock.WorkdirLock(str(workdir), lease_seconds=lease)
     lock._stop_renewing = ticks = Ticks(*actions)  # What release() sets, and the thread waits on.
     lock.acquire()
     lock._renewer.join(5)
@@ -516,7 +516,7 @@ def test_a_renewal_that_finds_the_lock_gone_stops_the_run(tmp_path, caplog, take
     assert len(ticks.periods) == 2  # No renewal after it.
     assert [r.getMessage() for r in caplog.records] == [message]
     for _ in range(2):  # At the next write, and every one after.
-        with pytest.raises(run_guard.WorkdirBusyError) as error:
+        with pytest.raises(workdir_lock.WorkdirBusyError) as error:
             lock.check()
         assert str(error.value) == message
     lock.release()  # Leaves the other's lock as it is.
@@ -528,13 +528,13 @@ def test_a_failed_renewal_stops_the_run_before_its_next_write(tmp_path, monkeypa
         raise OSError(5, 'Input/output error')
 
     with caplog.at_level('ERROR'):
-        lock, _ = _ticked(tmp_path, lambda: monkeypatch.setattr(run_guard.WorkdirLock, '_write_temporary', refuse),
+        lock, _ = _ticked(tmp_path, lambda: monkeypatch.setattr(workdir_lock.WorkdirLock, '_write_temporary', refuse),
                           lambda: None)
     message = (f'{tmp_path}/run.lock: could not renew its lease ([Errno 5] Input/output error): stopping before this '
                f'run writes {tmp_path} again, as another run may take it over. Rerun the same command to resume from '
                f'the last checkpoint.')
     assert [r.getMessage() for r in caplog.records] == [message]
-    with pytest.raises(run_guard.WorkdirBusyError) as error:
+    with pytest.raises(workdir_lock.WorkdirBusyError) as error:
         lock.check()
     assert str(error.value) == message
     lock.release()
@@ -544,8 +544,8 @@ def test_a_failed_renewal_stops_the_run_before_its_next_write(tmp_path, monkeypa
 def test_a_dead_renewal_thread_stops_the_run_before_its_next_write(tmp_path, monkeypatch, caplog):
     with caplog.at_level('ERROR'):
         # Any error: the thread dies of it.
-        lock, _ = _ticked(tmp_path, lambda: monkeypatch.setattr(run_guard.WorkdirLock, '_renew', lambda self: 1 / 0))
-        with pytest.raises(run_guard.WorkdirBusyError) as error:
+        lock, _ = _ticked(tmp_path, lambda: monkeypatch.setattr(workdir_lock.WorkdirLock, '_renew', lambda self: 1 / 0))
+        with pytest.raises(workdir_lock.WorkdirBusyError) as error:
             lock.check()
     message = (f'{tmp_path}/run.lock: the thread that renews its lease has stopped while this run held it: stopping '
                f'before this run writes {tmp_path} again, so that two runs never write it. Rerun the same command to '
@@ -558,9 +558,9 @@ def test_a_lock_deleted_by_hand_stops_the_run_at_its_next_write(tmp_path, caplog
     """The busy message tells users to delete the lock of a run that is certainly gone: deleted
     under a live run, that run stops at its next write, and still exits cleanly."""
     path = tmp_path / 'run.lock'
-    with caplog.at_level('ERROR'), run_guard.WorkdirLock(str(tmp_path)) as lock:  # 60 s lease: no renewal here.
+    with caplog.at_level('ERROR'), workdir_lock.WorkdirLock(str(tmp_path)) as lock:  # 60 s lease: no renewal here.
         os.remove(path)
-        with pytest.raises(run_guard.WorkdirBusyError) as error:
+        with pytest.raises(workdir_lock.WorkdirBusyError) as error:
             lock.check()
     message = (f"{path}: it cannot be read ([Errno 2] No such file or directory: '{path}') while this run held it: "
                f'stopping before this run writes {tmp_path} again, so that two runs never write it. Rerun the same '
@@ -573,10 +573,10 @@ def test_a_process_that_exits_holding_the_lock_is_not_kept_alive_by_its_renewals
     """A script that never releases the lock still exits; its lock stays, naming a dead process,
     and the next run takes it over."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    code = 'import sys; from allflax.training import run_guard; run_guard.WorkdirLock(sys.argv[1]).acquire()'
+    code = 'import sys; from allflax.training import workdir_lock; workdir_lock.WorkdirLock(sys.argv[1]).acquire()'
     subprocess.run([sys.executable, '-c', code, str(tmp_path)], cwd=root, timeout=5, check=True)
     left = _lock_of(str(tmp_path))
-    with run_guard.WorkdirLock(str(tmp_path)):
+    with workdir_lock.WorkdirLock(str(tmp_path)):
         assert _lock_of(str(tmp_path))['generation'] == left['generation'] + 1
 
 
@@ -586,11 +586,11 @@ def test_a_process_that_exits_holding_the_lock_is_not_kept_alive_by_its_renewals
 def test_a_leftover_takeover_claim_is_recovered_after_its_grace(tmp_path, monkeypatch, caplog, claim, shown):
     """A process killed during a takeover leaves run.lock.takeover: later starts wait out the grace,
     remove it and go on, instead of refusing for ever."""
-    monkeypatch.setattr(run_guard.WorkdirLock, 'CLAIM_GRACE_SECONDS', 0.2)
+    monkeypatch.setattr(workdir_lock.WorkdirLock, 'CLAIM_GRACE_SECONDS', 0.2)
     _write_lock(tmp_path, _holder(_finished_pid()))
     (tmp_path / 'run.lock.takeover').write_bytes(claim)
     start = time.monotonic()
-    with caplog.at_level('WARNING'), run_guard.WorkdirLock(str(tmp_path)):
+    with caplog.at_level('WARNING'), workdir_lock.WorkdirLock(str(tmp_path)):
         assert _lock_of(str(tmp_path))['pid'] == os.getpid()
     assert 0.2 <= time.monotonic() - start < 2
     assert [r.getMessage() for r in caplog.records if 'was left by' in r.getMessage()] == [
@@ -602,7 +602,7 @@ def test_a_leftover_takeover_claim_is_recovered_after_its_grace(tmp_path, monkey
 def test_a_takeover_claim_made_anew_is_given_a_grace_of_its_own(tmp_path, monkeypatch, caplog):
     """A claim that changes while this process waits was made by a live process since: its grace
     starts again from when it was seen changed."""
-    monkeypatch.setattr(run_guard.WorkdirLock, 'CLAIM_GRACE_SECONDS', 0.2)
+    monkeypatch.setattr(workdir_lock.WorkdirLock, 'CLAIM_GRACE_SECONDS', 0.2)
     _write_lock(tmp_path, _holder(_finished_pid()))
     claim = tmp_path / 'run.lock.takeover'
     claim.write_bytes(b'host-x 99 0123')
@@ -615,8 +615,8 @@ def test_a_takeover_claim_made_anew_is_given_a_grace_of_its_own(tmp_path, monkey
             os.replace(tmp_path / 'claim', claim)
         sleep(seconds)
 
-    monkeypatch.setattr(run_guard.time, 'sleep', sleep_then_claim_anew)
-    with caplog.at_level('WARNING'), run_guard.WorkdirLock(str(tmp_path)):
+    monkeypatch.setattr(workdir_lock.time, 'sleep', sleep_then_claim_anew)
+    with caplog.at_level('WARNING'), workdir_lock.WorkdirLock(str(tmp_path)):
         assert time.monotonic() - looks[2] >= 0.2
     assert [r.getMessage() for r in caplog.records if 'was left by' in r.getMessage()] == [
         f'{claim} was left by a process that died while taking over or renewing the lock (host-y 98 4567; unchanged '
@@ -626,7 +626,7 @@ def test_a_takeover_claim_made_anew_is_given_a_grace_of_its_own(tmp_path, monkey
 def test_a_config_json_that_is_not_json_is_refused(tmp_path):
     (tmp_path / 'config.json').write_text('{"model": ')
     with pytest.raises(files.OutputRefused) as error:
-        run_guard.saved_run_config(str(tmp_path))
+        resume_check.saved_run_config(str(tmp_path))
     assert str(error.value) == (f"{tmp_path}/config.json is not an allflax run's config.json (Expecting value: line 1 "
                                 f'column 11 (char 10)): restore it, or train into a new --workdir')
 
@@ -635,13 +635,13 @@ def test_a_runs_config_json_has_its_four_sections(tmp_path):
     config = {'model': {'name': 'vgg16'}, 'data': {}, 'seed': 0}
     (tmp_path / 'config.json').write_text(json.dumps(config))
     with pytest.raises(files.OutputRefused) as error:
-        run_guard.saved_run_config(str(tmp_path))
+        resume_check.saved_run_config(str(tmp_path))
     assert str(error.value) == (f"{tmp_path}/config.json is not an allflax run's config.json (it has no "
                                 f'data/model/optimizer/seed sections): {tmp_path} is not a run; train into a new or '
                                 f'empty --workdir')
     config['optimizer'] = {}  # Those four and no more: a run's.
     (tmp_path / 'config.json').write_text(json.dumps(config))
-    assert run_guard.saved_run_config(str(tmp_path)) == config
+    assert resume_check.saved_run_config(str(tmp_path)) == config
 
 
 def test_a_folder_of_other_files_is_not_a_runs_workdir(tmp_path):
@@ -650,7 +650,7 @@ def test_a_folder_of_other_files_is_not_a_runs_workdir(tmp_path):
     for name in ('run.lock', 'run.lock.takeover', 'run.lock.x1y2.tmp', 'metrics.jsonl', 'paper.tex'):
         (tmp_path / name).write_text('')
     with pytest.raises(files.OutputRefused) as error:
-        run_guard.saved_run_config(str(tmp_path))
+        resume_check.saved_run_config(str(tmp_path))
     assert str(error.value) == (f"{tmp_path} holds files that allflax did not write there (notes, paper.tex): it is "
                                 f"not a run's workdir; name a new or empty folder (allflax replaces only its own "
                                 f'files)')
@@ -663,7 +663,7 @@ def _configs():
 
 def test_identical_config_resumes_silently():
     saved, new = _configs()
-    assert run_guard.check_resume(saved, new.to_dict(), workdir='runs/a') == []
+    assert resume_check.check_resume(saved, new.to_dict(), workdir='runs/a') == []
 
 
 def test_seed_and_model_changes_are_refused_and_listed():
@@ -671,8 +671,8 @@ def test_seed_and_model_changes_are_refused_and_listed():
     new.seed = 3
     new.model.name = 'vgg16'
     new.log_every_steps = 5
-    with pytest.raises(run_guard.ResumeMismatchError) as error:
-        run_guard.check_resume(saved, new.to_dict(), workdir='runs/a')
+    with pytest.raises(resume_check.ResumeMismatchError) as error:
+        resume_check.check_resume(saved, new.to_dict(), workdir='runs/a')
     assert str(error.value) == (
         "refusing to resume runs/a: its config.json differs in 2 settings that change the result:\n"
         "  model.name: 'vgg19_mhsa' -> 'vgg16'\n"
@@ -683,8 +683,8 @@ def test_seed_and_model_changes_are_refused_and_listed():
 def test_num_workers_change_is_refused():
     saved, new = _configs()
     new.data.num_workers = 2
-    with pytest.raises(run_guard.ResumeMismatchError) as error:
-        run_guard.check_resume(saved, new.to_dict(), workdir='runs/a')
+    with pytest.raises(resume_check.ResumeMismatchError) as error:
+        resume_check.check_resume(saved, new.to_dict(), workdir='runs/a')
     assert str(error.value) == (  # One setting: singular ("1 setting that change" before).
         'refusing to resume runs/a: its config.json differs in 1 setting that changes the result:\n'
         '  data.num_workers: 0 -> 2\n'
@@ -696,50 +696,50 @@ def test_logging_evaluation_and_folders_may_change():
     new.log_every_steps = 5
     new.eval.tta = True
     new.data.dir = '/mnt/moved'
-    assert run_guard.check_resume(saved, new.to_dict(), workdir='runs/a') == [
+    assert resume_check.check_resume(saved, new.to_dict(), workdir='runs/a') == [
         "data.dir: '' -> '/mnt/moved'", 'eval.tta: False -> True', 'log_every_steps: 20 -> 5']
 
 
 def test_total_steps_may_grow_but_not_shrink():
     saved, new = _configs()
     new.total_steps = 1600
-    assert run_guard.check_resume(saved, new.to_dict(), workdir='runs/a') == [
+    assert resume_check.check_resume(saved, new.to_dict(), workdir='runs/a') == [
         'total_steps: 800 -> 1600 (the learning-rate schedule is stretched over the new total from the '
         'resumed step on)']
     new.total_steps = 400
-    with pytest.raises(run_guard.ResumeMismatchError, match='total_steps: 800 -> 400'):
-        run_guard.check_resume(saved, new.to_dict(), workdir='runs/a')
-    assert run_guard.check_resume({'total_steps': 1}, {'total_steps': 2}, workdir='w') == [
+    with pytest.raises(resume_check.ResumeMismatchError, match='total_steps: 800 -> 400'):
+        resume_check.check_resume(saved, new.to_dict(), workdir='runs/a')
+    assert resume_check.check_resume({'total_steps': 1}, {'total_steps': 2}, workdir='w') == [
         'total_steps: 1 -> 2 (the learning-rate schedule is stretched over the new total from the resumed step on)']
     saved['total_steps'] = 0
     new.total_steps = 1600
-    with pytest.raises(run_guard.ResumeMismatchError, match="total_steps: 0 -> 1600 \\(the run's length came"):
-        run_guard.check_resume(saved, new.to_dict(), workdir='runs/a')
+    with pytest.raises(resume_check.ResumeMismatchError, match="total_steps: 0 -> 1600 \\(the run's length came"):
+        resume_check.check_resume(saved, new.to_dict(), workdir='runs/a')
 
 
 def test_tuples_equal_lists_and_floats_compare_exactly():
-    assert run_guard.check_resume({'data': {'mean': [0.5, 0.25]}}, {'data': {'mean': (0.5, 0.25)}},
+    assert resume_check.check_resume({'data': {'mean': [0.5, 0.25]}}, {'data': {'mean': (0.5, 0.25)}},
                                   workdir='w') == []
-    with pytest.raises(run_guard.ResumeMismatchError, match=r'data.mean: \[0.5, 0.25\] -> \(0.5, 0.250001\)'):
-        run_guard.check_resume({'data': {'mean': [0.5, 0.25]}}, {'data': {'mean': (0.5, 0.250001)}},
+    with pytest.raises(resume_check.ResumeMismatchError, match=r'data.mean: \[0.5, 0.25\] -> \(0.5, 0.250001\)'):
+        resume_check.check_resume({'data': {'mean': [0.5, 0.25]}}, {'data': {'mean': (0.5, 0.250001)}},
                                workdir='w')
-    with pytest.raises(run_guard.ResumeMismatchError, match=r'data.mean: \[0.5\] -> 0.5\n'):
-        run_guard.check_resume({'data': {'mean': [0.5]}}, {'data': {'mean': 0.5}}, workdir='w')
+    with pytest.raises(resume_check.ResumeMismatchError, match=r'data.mean: \[0.5\] -> 0.5\n'):
+        resume_check.check_resume({'data': {'mean': [0.5]}}, {'data': {'mean': 0.5}}, workdir='w')
 
 
 def test_key_missing_from_an_older_run():
     saved, new = {'seed': 0}, {'seed': 0, 'data': {'skip_corrupt': False}}
-    assert run_guard.check_resume(saved, new, workdir='w', defaults={'data': {'skip_corrupt': False}}) == [
+    assert resume_check.check_resume(saved, new, workdir='w', defaults={'data': {'skip_corrupt': False}}) == [
         'data.skip_corrupt: absent -> False (the default; the run predates this setting)']
     new['data']['skip_corrupt'] = True
-    with pytest.raises(run_guard.ResumeMismatchError, match='data.skip_corrupt: absent -> True'):
-        run_guard.check_resume(saved, new, workdir='w', defaults={'data': {'skip_corrupt': False}})
-    with pytest.raises(run_guard.ResumeMismatchError, match='model.name: .vgg16. -> absent'):
-        run_guard.check_resume({'model': {'name': 'vgg16'}}, {}, workdir='w')
+    with pytest.raises(resume_check.ResumeMismatchError, match='data.skip_corrupt: absent -> True'):
+        resume_check.check_resume(saved, new, workdir='w', defaults={'data': {'skip_corrupt': False}})
+    with pytest.raises(resume_check.ResumeMismatchError, match='model.name: .vgg16. -> absent'):
+        resume_check.check_resume({'model': {'name': 'vgg16'}}, {}, workdir='w')
 
 
 def _validate(config):
-    run_guard.validate_config(config, synthetic_names=SYNTHETIC, real_names=REAL)
+    config_check.validate_config(config, synthetic_names=SYNTHETIC, real_names=REAL)
 
 
 def test_recipe_config_is_valid():
@@ -750,7 +750,7 @@ def test_recipe_config_is_valid():
 def test_negative_total_steps_is_named():
     config = vgg19_mhsa.get_config('demo')
     config.total_steps = -5
-    with pytest.raises(run_guard.ConfigError) as error:
+    with pytest.raises(config_check.ConfigError) as error:
         _validate(config)
     assert str(error.value) == ('invalid config: total_steps=-5 must be >= 0 (0 trains for num_epochs); '
                                 'set --config.total_steps')
@@ -762,7 +762,7 @@ def test_every_invalid_value_is_listed():
     config.keep_checkpoints = 0
     config.optimizer.learning_rate = 0.0
     config.data.split_fractions.test = 0.3
-    message = pytest.raises(run_guard.ConfigError, _validate, config).value.args[0]
+    message = pytest.raises(config_check.ConfigError, _validate, config).value.args[0]
     # One line each: data.split_fractions, a ConfigDict, was shown as its YAML over four lines.
     assert message == (
         'invalid config:\n'
@@ -776,7 +776,7 @@ def test_every_invalid_value_is_listed():
 def test_data_dir_with_a_synthetic_set_is_refused():
     config = vgg19_mhsa.get_config('demo')
     config.data.dir = '/data/cnmc'
-    with pytest.raises(run_guard.ConfigError, match="data.dir='/data/cnmc' is ignored by the synthetic data set "
+    with pytest.raises(config_check.ConfigError, match="data.dir='/data/cnmc' is ignored by the synthetic data set "
                                                     'synthetic_all4: set --config.data.name to a real data set '
                                                     r'\(cnmc2019, all_aria, all_idb2, image_folder\)'):
         _validate(config)
@@ -785,7 +785,7 @@ def test_data_dir_with_a_synthetic_set_is_refused():
 def test_real_set_without_data_dir_is_refused():
     config = vgg19_mhsa.get_config('demo')
     config.data.name = 'cnmc2019'
-    with pytest.raises(run_guard.ConfigError, match='set --config.data.dir'):
+    with pytest.raises(config_check.ConfigError, match='set --config.data.dir'):
         _validate(config)
     config.data.dir = '/data/cnmc'
     _validate(config)
@@ -795,7 +795,7 @@ MODELS, AUGMENTATIONS = ('vgg16', 'vgg19_mhsa'), ('flip', 'rot90')
 
 
 def _validate_all(config):
-    run_guard.validate_config(config, synthetic_names=SYNTHETIC, real_names=REAL, model_names=MODELS,
+    config_check.validate_config(config, synthetic_names=SYNTHETIC, real_names=REAL, model_names=MODELS,
                               augment_names=AUGMENTATIONS)
 
 
@@ -842,7 +842,7 @@ def test_each_invalid_value_is_named_with_its_rule_and_flag(tmp_path):
                    data__split_fractions__val=-0.2, data__split_fractions__test=0.0,
                    optimizer__learning_rate=0.0, optimizer__warmup_fraction=1.5, optimizer__weight_decay=-0.1,
                    loss__gamma=-1.0, data__dir='/data/cnmc')
-    with pytest.raises(run_guard.ConfigError) as error:
+    with pytest.raises(config_check.ConfigError) as error:
         _validate_all(config)
     assert str(error.value) == (
         'invalid config:\n'
@@ -887,6 +887,6 @@ def test_each_invalid_value_is_named_with_its_rule_and_flag(tmp_path):
      'folder'),
 ], ids=['no_length', 'negative_warmup', 'unknown_data', 'real_data_without_dir'])
 def test_a_single_problem_is_named_on_the_first_line(values, message):
-    with pytest.raises(run_guard.ConfigError) as error:
+    with pytest.raises(config_check.ConfigError) as error:
         _validate_all(_demo(**values))
     assert str(error.value) == f'invalid config: {message}'

@@ -10,8 +10,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from allflax import evaluate, train
-from allflax.training import run_guard
+from allflax.modes import evaluate
+from allflax.training import config_check, loop, resume_check, workdir_lock
 
 
 def _params(workdir, step):
@@ -21,30 +21,30 @@ def _params(workdir, step):
 def test_sigterm_saves_the_step_and_the_rerun_ends_bit_identical(tiny_config, tmp_path, at_batch):
     handler = signal.getsignal(signal.SIGTERM)
     straight = str(tmp_path / 'straight')
-    expected = train.train_and_evaluate(tiny_config, straight)
+    expected = loop.train_and_evaluate(tiny_config, straight)
     interrupted = str(tmp_path / 'interrupted')
     step = random.Random(os.getpid()).choice([1, 3, 5])  # Off the checkpoint interval of 2.
     at_batch(step, lambda: os.kill(os.getpid(), signal.SIGTERM))
-    with pytest.raises(train.Interrupted, match=f'SIGTERM at step {step}: saved a checkpoint of step {step}.*rerun'):
-        train.train_and_evaluate(tiny_config, interrupted)
+    with pytest.raises(loop.Interrupted, match=f'SIGTERM at step {step}: saved a checkpoint of step {step}.*rerun'):
+        loop.train_and_evaluate(tiny_config, interrupted)
     at_batch.restore()
     assert str(step) in os.listdir(os.path.join(interrupted, 'checkpoints'))
     assert signal.getsignal(signal.SIGTERM) == handler  # Ours is gone with the loop.
-    assert train.train_and_evaluate(tiny_config, interrupted) == expected
+    assert loop.train_and_evaluate(tiny_config, interrupted) == expected
     for a, b in zip(*(jax.tree.leaves(_params(w, tiny_config.total_steps)) for w in (interrupted, straight))):
         np.testing.assert_array_equal(a, b)
 
 
 def test_resume_with_another_seed_is_refused_before_any_file_changes(tiny_config, tmp_path):
     workdir = str(tmp_path / 'run')
-    train.train_and_evaluate(tiny_config, workdir)
+    loop.train_and_evaluate(tiny_config, workdir)
     before = {name: open(os.path.join(workdir, name), 'rb').read()
               for name in ('config.json', 'splits.json', 'metrics.jsonl', os.path.join('eval', 'test', 'metrics.json'))}
     with tiny_config.unlocked():
         tiny_config.seed = 1
         tiny_config.log_every_steps = 3
-    with pytest.raises(run_guard.ResumeMismatchError, match=r'refusing to resume .*\n  seed: 0 -> 1'):
-        train.train_and_evaluate(tiny_config, workdir)
+    with pytest.raises(resume_check.ResumeMismatchError, match=r'refusing to resume .*\n  seed: 0 -> 1'):
+        loop.train_and_evaluate(tiny_config, workdir)
     assert {name: open(os.path.join(workdir, name), 'rb').read() for name in before} == before
 
 
@@ -53,8 +53,8 @@ def test_a_diverging_loss_stops_without_saving_that_state(tiny_config, tmp_path)
         tiny_config.optimizer.learning_rate = 1e30
         tiny_config.optimizer.grad_clip_norm = 0.0
     workdir = str(tmp_path / 'diverged')
-    with pytest.raises(train.Diverged, match=r'non-finite loss or gradient norm at step \d+.*without saving'):
-        train.train_and_evaluate(tiny_config, workdir)
+    with pytest.raises(loop.Diverged, match=r'non-finite loss or gradient norm at step \d+.*without saving'):
+        loop.train_and_evaluate(tiny_config, workdir)
     checkpoints = os.path.join(workdir, 'checkpoints')
     saved = [int(name) for name in os.listdir(checkpoints) if name.isdigit()] if os.path.isdir(checkpoints) else []
     for step in saved:
@@ -64,11 +64,11 @@ def test_a_diverging_loss_stops_without_saving_that_state(tiny_config, tmp_path)
 def test_a_second_writer_is_refused_naming_the_first(tiny_config, tmp_path):
     workdir = str(tmp_path / 'busy')
     os.makedirs(workdir)
-    with open(os.path.join(workdir, run_guard.LOCK_NAME), 'w') as f:
+    with open(os.path.join(workdir, workdir_lock.LOCK_NAME), 'w') as f:
         json.dump({'host': os.uname().nodename, 'pid': os.getppid(), 'started': 'earlier', 'command': 'x'}, f)
-    with pytest.raises(run_guard.WorkdirBusyError, match=str(os.getppid())):
-        train.train_and_evaluate(tiny_config, workdir)
-    assert sorted(os.listdir(workdir)) == [run_guard.LOCK_NAME]
+    with pytest.raises(workdir_lock.WorkdirBusyError, match=str(os.getppid())):
+        loop.train_and_evaluate(tiny_config, workdir)
+    assert sorted(os.listdir(workdir)) == [workdir_lock.LOCK_NAME]
 
 
 @pytest.mark.parametrize('key, value, message', [
@@ -82,8 +82,8 @@ def test_values_that_cannot_train_are_named(tiny_config, tmp_path, key, value, m
         for parent in parents:
             node = node[parent]
         node[name] = value
-    with pytest.raises(run_guard.ConfigError, match=message):
-        train.train_and_evaluate(tiny_config, str(tmp_path / 'run'))
+    with pytest.raises(config_check.ConfigError, match=message):
+        loop.train_and_evaluate(tiny_config, str(tmp_path / 'run'))
     assert not os.path.exists(tmp_path / 'run')
 
 
@@ -91,7 +91,7 @@ def test_eval_needs_no_optimizer_state(tiny_config, tmp_path):
     """Eval restores params and batch statistics only: a run stays evaluable when the optimiser's
     state no longer matches (here the clip, and with it a state entry, is gone)."""
     workdir = str(tmp_path / 'run')
-    trained = train.train_and_evaluate(tiny_config, workdir)
+    trained = loop.train_and_evaluate(tiny_config, workdir)
     with tiny_config.unlocked():
         tiny_config.optimizer.grad_clip_norm = 0.0
     values = evaluate.evaluate(tiny_config, workdir, with_report=False)
@@ -104,7 +104,7 @@ def _files_of(workdir):
     for root, dirs, names in os.walk(workdir):
         dirs[:] = [d for d in dirs if d != 'checkpoints']
         for name in names:
-            if name != run_guard.LOCK_NAME:
+            if name != workdir_lock.LOCK_NAME:
                 path = os.path.join(root, name)
                 found[os.path.relpath(path, workdir)] = open(path, 'rb').read()
     return found
@@ -118,15 +118,15 @@ def test_after_a_takeover_the_old_holder_writes_nothing_more(tiny_config, tmp_pa
 
     def take_over():
         seen['files'] = _files_of(workdir)
-        with open(os.path.join(workdir, run_guard.LOCK_NAME), 'w') as f:
+        with open(os.path.join(workdir, workdir_lock.LOCK_NAME), 'w') as f:
             json.dump({'host': 'host-b', 'pid': 4242, 'started': 'now', 'command': 'x', 'token': 'b' * 32,
                        'generation': 2, 'renewed': 'now', 'lease_seconds': 60.0}, f)
 
     at_batch(3, take_over)
-    with pytest.raises(run_guard.WorkdirBusyError, match='taken over by process 4242 on host-b'):
-        train.train_and_evaluate(tiny_config, workdir)
+    with pytest.raises(workdir_lock.WorkdirBusyError, match='taken over by process 4242 on host-b'):
+        loop.train_and_evaluate(tiny_config, workdir)
     assert _files_of(workdir) == seen['files'] and 'metrics.jsonl' in seen['files']
     assert not os.path.exists(os.path.join(workdir, 'eval'))
     assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['2']  # Step 2's, saved before.
-    with open(os.path.join(workdir, run_guard.LOCK_NAME)) as f:
+    with open(os.path.join(workdir, workdir_lock.LOCK_NAME)) as f:
         assert json.load(f)['host'] == 'host-b'  # The new holder's lock, left as it is.

@@ -4,9 +4,8 @@ import shutil
 
 import pytest
 
-from allflax.data.sources import fake_trees
 from allflax.data import sources
-from allflax.data.sources import all_aria, cnmc2019
+from allflax.data.sources import all_aria, cnmc2019, fake_trees
 from allflax.data.sources.listing import LayoutError
 
 

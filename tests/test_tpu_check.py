@@ -1,4 +1,4 @@
-"""`python -m allflax.tpu_check` compiles a recipe's train step for a TPU on this CPU host and
+"""`python -m allflax.aot.check` compiles a recipe's train step for a TPU on this CPU host and
 reports its HBM use, FLOPs and roofline (a subprocess: main.py, imported by other tests, defines
 the same --config flag)."""
 import json
@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from allflax import tpu_check
+from allflax.aot import check as tpu_check
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -17,7 +17,7 @@ def test_demo_train_step_on_a_v5e_chip(tmp_path):
     """The VGG19+MHSA demo's train step at 32 px (20-50 s on 2 shared cores, most of it
     compiling; the eval step would add a third for no new code path here)."""
     output = tmp_path / 'check.json'
-    subprocess.run([sys.executable, '-m', 'allflax.tpu_check', '--config=configs/vgg19_mhsa.py:demo',
+    subprocess.run([sys.executable, '-m', 'allflax.aot.check', '--config=configs/vgg19_mhsa.py:demo',
                     '--config.data.image_size=32', '--config.batch_size=8', '--topology=v5e:1x1',
                     '--steps=train', f'--output={output}'],
                    cwd=ROOT, check=True, capture_output=True, timeout=300)
@@ -83,12 +83,12 @@ def test_table_names_a_file_that_is_not_a_report(tmp_path):
 
 
 def test_the_readme_table_is_the_reports_table():
-    """README.md's TPU table is `python -m allflax.tpu_check --table=benchmarks/tpu_check`, row for
+    """README.md's TPU table is `python -m allflax.aot.check --table=benchmarks/tpu_check`, row for
     row, and every recipe's `:tpu` fits every topology there."""
     reports = tpu_check.read_reports(os.path.join(ROOT, 'benchmarks', 'tpu_check'))
     expected = tpu_check.table(reports)
     with open(os.path.join(ROOT, 'README.md')) as f:
-        assert expected in f.read(), 'README.md: paste the output of python -m allflax.tpu_check --table=benchmarks/tpu_check'
+        assert expected in f.read(), 'README.md: paste the output of python -m allflax.aot.check --table=benchmarks/tpu_check'
     assert all(report['train']['fits'] and report['config'].endswith(':tpu') for report in reports)
     assert {(report['model'], tpu_check.accelerator_type(report['chip'], report['chips'])) for report in reports} == {
         (model, name) for model in ('vgg19_mhsa', 'efficientnetv2_b3_se')

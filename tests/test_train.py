@@ -8,8 +8,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from allflax import evaluate, train
-from allflax.training import checkpoints
+from allflax.modes import evaluate
+from allflax.training import checkpoints, loop
 
 
 def _read_jsonl(path):
@@ -25,17 +25,17 @@ def _final_params(workdir, step):
 
 def test_interrupted_run_resumes_to_the_same_result(tiny_config, tmp_path, at_batch):
     straight = str(tmp_path / 'straight')
-    expected = train.train_and_evaluate(tiny_config, straight)
+    expected = loop.train_and_evaluate(tiny_config, straight)
 
     resumed = str(tmp_path / 'resumed')
     at_batch(5)
     with pytest.raises(KeyboardInterrupt):
-        train.train_and_evaluate(tiny_config, resumed)
+        loop.train_and_evaluate(tiny_config, resumed)
     at_batch.restore()
     assert checkpoints.Checkpointer(os.path.join(resumed, 'checkpoints')).latest_step() == 4
     assert not os.path.exists(os.path.join(resumed, 'eval'))
 
-    result = train.train_and_evaluate(tiny_config, resumed)
+    result = loop.train_and_evaluate(tiny_config, resumed)
     assert result == expected
     jax.tree.map(np.testing.assert_array_equal, _final_params(resumed, 6), _final_params(straight, 6))
     losses = {r['step']: r['train_loss'] for r in _read_jsonl(os.path.join(straight, 'metrics.jsonl'))

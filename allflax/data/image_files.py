@@ -1,4 +1,4 @@
-"""New image files to predict, shared by `--mode=predict` and the bundle's `python -m allflax.bundle`:
+"""New image files to predict, shared by `--mode=predict` and the bundle's `python -m allflax.deploy.bundle`:
 finding them, preprocessing them as the training cache does (`preprocess`), and the CSVs their
 predictions go to. Imports no JAX, so a bundle predicts without it.
 """

@@ -13,7 +13,7 @@ import numpy as np
 
 from allflax import sharding
 from allflax.data import membership, prepared, splits
-from allflax.data.dataset import Dataset, Split, default_cache_dir, write_splits_json
+from allflax.data.dataset import Dataset, default_cache_dir, Split, write_splits_json
 from allflax.data.sources import synthetic
 
 # Batches each reading process keeps ready. Grain's default read-ahead of 500 elements (here

@@ -10,7 +10,7 @@ import numpy as np
 from absl import logging
 
 from allflax.data import cache, membership, sources, splits
-from allflax.data.dataset import Dataset, Split, default_cache_dir, write_splits_json
+from allflax.data.dataset import Dataset, default_cache_dir, Split, write_splits_json
 from allflax.data.sources.listing import Listing
 
 

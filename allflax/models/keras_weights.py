@@ -24,6 +24,7 @@ from flax import nnx, traverse_util
 
 from allflax import models
 from allflax.data import input_convention as conventions
+from allflax.models import weight_files
 
 SIDECAR = 'allflax_params.json'
 SIDECAR_FORMAT = 'allflax.params/1'
@@ -268,7 +269,7 @@ def _define_flags():
     flags.DEFINE_integer('image_size', 224, 'Input size the model is built for.')
     flags.DEFINE_enum('input_convention', None, list(conventions.NAMES),
                       'The input convention the weights were trained on, recorded with them (default: that of '
-                      'Keras\'s ImageNet weights for the model, allflax.models.imagenet.KERAS_WEIGHTS).')
+                      'Keras\'s ImageNet weights for the model, allflax.models.weight_files.KERAS_WEIGHTS).')
 
 
 def _main(argv):
@@ -280,9 +281,8 @@ def _main(argv):
         include_top = not options.keras.endswith('_notop.h5')
     convention = options.input_convention
     if convention is None:
-        from allflax.models import imagenet  # Here: imagenet imports this module.
         try:
-            convention = imagenet.KERAS_WEIGHTS[imagenet.backbone_of(options.model)].input_convention
+            convention = weight_files.KERAS_WEIGHTS[weight_files.backbone_of(options.model)].input_convention
         except ValueError:
             raise app.UsageError(f'--model={options.model} has no Keras ImageNet weights whose input convention '
                                  f'allflax knows: pass --input_convention ({", ".join(conventions.NAMES)}), the '

@@ -26,7 +26,7 @@ from allflax.data import augment, input_convention, pipeline, sources
 from allflax.data.dataset import default_cache_dir, read_splits_json
 from allflax.evaluation import inference, results
 from allflax.models import imagenet
-from allflax.training import checkpoints, run_guard, state, steps, summary_writer
+from allflax.training import checkpoints, config_check, resume_check, state, steps, summary_writer, workdir_lock
 from configs import common
 
 
@@ -105,8 +105,8 @@ class Diverged(RuntimeError):
 
 
 def validate(config: ml_collections.ConfigDict):
-    """Rejects config values that cannot train (run_guard.validate_config), naming each one."""
-    run_guard.validate_config(config, synthetic_names=sources.synthetic.CLASS_NAMES, real_names=sources.REAL,
+    """Rejects config values that cannot train (config_check.validate_config), naming each one."""
+    config_check.validate_config(config, synthetic_names=sources.synthetic.CLASS_NAMES, real_names=sources.REAL,
                               model_names=models.names(), augment_names=augment.AUGMENTATIONS)
 
 
@@ -114,7 +114,7 @@ def check_resume(config: ml_collections.ConfigDict, workdir: str):
     """Refuses a folder that is not a run's, and a config that differs from `workdir/config.json`
     in what changes the result; logs the allowed differences. Runs before any file of the workdir
     is written."""
-    saved = run_guard.saved_run_config(workdir)
+    saved = resume_check.saved_run_config(workdir)
     if saved is None:
         return
     saved.pop('derived', None)  # Derived from the settings and the devices of its start, not a setting.
@@ -122,7 +122,7 @@ def check_resume(config: ml_collections.ConfigDict, workdir: str):
                                   batch_size=config.batch_size, num_epochs=config.num_epochs,
                                   learning_rate=config.optimizer.learning_rate).to_dict()
     defaults['data']['input_convention'] = input_convention.PREDATING  # Of every run before the setting.
-    for line in run_guard.check_resume(saved, json.loads(config.to_json_best_effort()), workdir=workdir,
+    for line in resume_check.check_resume(saved, json.loads(config.to_json_best_effort()), workdir=workdir,
                                        defaults=defaults):
         logging.info('Resuming %s with a changed setting: %s', workdir, line)
 
@@ -159,12 +159,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if config.model.init_from == 'imagenet':
         # Fetched before the workdir is written: offline, the run stops here saying how to get them.
         imagenet.imagenet_params(config.model.name, default_cache_dir(config))
-    lock = run_guard.WorkdirLock(workdir) if files.is_writer() else None
+    lock = workdir_lock.WorkdirLock(workdir) if files.is_writer() else None
     with lock or contextlib.nullcontext():
         return _train_and_evaluate(config, workdir, writer_check(lock, workdir))
 
 
-def writer_check(lock: run_guard.WorkdirLock | None, workdir: str) -> Callable[[], None]:
+def writer_check(lock: workdir_lock.WorkdirLock | None, workdir: str) -> Callable[[], None]:
     """A check that every process calls before each write of the workdir, at the same point of the
     run: it raises WorkdirBusyError on every process once process 0, which holds `lock`, has lost
     it (taken over, a renewal failed), so that all stop together and none waits in a collective."""
@@ -173,13 +173,13 @@ def writer_check(lock: run_guard.WorkdirLock | None, workdir: str) -> Callable[[
         if lock is not None:
             try:
                 lock.check()
-            except run_guard.WorkdirBusyError as error:
+            except workdir_lock.WorkdirBusyError as error:
                 reason = str(error)
         if jax.process_count() > 1 and multihost_utils.broadcast_one_to_all(np.int32(bool(reason))) and not reason:
             reason = (f'process 0 lost the lock of {workdir}: every process stops with it, before writing '
                       f'(process 0\'s log says why)')
         if reason:
-            raise run_guard.WorkdirBusyError(reason)
+            raise workdir_lock.WorkdirBusyError(reason)
     return check
 
 

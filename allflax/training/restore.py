@@ -12,7 +12,7 @@ from flax import nnx
 
 from allflax import models, sharding
 from allflax.data import membership
-from allflax.data.dataset import Split, read_splits_json
+from allflax.data.dataset import read_splits_json, Split
 from allflax.evaluation import inference, interpret
 from allflax.training import checkpoints, state, steps
 

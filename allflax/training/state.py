@@ -16,8 +16,7 @@ from jax.sharding import Mesh
 
 from allflax import models, sharding
 from allflax.models import imagenet, keras_weights
-from allflax.training import loss_scale as loss_scaling
-from allflax.training import optim
+from allflax.training import loss_scale as loss_scaling, optim
 
 
 @flax.struct.dataclass

@@ -14,8 +14,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from allflax import sharding
 from allflax.data import augment, input_convention
-from allflax.training import loss_scale as loss_scaling
-from allflax.training import losses
+from allflax.training import loss_scale as loss_scaling, losses
 from allflax.training.state import Setup, TrainState
 
 

@@ -9,7 +9,7 @@ Renamed copies are accepted too, e.g. Benign, [Malignant] early Pre-B, [Malignan
 import os
 import re
 
-from allflax.data.sources.facts import UNCONFIRMED, UNKNOWN, Facts
+from allflax.data.sources.facts import Facts, UNCONFIRMED, UNKNOWN
 from allflax.data.sources.listing import (Listing, Record, check_every_class_present, class_folder_images,
                                           find_layout, subfolders)
 

@@ -4,7 +4,7 @@ for a blast, 0 for a normal cell. No patient ids.
 import os
 import re
 
-from allflax.data.sources.facts import UNCONFIRMED, UNKNOWN, Facts
+from allflax.data.sources.facts import Facts, UNCONFIRMED, UNKNOWN
 from allflax.data.sources.listing import (Listing, LayoutError, Record, check_every_class_present, find_layout,
                                           image_files)
 

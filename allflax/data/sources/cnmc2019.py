@@ -16,7 +16,7 @@ import re
 
 from absl import logging
 
-from allflax.data.sources.facts import UNCONFIRMED, UNKNOWN, Facts
+from allflax.data.sources.facts import Facts, UNCONFIRMED, UNKNOWN
 from allflax.data.sources.listing import (Listing, LayoutError, Record, check_every_class_present,
                                           class_folder_images, find_layout, image_files, subfolders)
 

@@ -3,14 +3,14 @@ for a TPU topology or a GPU host on this CPU host, ahead of time (libtpu or the 
 accelerator), and reports per-device memory against capacity, FLOPs per image and a roofline bound
 on images/s.
 
-  python -m allflax.aot_check --config=configs/efficientnetv2_b3_se.py:tpu --topology=v5e:1x1 \
+  python -m allflax.aot.check --config=configs/efficientnetv2_b3_se.py:tpu --topology=v5e:1x1 \
       [--steps=train,eval] [--output=benchmarks/tpu_check/b3_v5e.json]
-  python -m allflax.aot_check --config=configs/vgg19_mhsa.py:gpu --topology=8xh100    # or l4, a100-40gb, ...
-  python -m allflax.aot_check --config=configs/vgg19_mhsa.py:gpu,t4 --topology=2xt4   # Kaggle's T4 x2
-  python -m allflax.aot_check --table=benchmarks/gpu_check    # The README's table of those JSONs.
+  python -m allflax.aot.check --config=configs/vgg19_mhsa.py:gpu --topology=8xh100    # or l4, a100-40gb, ...
+  python -m allflax.aot.check --config=configs/vgg19_mhsa.py:gpu,t4 --topology=2xt4   # Kaggle's T4 x2
+  python -m allflax.aot.check --table=benchmarks/gpu_check    # The README's table of those JSONs.
 
 The programs are the ones training runs (`loop.make_train_step`, `loop.make_eval_step`) over a
-mesh of the target's devices, with the recipe's global batch split over them. `allflax.tpu_check`
+mesh of the target's devices, with the recipe's global batch split over them. `allflax.aot.check`
 is this module's former name.
 """
 import dataclasses
@@ -36,8 +36,8 @@ from jax.experimental import topologies  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from allflax import files, runtime, sharding  # noqa: E402
+from allflax.aot import gpu as gpu_targets  # noqa: E402
 from allflax.data.sources import all_aria, all_idb2, cnmc2019, synthetic  # noqa: E402
-from allflax.gpu import targets as gpu_targets  # noqa: E402
 from allflax.training import loop  # noqa: E402
 
 FLAGS = flags.FLAGS

@@ -7,7 +7,7 @@ folder alone, with the standard library, NumPy, OpenCV and ONNX Runtime (no allf
 `--mode=export` copies this module into the bundle as predict.py, beside the modules it imports
 (`bundle.PREDICTOR_MODULES`: files.py, data/preprocess.py, data/image_files.py), each unchanged
 but for its `from allflax... import` lines, so the bundle preprocesses with the code training
-does. `python -m allflax.bundle --bundle=BUNDLE` runs this module in place. Before predicting it
+does. `python -m allflax.deploy.bundle --bundle=BUNDLE` runs this module in place. Before predicting it
 checks the schema version and every file's SHA-256 against metadata.json, and refuses a changed or
 missing file by name (as predict.py, its own modules before it imports them).
 """

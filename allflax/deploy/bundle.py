@@ -2,12 +2,12 @@
 ONNX Runtime alone (no JAX, Flax, Orbax, Grain or TensorFlow, no workdir, no config file).
 
   python BUNDLE/predict.py --input=cells/ --output=preds.csv [--batch_size=32]
-  python -m allflax.bundle --bundle=BUNDLE --input=cells/ --output=preds.csv   (the same, from a checkout)
+  python -m allflax.deploy.bundle --bundle=BUNDLE --input=cells/ --output=preds.csv   (the same, from a checkout)
 
 A bundle is a folder: model.onnx (+ model.onnx.data, its weights), model.jax (the same function as
 StableHLO), MODEL_CARD.md, its predictor (predict.py, the modules it imports, requirements.txt:
 `write_predictor`) and metadata.json, which holds a SHA-256 of every other file and is checked
-against `bundle_schema.json` when written and when read. The predictor is `allflax.bundle_predictor`;
+against `bundle_schema.json` when written and when read. The predictor is `allflax.deploy.predictor`;
 it preprocesses images with the code training used (`allflax.data.preprocess`), and its CSVs are
 those of `--mode=predict`.
 """
@@ -23,11 +23,12 @@ import tempfile
 
 import jsonschema
 
-from allflax import bundle_predictor, files
-from allflax.bundle_predictor import METADATA, SCHEMA_VERSION, BundleError, sha256  # noqa: F401 (this module's API)
+from allflax import files
 from allflax.data import image_files, preprocess
+from allflax.deploy import predictor
+from allflax.deploy.predictor import METADATA, SCHEMA_VERSION, BundleError, sha256  # noqa: F401 (this module's API)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # The checkout.
 SCHEMA_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'bundle_schema.json')
 ONNX = 'model.onnx'
 STABLEHLO = 'model.jax'
@@ -35,14 +36,14 @@ MODEL_CARD = 'MODEL_CARD.md'
 PREDICTOR = 'predict.py'
 REQUIREMENTS = 'requirements.txt'
 # The predictor a bundle carries: allflax's modules, each with its file name in the bundle.
-PREDICTOR_MODULES = {bundle_predictor: PREDICTOR, files: 'files.py', preprocess: 'preprocess.py',
+PREDICTOR_MODULES = {predictor: PREDICTOR, files: 'files.py', preprocess: 'preprocess.py',
                      image_files: 'image_files.py'}
 
 
 def read_metadata(directory: str) -> dict:
     """The bundle's metadata, after checking it against its schema, every file's SHA-256, and its
-    preprocessing against this allflax's (`bundle_predictor.read_metadata`, with the schema)."""
-    return bundle_predictor.read_metadata(directory, validate)
+    preprocessing against this allflax's (`predictor.read_metadata`, with the schema)."""
+    return predictor.read_metadata(directory, validate)
 
 
 def _schema() -> dict:
@@ -52,7 +53,7 @@ def _schema() -> dict:
 
 def validate(metadata: dict, where: str):
     """Raises BundleError unless `metadata` is of this schema version and valid under its schema."""
-    bundle_predictor.check_version(metadata, where)
+    predictor.check_version(metadata, where)
     error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(_schema()).iter_errors(metadata))
     if error is not None:
         at = '/'.join(map(str, error.absolute_path)) or '(top level)'
@@ -142,7 +143,7 @@ def writing(output: str, workdir: str | None = None):
 
 def _bundled_names() -> set[str]:
     """The names the bundle's modules import each other by (predict.py is imported by none)."""
-    return {os.path.splitext(name)[0] for module, name in PREDICTOR_MODULES.items() if module is not bundle_predictor}
+    return {os.path.splitext(name)[0] for module, name in PREDICTOR_MODULES.items() if module is not predictor}
 
 
 def _rewrite_import(line: re.Match, relative: str) -> str:
@@ -158,7 +159,7 @@ def bundled_source(module, version: str) -> str:
     """`module`'s source as a bundle holds it: a header naming where it came from, then the source
     unchanged but for its `from allflax... import a, b` lines, which become `import a, b` (the
     bundle's own copies). Raises RuntimeError if it would import anything but the standard library,
-    the packages of `bundle_predictor.REQUIREMENTS` and the bundle's modules."""
+    the packages of `predictor.REQUIREMENTS` and the bundle's modules."""
     path = inspect.getsourcefile(module)
     relative = os.path.relpath(path, ROOT)
     with open(path) as f:
@@ -172,7 +173,7 @@ def bundled_source(module, version: str) -> str:
         refused = [name for name in names if name.split('.')[0] not in allowed]
         if refused:
             raise RuntimeError(f'{relative} imports {", ".join(refused)}, which a bundle\'s predictor does not '
-                               f'have (the standard library, {", ".join(bundle_predictor.REQUIREMENTS)} and its own '
+                               f'have (the standard library, {", ".join(predictor.REQUIREMENTS)} and its own '
                                f'modules); no bundle written')
     header = (f'# {PREDICTOR_MODULES[module]} of this bundle: {relative}, written by allflax\'s --mode=export at\n'
               f'# commit {version}: the code of allflax itself, unchanged but for its "from allflax...\n'
@@ -182,16 +183,16 @@ def bundled_source(module, version: str) -> str:
 
 
 def pinned_requirements() -> list[str]:
-    """requirements.txt's pins of what the predictor needs (`bundle_predictor.REQUIREMENTS`)."""
+    """requirements.txt's pins of what the predictor needs (`predictor.REQUIREMENTS`)."""
     path = os.path.join(ROOT, 'requirements.txt')
     with open(path) as f:
         pins = [re.fullmatch(r'([A-Za-z0-9._-]+)==([\w.+!-]+)', line.split('#')[0].strip()) for line in f]
     versions = {match.group(1).lower().replace('_', '-'): match.group(2) for match in pins if match}
-    missing = [name for name in bundle_predictor.REQUIREMENTS if name not in versions]
+    missing = [name for name in predictor.REQUIREMENTS if name not in versions]
     if missing:
         raise RuntimeError(f'{path} pins no version of {", ".join(missing)}, which a bundle\'s requirements.txt '
                            f'needs; no bundle written')
-    return [f'{name}=={versions[name]}' for name in bundle_predictor.REQUIREMENTS]
+    return [f'{name}=={versions[name]}' for name in predictor.REQUIREMENTS]
 
 
 def write_predictor(directory: str, version: str) -> dict:
@@ -213,14 +214,14 @@ def write_predictor(directory: str, version: str) -> dict:
 def finish(directory: str, metadata: dict, model_card: str):
     """Writes the predictor (`write_predictor`), MODEL_CARD.md, then metadata.json with the SHA-256
     of every other file of `directory`, validated before it is written and read back as a reader will."""
-    predictor = write_predictor(directory, str((metadata.get('versions') or {}).get('allflax', 'unknown')))
+    carried = write_predictor(directory, str((metadata.get('versions') or {}).get('allflax', 'unknown')))
     with open(os.path.join(directory, MODEL_CARD), 'w') as f:
         f.write(model_card)
     umask = os.umask(0)
     os.umask(umask)
     for name in os.listdir(directory):
         os.chmod(os.path.join(directory, name), 0o666 & ~umask)  # jax2onnx writes the weights private.
-    metadata = dict(metadata, predictor=predictor,
+    metadata = dict(metadata, predictor=carried,
                     files={name: sha256(os.path.join(directory, name))
                            for name in sorted(os.listdir(directory)) if name != METADATA})
     validate(metadata, os.path.join(directory, METADATA))
@@ -229,21 +230,21 @@ def finish(directory: str, metadata: dict, model_card: str):
     read_metadata(directory)
 
 
-class Predictor(bundle_predictor.Predictor):
-    """`bundle_predictor.Predictor`, with metadata.json checked against its schema too."""
+class Predictor(predictor.Predictor):
+    """`predictor.Predictor`, with metadata.json checked against its schema too."""
 
     def __init__(self, directory: str):
         super().__init__(directory, validate)
 
 
 def predict(directory: str, input_pattern: str, output: str, *, batch_size: int = 32) -> dict:
-    """`bundle_predictor.predict`, with metadata.json checked against its schema too."""
-    return bundle_predictor.predict(directory, input_pattern, output, batch_size=batch_size, validate=validate)
+    """`predictor.predict`, with metadata.json checked against its schema too."""
+    return predictor.predict(directory, input_pattern, output, batch_size=batch_size, validate=validate)
 
 
 def main(argv=None):
-    """`python -m allflax.bundle`: the bundle's own predictor (its predict.py), run from this checkout."""
-    bundle_predictor.main(argv, prog='python -m allflax.bundle', validate=validate)
+    """`python -m allflax.deploy.bundle`: the bundle's own predictor (its predict.py), run from this checkout."""
+    predictor.main(argv, prog='python -m allflax.deploy.bundle', validate=validate)
 
 
 if __name__ == '__main__':

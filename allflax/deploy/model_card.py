@@ -328,7 +328,7 @@ def render(metadata: dict) -> str:
               'with the code training used (`preprocess.py`, `image_files.py`: allflax\'s own modules, copied at '
               'export) and writes one row per image (path, predicted_class, one probability per class, '
               'decision_rule); unreadable images go to `predictions.errors.csv`. In a checkout of allflax, '
-              '`python -m allflax.bundle --bundle=THIS_FOLDER --input=cells/ --output=predictions.csv` runs the same '
+              '`python -m allflax.deploy.bundle --bundle=THIS_FOLDER --input=cells/ --output=predictions.csv` runs the same '
               'predictor. Elsewhere, feed `model.onnx` the preprocessed uint8 tiles '
               f'(input `{metadata["input"]["name"]}`), or call `model.jax` with '
               '`jax.export.deserialize(open("model.jax", "rb").read()).call(tiles)` on '

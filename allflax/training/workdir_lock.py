@@ -1,12 +1,10 @@
-"""Guards around a training run: one writer per workdir (a lease, on any filesystem), resumes that
-refuse a different run, and config values rejected before any compilation or data preparation is
-spent on them."""
+"""One writer per workdir: `run.lock`, a lease that holds on any filesystem and whatever the hosts'
+clocks say."""
 import contextlib
 import datetime
 import errno
 import json
 import logging
-import math
 import os
 import socket
 import sys
@@ -14,9 +12,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Collection
-
-from allflax import files
+from collections.abc import Callable
 
 LOCK_NAME = 'run.lock'
 # A run renews its lock's lease every quarter of this; a lease unrenewed for this long is over.
@@ -27,24 +23,8 @@ LEASE_ENV = 'ALLFLAX_LOCK_LEASE_SECONDS'
 # What link() raises where a filesystem has no hard links: Drive's FUSE mount ENOSYS, others EPERM
 # or EOPNOTSUPP.
 _NO_LINKS = frozenset({errno.EPERM, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK})
-
-# Settings that do not change the trained result: a resume may change them.
-_FREE_KEYS = frozenset({'log_every_steps', 'eval_every_steps', 'checkpoint_every_steps', 'keep_checkpoints',
-                        'data.cache_dir', 'data.dir'})
-_FREE_PREFIXES = ('eval.', 'montecarlo.', 'data.facts.')
-_ABSENT = object()
-
-
 class WorkdirBusyError(RuntimeError):
     """Another process holds the workdir's lock."""
-
-
-class ResumeMismatchError(ValueError):
-    """The workdir's run was trained with settings that change the result."""
-
-
-class ConfigError(ValueError):
-    """A config value that cannot train."""
 
 
 class WorkdirLock:
@@ -383,172 +363,3 @@ def _alive(pid: int) -> bool:
     except PermissionError:  # Another user's process: alive.
         pass
     return True
-
-
-# What a run writes at the top of its workdir: a folder holding anything else (and no run's
-# config.json) is not a run, and training into it is refused.
-RUN_ENTRIES = frozenset({'config.json', 'splits.json', 'metrics.jsonl', 'tensorboard', 'checkpoints',
-                         'checkpoints.unreadable', 'eval'})
-_RUN_CONFIG_KEYS = frozenset({'model', 'data', 'optimizer', 'seed'})
-
-
-def saved_run_config(workdir: str) -> dict | None:
-    """The config.json of the run in `workdir`, or None where no run has written one yet. Raises
-    files.OutputRefused for a folder that is not a run's: a config.json that is not an allflax
-    config, or files a run does not write (training would write its files among a user's)."""
-    path = os.path.join(workdir, 'config.json')
-    if os.path.isfile(path) and not os.path.islink(path):
-        try:
-            with open(path) as f:
-                saved = json.load(f)
-        except (OSError, ValueError) as error:
-            raise files.OutputRefused(f'{path} is not an allflax run\'s config.json ({error}): restore it, or '
-                                      f'train into a new --workdir') from None
-        if isinstance(saved, dict) and _RUN_CONFIG_KEYS <= saved.keys():
-            return saved
-        raise files.OutputRefused(f'{path} is not an allflax run\'s config.json (it has no '
-                                  f'{"/".join(sorted(_RUN_CONFIG_KEYS))} sections): {workdir} is not a run; '
-                                  f'train into a new or empty --workdir')
-    files.refuse_foreign_folder(workdir, 'run\'s workdir',
-                                lambda name: name in RUN_ENTRIES or name.startswith(LOCK_NAME))
-    return None
-
-
-def check_resume(saved: dict, new: dict, *, workdir: str, defaults: dict | None = None) -> list[str]:
-    """Compares a run's config.json (`saved`) with the config it is resumed with (`new`, nested dicts).
-
-    Resuming with a different model, data or optimisation would silently train a mix of two runs, so
-    such differences raise ResumeMismatchError listing each of them. Returns one line per difference
-    that leaves the result unchanged (logging, evaluation, data and cache folders, a longer
-    total_steps). A key absent from `saved` (written before the setting existed) is accepted when the
-    new value equals its value in `defaults`.
-    """
-    saved_flat, new_flat, default_flat = _flatten(saved), _flatten(new), _flatten(defaults or {})
-    allowed, refused = [], []
-    for key in sorted(saved_flat.keys() | new_flat.keys()):
-        old, value = saved_flat.get(key, _ABSENT), new_flat.get(key, _ABSENT)
-        if _same(old, value):
-            continue
-        change = f'{key}: {_show(old)} -> {_show(value)}'
-        if key in _FREE_KEYS or key.startswith(_FREE_PREFIXES):
-            allowed.append(change)
-        elif key == 'total_steps' and old is not _ABSENT and value is not _ABSENT and 0 < old <= value:
-            allowed.append(f'{change} (the learning-rate schedule is stretched over the new total from the '
-                           f'resumed step on)')
-        elif key == 'total_steps' and old == 0:
-            refused.append(f'{change} (the run\'s length came from num_epochs)')
-        elif old is _ABSENT and key in default_flat and _same(default_flat[key], value):
-            allowed.append(f'{change} (the default; the run predates this setting)')
-        else:
-            refused.append(change)
-    if refused:
-        lines = '\n'.join(f'  {line}' for line in refused)
-        raise ResumeMismatchError(
-            f'refusing to resume {workdir}: its config.json differs in {len(refused)} setting'
-            f'{"s that change" if len(refused) > 1 else " that changes"} the result:\n{lines}\n'
-            f'Rerun with the same settings, or train into a new --workdir.')
-    return allowed
-
-
-def _flatten(tree: dict, prefix: str = '') -> dict:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f'{prefix}{key}.'))
-        else:
-            flat[f'{prefix}{key}'] = value
-    return flat
-
-
-def _same(a, b) -> bool:
-    """Equality where a tuple equals the list JSON made of it."""
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
-    if a is _ABSENT or b is _ABSENT:
-        return a is b
-    return a == b
-
-
-def _show(value) -> str:
-    return 'absent' if value is _ABSENT else repr(value)
-
-
-# The networks downsample by 32 (VGG's five pools, EfficientNetV2's and ResNet's strides), and the
-# synthetic sets draw cells no smaller.
-MIN_IMAGE_SIZE = 32
-
-
-def validate_config(config, *, synthetic_names: Collection[str], real_names: Collection[str],
-                    model_names: Collection[str] = (), augment_names: Collection[str] = ()) -> None:
-    """Raises ConfigError naming every invalid value of an ml_collections config, before a run spends
-    minutes compiling or preparing data for it. Keys the config lacks (older runs) are not checked.
-
-    `synthetic_names` and `real_names` are the data sets of allflax.data.sources (synthetic.CLASS_NAMES
-    and REAL), `model_names` the registered models and `augment_names` the augmentation ops, passed
-    in so that this module stays free of JAX and the image libraries; empty: not checked.
-    """
-    problems = []
-
-    def check(key: str, ok, rule: str) -> None:
-        value = _lookup(config, key)
-        if value is not _ABSENT and not ok(value):
-            problems.append(f'{key}={_one_line(value)} {rule}; set --config.{key}')
-
-    check('total_steps', lambda v: v >= 0, 'must be >= 0 (0 trains for num_epochs)')
-    check('num_epochs', lambda v: v >= 0, 'must be >= 0')
-    check('batch_size', lambda v: v >= 1, 'must be >= 1 (the global batch, over all devices)')
-    for key in ('log_every_steps', 'eval_every_steps', 'checkpoint_every_steps'):
-        check(key, lambda v: v >= 1, 'must be >= 1 step')
-    check('keep_checkpoints', lambda v: v >= 1, 'must be >= 1')
-    check('dtype', lambda v: v in ('float32', 'bfloat16', 'float16'),
-          'must be float32, bfloat16 or float16 (the compute dtype; parameters stay float32)')
-    check('data.image_size', lambda v: v >= MIN_IMAGE_SIZE, f'must be >= {MIN_IMAGE_SIZE} pixels (the networks '
-          f'downsample by {MIN_IMAGE_SIZE})')
-    if model_names:
-        check('model.name', lambda v: v in model_names, f'is not a model: use one of {", ".join(model_names)}')
-    if augment_names:
-        check('data.augment', lambda v: not set(v) - set(augment_names),
-              f'names an unknown op: use some of {", ".join(augment_names)}')
-    check('model.init_from', lambda v: v in ('', 'imagenet') or os.path.isdir(v),
-          "must be '' (from scratch), 'imagenet', or a directory written by python -m allflax.models.keras_weights")
-    check('data.num_workers', lambda v: v >= 0, 'must be >= 0 (0 reads in the main process)')
-    check('data.split', lambda v: v in ('patient', 'official', 'random'), 'must be patient, official or random')
-    check('data.split_fractions', lambda v: all(f >= 0 for f in v.values()) and math.isclose(
-        sum(v.values()), 1, abs_tol=1e-6), 'must be >= 0 and sum to 1')
-    check('optimizer.learning_rate', lambda v: v > 0, 'must be > 0')
-    check('optimizer.warmup_fraction', lambda v: 0 <= v <= 1, 'must be in [0, 1] (a fraction of total steps)')
-    check('optimizer.weight_decay', lambda v: v >= 0, 'must be >= 0')
-    check('loss.gamma', lambda v: v >= 0, 'must be >= 0 (0 is plain sigmoid cross-entropy)')
-    if _lookup(config, 'total_steps') == 0 and _lookup(config, 'num_epochs') == 0:
-        problems.append('total_steps=0 and num_epochs=0 train nothing; set --config.total_steps or '
-                        '--config.num_epochs')
-
-    name, data_dir = _lookup(config, 'data.name'), _lookup(config, 'data.dir')
-    if name in synthetic_names and data_dir not in (_ABSENT, ''):
-        problems.append(f'data.dir={data_dir!r} is ignored by the synthetic data set {name}: set '
-                        f'--config.data.name to a real data set ({", ".join(real_names)}) or drop data.dir')
-    elif name in real_names and data_dir in (_ABSENT, ''):
-        problems.append(f'data.name={name!r} reads images from data.dir, which is empty: set --config.data.dir '
-                        f'to the downloaded folder')
-    elif name is not _ABSENT and name not in synthetic_names and name not in real_names:
-        problems.append(f'data.name={name!r} is unknown: set --config.data.name to one of '
-                        f'{", ".join([*synthetic_names, *real_names])}')
-    if len(problems) == 1:
-        raise ConfigError(f'invalid config: {problems[0]}')
-    if problems:
-        raise ConfigError('invalid config:\n' + '\n'.join(f'  {line}' for line in problems))
-
-
-def _one_line(value) -> str:
-    """repr on one line: a ConfigDict's (data.split_fractions) is YAML over several lines."""
-    to_dict = getattr(value, 'to_dict', None)
-    return repr(to_dict() if callable(to_dict) else value)
-
-
-def _lookup(config, dotted: str):
-    node = config
-    for part in dotted.split('.'):
-        if part not in node:
-            return _ABSENT
-        node = node[part]
-    return node

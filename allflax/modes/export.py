@@ -1,4 +1,4 @@
-"""--mode=export: a run's checkpoint as a bundle that runs without the training stack (`allflax.bundle`).
+"""--mode=export: a run's checkpoint as a bundle that runs without the training stack (`allflax.deploy.bundle`).
 
 The bundled function is the eval prediction path of `--mode=predict`, whole: uint8 tiles → the
 model in eval mode (batch norm on its running statistics) → the probability rule (sigmoid per
@@ -26,10 +26,9 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from allflax import bundle, model_card
-from allflax.data import input_convention, pipeline, preprocess, sources
-from allflax.data import splits as data_splits
-from allflax.data.dataset import Split, default_cache_dir
+from allflax.data import input_convention, pipeline, preprocess, sources, splits as data_splits
+from allflax.data.dataset import default_cache_dir, Split
+from allflax.deploy import bundle, model_card
 from allflax.evaluation import calibration, inference, operating_point, plots
 from allflax.models import ops
 from allflax.training import checkpoints, restore
@@ -151,7 +150,7 @@ def check_onnx(path: str, reference: np.ndarray, tiles: np.ndarray, temperature:
 
 def allflax_version() -> str:
     """The git commit of this checkout (`+modified` with uncommitted changes), else 'unknown'."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     try:
         commit = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=root, capture_output=True, text=True,
                                 check=True, timeout=10).stdout.strip()
@@ -204,7 +203,7 @@ def training_facts(workdir: str, batch_size: int) -> dict | None:
             'batch_norm_batch': derived['batch_norm_batch']}
 
 
-# Where --mode=montecarlo puts iteration i of a run W, and its summary (allflax/montecarlo.py).
+# Where --mode=montecarlo puts iteration i of a run W, and its summary (allflax/modes/montecarlo.py).
 MONTECARLO_ITERATIONS, MONTECARLO_SUMMARY = 'mc', 'montecarlo.json'
 CARD_REPEATED_METRICS = ('accuracy', 'balanced_accuracy', 'f1_macro', 'roc_auc')
 
