@@ -221,7 +221,7 @@ def write_cells(folder, rng):
 
 def run_bundle_cli(*args):
     """`python -m allflax.deploy.bundle ...` in a fresh process; returns (the run, the forbidden modules it imported)."""
-    script = ('import json, sys\nfrom allflax import bundle\ntry:\n    bundle.main(sys.argv[1:])\nfinally:\n'
+    script = ('import json, sys\nfrom allflax.deploy import bundle\ntry:\n    bundle.main(sys.argv[1:])\nfinally:\n'
               f'    print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in {FORBIDDEN!r})), '
               'file=sys.stderr)\n')
     run = subprocess.run([sys.executable, '-c', script, *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
