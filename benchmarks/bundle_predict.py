@@ -8,14 +8,12 @@ is loaded once (restore and compile, session creation: reported apart), warmed u
 then predicts all the tiles; runs alternate, --repeats times each: the best (fastest) run, for a
 shared machine, with the median and the slowest. The bundle's model is run as its predictor runs
 it (`bundle.Predictor`); with --no_spinning, also with ONNX Runtime's threads resting between
-operations; with --int8, also quantised to int8 here (ONNX Runtime's static
-quantisation, QDQ, int8 weights per channel, uint8 activations, calibrated on --calibration_tiles
-training tiles), with its test accuracy and |Δp| against the float32 model. Also the bundle's
-accuracy on the whole test split, beside the one in the run's eval/test/metrics.json.
+operations; a bundle exported with --int8 also runs its int8 model, with its test accuracy and
+|Δp| against the float32 model. Also the bundle's accuracy on the whole test split, beside the one
+in the run's eval/test/metrics.json.
 """
 import json
 import os
-import tempfile
 import time
 
 import numpy as np
@@ -36,33 +34,9 @@ flags.DEFINE_string('bundle', None, 'Its bundle (python main.py --mode=export).'
 flags.DEFINE_integer('images', 128, 'Test tiles predicted per run.')
 flags.DEFINE_list('batch_sizes', ['1', '32'], 'Batch sizes to measure.')
 flags.DEFINE_integer('repeats', 3, 'Runs of each path at each batch size, alternating.')
-flags.DEFINE_bool('int8', True, 'Also the model quantised to int8, calibrated on training tiles.')
 flags.DEFINE_bool('no_spinning', True, "Also the bundle's model with ONNX Runtime's threads not spinning "
                   'between operations (session.intra_op.allow_spinning=0).')
-flags.DEFINE_integer('calibration_tiles', 64, 'Training tiles the int8 quantisation is calibrated on.')
 flags.mark_flags_as_required(['workdir', 'bundle'])
-
-
-def quantize_int8(model: str, calibration: np.ndarray, folder: str) -> str:
-    """`model` as int8 (QDQ: int8 weights per output channel, uint8 activations, ranges by min-max
-    over `calibration`, 8 tiles a batch) in `folder`; returns its path."""
-    from onnxruntime import quantization  # Here: only --int8 needs it.
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    class Tiles(quantization.CalibrationDataReader):
-        def __init__(self):
-            self.batches = iter([{'image': calibration[i:i + 8]} for i in range(0, len(calibration), 8)])
-
-        def get_next(self):
-            return next(self.batches, None)
-
-    prepared, quantized = os.path.join(folder, 'prepared.onnx'), os.path.join(folder, 'model.int8.onnx')
-    quant_pre_process(model, prepared, skip_symbolic_shape=True, save_as_external_data=True)
-    quantization.quantize_static(prepared, quantized, Tiles(), quant_format=quantization.QuantFormat.QDQ,
-                                 per_channel=True, activation_type=quantization.QuantType.QUInt8,
-                                 weight_type=quantization.QuantType.QInt8,
-                                 op_types_to_quantize=['Conv', 'MatMul', 'Gemm'], use_external_data_format=True)
-    return quantized
 
 
 def main(argv):
@@ -70,7 +44,8 @@ def main(argv):
     runtime.initialize()
     with open(os.path.join(FLAGS.workdir, 'config.json')) as f:
         config = ConfigDict(json.load(f))
-    test = pipeline.load(config).splits['test']
+    test = pipeline.load(config, recorded=restore.run_summary(FLAGS.workdir)['splits'], run=FLAGS.workdir,
+                         needed=['test'], action='benchmark').splits['test']
     tiles = test.images[:FLAGS.images]
 
     start = time.perf_counter()
@@ -79,7 +54,7 @@ def main(argv):
     temperature = calibration.saved_temperature(FLAGS.workdir, restored.step, scaling=config.eval.temperature_scaling)
     load = {'jax_restore_s': time.perf_counter() - start}
     start = time.perf_counter()
-    predictor = bundle.Predictor(FLAGS.bundle)
+    bundled = bundle.Predictor(FLAGS.bundle)
     load['onnx_session_s'] = time.perf_counter() - start
 
     def jax_predict(images, batch_size):
@@ -87,7 +62,7 @@ def main(argv):
         return calibration.probabilities(inference.predict_logits(
             restored.eval_step, restored.state, split, batch_size, restored.mesh, tta=config.eval.tta), temperature)
 
-    paths = {'jax_predict': jax_predict, 'bundle_onnx': lambda images, b: predictor.probabilities(images, b)}
+    paths = {'jax_predict': jax_predict, 'bundle_onnx': lambda images, b: bundled.probabilities(images, b)}
     import onnxruntime
     if FLAGS.no_spinning:
         resting = bundle.Predictor(FLAGS.bundle)
@@ -96,16 +71,10 @@ def main(argv):
         resting.session = onnxruntime.InferenceSession(os.path.join(FLAGS.bundle, bundle.ONNX), options,
                                                        providers=['CPUExecutionProvider'])
         paths['bundle_onnx_no_spinning'] = lambda images, b: resting.probabilities(images, b)
-    if FLAGS.int8:
-        folder = tempfile.mkdtemp(prefix='bundle_int8.')
-        train = pipeline.load(config).splits['train'].images
-        chosen = train[np.random.default_rng(0).permutation(len(train))[:FLAGS.calibration_tiles]]
-        start = time.perf_counter()
-        int8_model = quantize_int8(os.path.join(FLAGS.bundle, bundle.ONNX), chosen, folder)
-        load['int8_quantize_s'] = time.perf_counter() - start
-        int8 = bundle.Predictor(FLAGS.bundle)  # Its checks and options, the int8 model's session.
-        int8.session = onnxruntime.InferenceSession(int8_model, predictor.session_options(onnxruntime),
-                                                    providers=['CPUExecutionProvider'])
+    if 'onnx_int8' in bundled.metadata['formats']:  # Exported with --int8: its float32 model beside it.
+        int8 = bundled
+        bundled = bundle.Predictor(FLAGS.bundle, precision='float32')
+        paths['bundle_onnx'] = lambda images, b: bundled.probabilities(images, b)
         paths['bundle_int8'] = lambda images, b: int8.probabilities(images, b)
     results = {}
     for batch_size in map(int, FLAGS.batch_sizes):
@@ -126,12 +95,12 @@ def main(argv):
                                                                            max(rates['jax_predict']), 2)
     with open(os.path.join(FLAGS.workdir, 'eval', 'test', 'metrics.json')) as f:
         evaluated = json.load(f)
-    float32 = predictor.probabilities(test.images)
+    float32 = bundled.probabilities(test.images)
     accuracy = {'test_images': len(test), 'evaluated_step': evaluated['checkpoint_step'],
-                'bundle_step': predictor.metadata['source']['checkpoint_step'],
+                'bundle_step': bundled.metadata['source']['checkpoint_step'],
                 'eval_accuracy': evaluated['accuracy'],
                 'bundle_accuracy': float(np.mean(float32.argmax(1) == test.labels))}
-    if FLAGS.int8:
+    if 'bundle_int8' in paths:
         quantized = int8.probabilities(test.images)
         accuracy.update(int8_accuracy=float(np.mean(quantized.argmax(1) == test.labels)),
                         int8_max_abs_dp=float(np.abs(quantized - float32).max()),

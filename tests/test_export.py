@@ -19,10 +19,10 @@ import main
 import platform_deps
 from allflax import files, models
 from allflax.data import pipeline, sources
-from allflax.deploy import bundle, model_card, predictor
+from allflax.deploy import bundle, model_card, predictor, quantize
 from allflax.evaluation import metrics
 from allflax.modes import export, predict
-from allflax.training import loop
+from allflax.training import loop, restore
 from configs import efficientnetv2_b3_se
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -46,17 +46,18 @@ def tiny_b3_config(cache_dir):
     return config
 
 
-def train_and_export(config, folder):
+def train_and_export(config, folder, **options):
     workdir, output = str(folder / 'run'), str(folder / 'bundle')
     loop.train_and_evaluate(config, workdir)
-    return config, workdir, output, export.export(config, workdir, output)
+    return config, workdir, output, export.export(config, workdir, output, **options)
 
 
 @pytest.fixture(scope='module')
 def vgg_bundle(make_tiny_config, tmp_path_factory):
     """A tiny VGG19+MHSA run of 2 steps, evaluated with test-time augmentation and a fitted
-    temperature (so the bundle carries both), and its bundle. From scratch on the caffe input
-    convention (that of Keras's VGG weights), which the B3 bundle's imagenet_mean_std complements."""
+    temperature (so the bundle carries both), and its bundle, with an int8 copy of its model (which
+    its predictor runs unless --precision=float32). From scratch on the caffe input convention (that
+    of Keras's VGG weights), which the B3 bundle's imagenet_mean_std complements."""
     config = make_tiny_config()
     with config.unlocked():
         config.data.input_convention = 'caffe'
@@ -64,7 +65,7 @@ def vgg_bundle(make_tiny_config, tmp_path_factory):
         config.eval.tta = True
         config.eval.temperature_scaling = True
         config.eval.bootstrap_samples = 20
-    return train_and_export(config, tmp_path_factory.mktemp('vgg19_mhsa'))
+    return train_and_export(config, tmp_path_factory.mktemp('vgg19_mhsa'), int8=True)
 
 
 @pytest.fixture(scope='module')
@@ -140,7 +141,8 @@ def test_bundle_predicts_as_the_checkpoint(recipe, request):
     thumbnails = {error['thumbnail'] for error in metadata['evaluation']['confident_errors']['shown']}
     assert set(metadata['files']) == {'model.onnx', 'model.onnx.data', 'model.jax', 'MODEL_CARD.md',
                                       'reliability.png', *thumbnails, 'predict.py', 'files.py', 'preprocess.py',
-                                      'image_files.py', 'requirements.txt'}
+                                      'image_files.py', 'requirements.txt',
+                                      *(['model.int8.onnx'] if recipe == 'vgg_bundle' else [])}
     assert set(summary['bytes']) == {*metadata['files'], 'metadata.json'}
     class_names = sources.synthetic.CLASS_NAMES[config.data.name]  # The data set's own definition.
     assert metadata['classes'] == list(class_names)
@@ -161,7 +163,7 @@ def test_bundle_predicts_as_the_checkpoint(recipe, request):
                         metadata['preprocessing']['normalization'], rule['test_time_augmentation'])
     expected = probabilities_by_rule(views, rule['temperature'])
 
-    predictor = bundle.Predictor(output)
+    predictor = bundle.Predictor(output, precision='float32')
     onnx = predictor.probabilities(test.images, batch_size=7)  # Batches of 7 and a last of another size.
     assert onnx.dtype == np.float32 and np.abs(onnx - expected).max() <= TOLERANCE
     np.testing.assert_array_equal(onnx.argmax(1), expected.argmax(1))
@@ -274,7 +276,7 @@ def test_the_bundle_alone_and_its_cli_predict_as_predict_mode(vgg_bundle, bundle
     cells = str(tmp_path / 'cells')
     write_cells(cells, np.random.default_rng(0))
     run, lines, imported = run_bundle_cli(f'--bundle={output}', f'--input={cells}',
-                                          f'--output={tmp_path / "bundle.csv"}')
+                                          f'--output={tmp_path / "bundle.csv"}', '--precision=float32')
     assert run.returncode == 0, run.stderr
     assert imported == []
     assert lines == [f'unreadable: {cells}/broken.png: not a decodable image (truncated, corrupt or not an image)']
@@ -291,8 +293,9 @@ def test_the_bundle_alone_and_its_cli_predict_as_predict_mode(vgg_bundle, bundle
     with open(os.path.join(ROOT, 'requirements.txt')) as f:
         pinned = sorted(line.strip() for line in f if line.split('==')[0] in predictor.REQUIREMENTS)
     assert seen.stdout.splitlines() == ['[]', repr(pinned)], seen.stderr
-    alone = subprocess.run([python, os.path.join(output, 'predict.py'), f'--input={cells}', '--output=alone.csv'],
-                           cwd=elsewhere, env=environment, capture_output=True, text=True, timeout=120)
+    alone = subprocess.run([python, os.path.join(output, 'predict.py'), f'--input={cells}', '--output=alone.csv',
+                            '--precision=float32'], cwd=elsewhere, env=environment, capture_output=True, text=True,
+                           timeout=120)
     assert alone.returncode == 0, alone.stderr
     assert alone.stderr.splitlines() == lines
 
@@ -585,3 +588,57 @@ def test_the_onnx_check_allows_for_the_temperature(tmp_path):
     assert export.check_onnx(path, reference, tiles, temperature=0.5) == pytest.approx(1.5e-4, abs=2e-6)
     with pytest.raises(RuntimeError, match='at most 0.0001 allowed at temperature 3'):
         export.check_onnx(path, reference, tiles, temperature=3.0)
+
+
+def test_an_int8_bundle_runs_int8_by_default_states_what_it_moved_and_keeps_float32(vgg_bundle, tmp_path):
+    """`--mode=export --int8`: an int8 copy of the model, hashed as every file; the predictor runs it
+    unless --precision=float32, which gives the float32 model's probabilities; metadata.json's figures
+    are those of the recorded test split, recomputed here by ONNX Runtime directly."""
+    import onnxruntime
+    config, workdir, output, summary = vgg_bundle
+    metadata = bundle.read_metadata(output)
+    assert 'model.int8.onnx' in metadata['files'] and summary['int8_test'] == metadata['formats']['onnx_int8']['test']
+    test = pipeline.load(config, recorded=restore.run_summary(workdir)['splits'], run=workdir).splits['test']
+    float32, int8 = (onnxruntime.InferenceSession(os.path.join(output, name), providers=['CPUExecutionProvider'])
+                     .run(None, {'image': test.images})[0] for name in ('model.onnx', 'model.int8.onnx'))
+    figures = metadata['formats']['onnx_int8']['test']
+    assert figures['test_images'] == len(test.labels)
+    assert figures['int8_accuracy'] == pytest.approx(np.mean(int8.argmax(1) == test.labels))
+    assert figures['float32_accuracy'] == pytest.approx(np.mean(float32.argmax(1) == test.labels))
+    assert figures['max_abs_probability_difference'] == pytest.approx(np.abs(int8 - float32).max(), abs=1e-6)
+    assert 0 < figures['max_abs_probability_difference'] < 0.5  # Quantised, not a copy; still the same model.
+    assert bundle.Predictor(output).precision == 'int8'
+    np.testing.assert_allclose(bundle.Predictor(output).probabilities(test.images), int8, atol=1e-6)
+    np.testing.assert_allclose(bundle.Predictor(output, precision='float32').probabilities(test.images), float32,
+                               atol=1e-6)
+    with pytest.raises(bundle.BundleError, match='holds no int8 model'):
+        predictor.precision_of({'formats': {'onnx': {'file': 'model.onnx'}}}, 'int8', output)
+    with pytest.raises(bundle.BundleError, match='--precision=int4: give one of int8, float32'):
+        predictor.precision_of(metadata, 'int4', output)
+    assert '`predict.py` runs `model.int8.onnx` by default' in open(os.path.join(output, 'MODEL_CARD.md')).read()
+    copy = str(tmp_path / 'copy')
+    shutil.copytree(output, copy)
+    with open(os.path.join(copy, 'model.int8.onnx'), 'ab') as f:
+        f.write(b'\0')
+    with pytest.raises(bundle.BundleError, match='model.int8.onnx has changed since export'):
+        bundle.Predictor(copy)
+
+
+def test_int8_is_refused_when_it_moves_test_accuracy_by_half_a_point():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, 400)
+    float32 = rng.dirichlet(np.ones(3), 400)
+    int8 = float32.copy()
+    int8[:1] = int8[:1, ::-1]  # At most 1 of 400 images changes class: under half a point.
+    int8 += rng.normal(0, 1e-3, int8.shape)
+    figures = quantize.compare(labels, float32, int8)
+    right = [sum(int(np.argmax(row) == label) for row, label in zip(p, labels)) for p in (float32, int8)]
+    assert figures['float32_accuracy'] == right[0] / 400 and figures['int8_accuracy'] == right[1] / 400
+    assert figures['accuracy_change_points'] == pytest.approx(100 * (right[1] - right[0]) / 400)
+    assert figures['max_abs_probability_difference'] == max(abs(a - b) for a, b in zip(int8.ravel(), float32.ravel()))
+    assert figures['same_class'] == np.mean([np.argmax(a) == np.argmax(b) for a, b in zip(int8, float32)])
+    worse = float32.copy()
+    wrong = np.flatnonzero(float32.argmax(1) == labels)[:2]  # 2 of 400 right ones made wrong: exactly 0.5 points.
+    worse[wrong] = np.roll(np.eye(3)[labels[wrong]], 1, axis=1)
+    with pytest.raises(quantize.QuantizationRefused, match=r'-0\.50 points, 400 images; at most ±0\.5 allowed'):
+        quantize.compare(labels, float32, worse)

@@ -233,13 +233,15 @@ def finish(directory: str, metadata: dict, model_card: str):
 class Predictor(predictor.Predictor):
     """`predictor.Predictor`, with metadata.json checked against its schema too."""
 
-    def __init__(self, directory: str):
-        super().__init__(directory, validate)
+    def __init__(self, directory: str, precision: str | None = None):
+        super().__init__(directory, validate, precision)
 
 
-def predict(directory: str, input_pattern: str, output: str, *, batch_size: int = 32) -> dict:
+def predict(directory: str, input_pattern: str, output: str, *, batch_size: int = 32,
+            precision: str | None = None) -> dict:
     """`predictor.predict`, with metadata.json checked against its schema too."""
-    return predictor.predict(directory, input_pattern, output, batch_size=batch_size, validate=validate)
+    return predictor.predict(directory, input_pattern, output, batch_size=batch_size, validate=validate,
+                             precision=precision)
 
 
 def main(argv=None):

@@ -332,5 +332,20 @@ def render(metadata: dict) -> str:
               'predictor. Elsewhere, feed `model.onnx` the preprocessed uint8 tiles '
               f'(input `{metadata["input"]["name"]}`), or call `model.jax` with '
               '`jax.export.deserialize(open("model.jax", "rb").read()).call(tiles)` on '
-              f'{", ".join(metadata["formats"]["stablehlo"]["platforms"])}.', '']
+              f'{", ".join(metadata["formats"]["stablehlo"]["platforms"])}.', '',
+              *_int8_paragraph(metadata['formats'].get('onnx_int8'))]
     return '\n'.join(lines)
+
+
+def _int8_paragraph(int8: dict | None) -> list[str]:
+    """What the int8 model the predictor runs by default changed on the test split, if there is one."""
+    if int8 is None:
+        return []
+    test = int8['test']
+    return [f'`predict.py` runs `{int8["file"]}` by default, an int8 copy of `model.onnx` for CPUs '
+            f'({int8["quantization"]}); `--precision=float32` runs `model.onnx`, the model whose metrics this card '
+            f'gives. On the {test["test_images"]} test images, int8 gave accuracy {test["int8_accuracy"]:.4f} '
+            f'against {test["float32_accuracy"]:.4f} ({test["accuracy_change_points"]:+.2f} points), the same class '
+            f'for {100 * test["same_class"]:.1f} % of them, and probabilities within '
+            f'{test["max_abs_probability_difference"]:.3g} of float32\'s (mean |Δp| '
+            f'{test["mean_abs_probability_difference"]:.3g}).', '']

@@ -133,14 +133,32 @@ def session_options(onnxruntime):
     return options
 
 
+PRECISIONS = ('int8', 'float32')
+
+
+def precision_of(metadata: dict, requested: str | None, directory: str) -> str:
+    """The model to run: `requested`, else int8 where the bundle has it (export --int8), else float32."""
+    has_int8 = 'onnx_int8' in metadata['formats']
+    if requested is None:
+        return 'int8' if has_int8 else 'float32'
+    if requested not in PRECISIONS:
+        raise BundleError(f'--precision={requested}: give one of {", ".join(PRECISIONS)}')
+    if requested == 'int8' and not has_int8:
+        raise BundleError(f'{directory} holds no int8 model (it was exported without --int8): use '
+                          f'--precision=float32, or export it again with --int8')
+    return requested
+
+
 class Predictor:
     """The bundle's ONNX model in ONNX Runtime, on the CPU."""
 
-    def __init__(self, directory: str, validate=None):
+    def __init__(self, directory: str, validate=None, precision: str | None = None):
         import onnxruntime  # Here, so that reading metadata needs no ONNX Runtime.
         self.metadata = read_metadata(directory, validate)
-        self.session = onnxruntime.InferenceSession(os.path.join(directory, self.metadata['formats']['onnx']['file']),
-                                                    session_options(onnxruntime), providers=['CPUExecutionProvider'])
+        self.precision = precision_of(self.metadata, precision, directory)
+        model = self.metadata['formats']['onnx_int8' if self.precision == 'int8' else 'onnx']['file']
+        self.session = onnxruntime.InferenceSession(os.path.join(directory, model), session_options(onnxruntime),
+                                                    providers=['CPUExecutionProvider'])
         self.input_name = self.session.get_inputs()[0].name
         self.classes = tuple(self.metadata['classes'])
         self.size = self.metadata['input']['size']
@@ -162,10 +180,12 @@ class Predictor:
         return image_files.read_tiles(paths, steps, self.size)
 
 
-def predict(directory: str, input_pattern: str, output: str, *, batch_size: int = 32, validate=None) -> dict:
+def predict(directory: str, input_pattern: str, output: str, *, batch_size: int = 32, validate=None,
+            precision: str | None = None) -> dict:
     """`--mode=predict`'s CSVs from the bundle alone: `output` (path, predicted_class, one
-    probability column per class, decision_rule) and `<output stem>.errors.csv`."""
-    predictor = Predictor(directory, validate)
+    probability column per class, decision_rule) and `<output stem>.errors.csv`. `precision`:
+    `precision_of`."""
+    predictor = Predictor(directory, validate, precision)
     image_files.check_outputs(output)
     tiles, readable, errors = predictor.read_tiles(image_files.list_inputs(input_pattern))
     probabilities = predictor.probabilities(np.stack(tiles) if tiles else np.zeros((0, predictor.size,
@@ -175,7 +195,7 @@ def predict(directory: str, input_pattern: str, output: str, *, batch_size: int 
     image_files.write_predictions(output, readable, predictor.classes, probabilities,
                                   predictor.metadata.get('decision_rule'))
     return {'output': output, 'predicted': len(readable), 'unreadable': len(errors), 'errors': errors_path,
-            'checkpoint_step': predictor.metadata['source']['checkpoint_step']}
+            'checkpoint_step': predictor.metadata['source']['checkpoint_step'], 'precision': predictor.precision}
 
 
 def main(argv=None, *, bundle: str | None = None, prog: str | None = None, validate=None):
@@ -186,12 +206,14 @@ def main(argv=None, *, bundle: str | None = None, prog: str | None = None, valid
     parser.add_argument('--input', required=True, help='an image file, a folder of images or a glob pattern')
     parser.add_argument('--output', default='predictions.csv', help='the CSV to write')
     parser.add_argument('--batch_size', type=int, default=32, help='images per ONNX Runtime call')
+    parser.add_argument('--precision', default=None,
+                        help='int8 or float32: the model to run (default: int8 where the bundle has one, else float32)')
     args = parser.parse_args(argv)
     try:
         if args.batch_size < 1:
             raise BundleError(f'--batch_size={args.batch_size}: give 1 or more images per ONNX Runtime call')
         summary = predict(bundle or args.bundle, args.input, args.output, batch_size=args.batch_size,
-                          validate=validate)
+                          validate=validate, precision=args.precision)
     except (BundleError, FileNotFoundError, files.OutputRefused) as error:
         print(f'error: {error}', file=sys.stderr)
         sys.exit(1)

@@ -23,12 +23,13 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import onnxruntime
 from absl import logging
 from flax import nnx
 
 from allflax.data import input_convention, pipeline, preprocess, sources, splits as data_splits
 from allflax.data.dataset import default_cache_dir, Split
-from allflax.deploy import bundle, model_card
+from allflax.deploy import bundle, model_card, predictor, quantize
 from allflax.evaluation import calibration, inference, operating_point, plots
 from allflax.models import ops
 from allflax.training import checkpoints, restore
@@ -377,9 +378,32 @@ def evaluation_facts(workdir: str, checkpoint_step: int) -> dict | None:
     return facts
 
 
-def export(config: ml_collections.ConfigDict, workdir: str, output: str, *, checkpoint_step: int | None = None) -> dict:
+def int8_format(config: ml_collections.ConfigDict, workdir: str, onnx_path: str, folder: str,
+                splits: dict) -> dict:
+    """Writes `quantize.INT8` beside `onnx_path`, calibrated on the run's recorded training tiles, and
+    returns metadata.json's `formats.onnx_int8`: what it changed on the recorded test split against
+    the float32 model (`quantize.compare`, which refuses a change of accuracy of half a point)."""
+    loaded = pipeline.load(config, recorded=splits, run=workdir, needed=['train', 'test'], action='export').splits
+    calibration = quantize.calibration_tiles(loaded['train'].images, config.seed)
+    quantize.quantize(onnx_path, calibration, os.path.join(folder, quantize.INT8))
+    test = loaded['test']
+    probabilities = {}
+    for name, path in (('float32', onnx_path), ('int8', os.path.join(folder, quantize.INT8))):
+        session = onnxruntime.InferenceSession(path, predictor.session_options(onnxruntime),
+                                               providers=['CPUExecutionProvider'])
+        tiles = np.asarray(test.images)
+        probabilities[name] = np.concatenate(
+            [session.run(None, {'image': tiles[i:i + 32]})[0] for i in range(0, len(tiles), 32)]
+            or [np.zeros((0, 1), np.float32)])
+    return {'file': quantize.INT8, 'quantization': quantize.DESCRIPTION.format(tiles=len(calibration)),
+            'test': quantize.compare(np.asarray(test.labels), probabilities['float32'], probabilities['int8'])}
+
+
+def export(config: ml_collections.ConfigDict, workdir: str, output: str, *, checkpoint_step: int | None = None,
+           int8: bool = False) -> dict:
     """Writes the bundle of a checkpoint of `workdir` (the latest by default) to `output`, whole or
-    not at all; returns a summary (files and sizes, the checked max |Δp|)."""
+    not at all; returns a summary (files and sizes, the checked max |Δp|). With `int8`, the bundle
+    also holds an int8 copy of its ONNX model, which its predictor runs by default (`int8_format`)."""
     with bundle.writing(output, workdir) as folder:
         run = restore.run_summary(workdir)
         class_names = run['class_names']
@@ -400,6 +424,7 @@ def export(config: ml_collections.ConfigDict, workdir: str, output: str, *, chec
             inference.predict_logits(restored.eval_step, restored.state, split, CHECK_TILES, restored.mesh,
                                      tta=config.eval.tta), temperature)
         difference = check_onnx(onnx_path, reference, tiles, temperature)
+        int8_model = int8_format(config, workdir, onnx_path, folder, run['splits']) if int8 else None
 
         evaluation = evaluation_facts(workdir, restored.step)
         if evaluation is not None and os.path.exists(os.path.join(workdir, 'eval', 'test', 'predictions.csv')):
@@ -449,7 +474,8 @@ def export(config: ml_collections.ConfigDict, workdir: str, output: str, *, chec
                 'onnx': {'file': bundle.ONNX, 'opset': ONNX_OPSET,
                          'external_data': bundle.ONNX + '.data' if os.path.exists(onnx_path + '.data') else None,
                          'converter': f'jax2onnx {importlib.metadata.version("jax2onnx")}'},
-                'stablehlo': {'file': bundle.STABLEHLO, 'platforms': list(PLATFORMS), 'batch': 'symbolic'}},
+                'stablehlo': {'file': bundle.STABLEHLO, 'platforms': list(PLATFORMS), 'batch': 'symbolic'},
+                **({'onnx_int8': int8_model} if int8_model else {})},
             'verification': {'onnx_vs_checkpoint_max_abs_probability_difference': difference,
                              'tiles': f'{CHECK_TILES} uniformly random uint8 tiles'},
             'config': without_machine_paths(json.loads(config.to_json_best_effort())),
@@ -464,4 +490,5 @@ def export(config: ml_collections.ConfigDict, workdir: str, output: str, *, chec
         bundle.finish(folder, metadata, model_card.render(metadata))
         sizes = {name: os.path.getsize(os.path.join(folder, name)) for name in sorted(os.listdir(folder))}
     return {'output': output, 'checkpoint_step': restored.step, 'bytes': sizes,
-            'onnx_max_abs_probability_difference': difference}
+            'onnx_max_abs_probability_difference': difference,
+            **({'int8_test': int8_model['test']} if int8_model else {})}
