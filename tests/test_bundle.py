@@ -229,7 +229,8 @@ def test_the_cli_writes_predict_csvs_and_refuses_in_one_line(tiny_bundle, tmp_pa
 
     code, summary = cli(f'--input={cells}', f'--output={output}', '--batch_size=2')
     assert code == 0 and summary == {'output': output, 'predicted': 5, 'unreadable': 1,
-                                     'errors': str(tmp_path / 'out' / 'preds.errors.csv'), 'checkpoint_step': 3}
+                                     'errors': str(tmp_path / 'out' / 'preds.errors.csv'), 'checkpoint_step': 3,
+                                     'precision': 'float32'}
     with open(output, newline='') as f:
         rows = list(csv.reader(f))
     assert rows[0] == ['path', 'predicted_class', *CLASSES, 'decision_rule']
@@ -588,7 +589,7 @@ def test_predict_py_runs_alone_from_any_directory_as_the_allflax_cli(tiny_bundle
                          cwd=elsewhere, env=without_allflax(tmp_path))
     assert run.returncode == 0, run.stderr
     assert json.loads(run.stdout) == {'output': 'out/preds.csv', 'predicted': 5, 'unreadable': 1,
-                                      'errors': 'out/preds.errors.csv', 'checkpoint_step': 3}
+                                      'errors': 'out/preds.errors.csv', 'checkpoint_step': 3, 'precision': 'float32'}
     assert run.stderr.splitlines() == [f'unreadable: {cells}/broken.png: not a decodable image (truncated, corrupt or '
                                        'not an image)']
     assert set(os.listdir(tiny_bundle)) == {'metadata.json', *read_json(os.path.join(tiny_bundle,
