@@ -116,7 +116,7 @@ def _run(argv):
         _require('input')
         summary = predict.predict(_config_of_run(FLAGS.workdir), FLAGS.workdir, FLAGS.input,
                                   FLAGS.output or 'predictions.csv', gradcam=FLAGS.gradcam,
-                                  checkpoint_step=FLAGS.checkpoint_step, int8=FLAGS.int8)
+                                  checkpoint_step=FLAGS.checkpoint_step)
         print(json.dumps(summary))
 
 
