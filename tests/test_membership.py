@@ -277,13 +277,19 @@ def _workdir_of_a_run(probe, tmp_path, root):
     return config, work
 
 
-def test_eval_refuses_in_one_line_and_writes_nothing(probe, tmp_path, monkeypatch, capsys):
+def _a_run_whose_data_lost_a_file(probe, tmp_path, split):
+    """A copy of the probe's data without the first file of the run's `split` (patients.csv too),
+    the run's workdir, and a snapshot of it: (config, work, root, the file gone, snapshot)."""
     root = _copy(probe, tmp_path)
-    _, work = _workdir_of_a_run(probe, tmp_path, root)
-    gone = probe['recorded']['members']['splits']['test'][0]['path']
+    config, work = _workdir_of_a_run(probe, tmp_path, root)
+    gone = probe['recorded']['members']['splits'][split][0]['path']
     os.remove(os.path.join(root, gone))
     _write_patients_csv(root, [row for row in _rows(root) if row[0] != gone])
-    before = _snapshot(work)
+    return config, work, root, gone, _snapshot(work)
+
+
+def test_eval_refuses_in_one_line_and_writes_nothing(probe, tmp_path, monkeypatch, capsys):
+    _, work, root, gone, before = _a_run_whose_data_lost_a_file(probe, tmp_path, 'test')
     monkeypatch.setenv('ALLFLAX_COMPILATION_CACHE', jax.config.jax_compilation_cache_dir)
     flags.FLAGS.unparse_flags()
     flags.FLAGS(['main.py', '--mode=eval', f'--workdir={work}'])
@@ -297,12 +303,7 @@ def test_eval_refuses_in_one_line_and_writes_nothing(probe, tmp_path, monkeypatc
 
 
 def test_a_resume_refuses_before_any_file_changes(probe, tmp_path):
-    root = _copy(probe, tmp_path)
-    config, work = _workdir_of_a_run(probe, tmp_path, root)
-    gone = probe['recorded']['members']['splits']['train'][0]['path']
-    os.remove(os.path.join(root, gone))
-    _write_patients_csv(root, [row for row in _rows(root) if row[0] != gone])
-    before = _snapshot(work)
+    config, work, _, gone, before = _a_run_whose_data_lost_a_file(probe, tmp_path, 'train')
     with pytest.raises(membership.SplitsChanged, match=f"1 train file missing: {gone}; refusing to resume"):
         loop.train_and_evaluate(config, work)
     assert _snapshot(work) == before
