@@ -27,7 +27,10 @@ def initialize():
     cache_dir = os.environ.get('ALLFLAX_COMPILATION_CACHE',
                                os.path.join(os.path.expanduser('~'), '.cache', 'allflax', 'xla'))
     jax.config.update('jax_compilation_cache_dir', cache_dir)
-    jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
+    # Every program, not only those over JAX's default 1 s: a model's initialisers compile one small
+    # program per weight shape (~110 for EfficientNetV2-B3), which read back start it 5× sooner
+    # (benchmarks/RESULTS.md, "Compile cache").
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
     quiet_library_logs()
 
 

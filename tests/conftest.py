@@ -18,9 +18,16 @@ from configs import vgg19_mhsa  # noqa: E402
 
 @pytest.fixture(scope='session', autouse=True)
 def compilation_cache(tmp_path_factory):
-    """Tests that build the same recipe several times compile it once."""
-    jax.config.update('jax_compilation_cache_dir', str(tmp_path_factory.mktemp('xla_cache')))
-    jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
+    """One compile cache for the session, shared by pytest-xdist's workers and the processes tests
+    start (main.py reads ALLFLAX_COMPILATION_CACHE), never the user's: a program any test compiled,
+    down to the initialisers' small ones, is read back by the next test that needs it."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get('PYTEST_XDIST_WORKER'):
+        root = root.parent  # pytest-xdist gives each worker a folder under the session's.
+    cache_dir = str(root / 'xla_cache')
+    os.environ['ALLFLAX_COMPILATION_CACHE'] = cache_dir
+    jax.config.update('jax_compilation_cache_dir', cache_dir)
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
 
 
 @pytest.fixture(params=[True, False], ids=['kernels', 'no_kernels'])

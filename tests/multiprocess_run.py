@@ -18,9 +18,9 @@ from configs import vgg19_mhsa
 
 
 def main(run: dict):
-    # One compile cache for the test's runs: the resumed two-process run reuses the first one's.
-    jax.config.update('jax_compilation_cache_dir', run['xla_cache'])
-    jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
+    # The test session's compile cache: the resumed two-process run reuses the first one's programs.
+    jax.config.update('jax_compilation_cache_dir', os.environ['ALLFLAX_COMPILATION_CACHE'])
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
     if run['num_processes'] > 1:
         jax.config.update('jax_cpu_collectives_implementation', 'gloo')
         jax.distributed.initialize(coordinator_address=f'localhost:{run["port"]}',

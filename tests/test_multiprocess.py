@@ -38,8 +38,7 @@ def _processes(script: str, runs: list[dict], *, devices_each: int, timeout: int
 
 def _run_processes(workdir, cache_dir, *, num_processes, devices_each, preempt_at=None) -> list[dict]:
     port = _free_port()
-    runs = [{'num_processes': num_processes, 'process_id': process_id, 'port': port, 'workdir': workdir,
-             'cache_dir': cache_dir, 'xla_cache': os.path.join(os.path.dirname(workdir), 'xla_cache'),
+    runs = [{'num_processes': num_processes, 'process_id': process_id, 'port': port, 'workdir': workdir, 'cache_dir': cache_dir,
              'preempt_at': preempt_at if process_id == 0 else None} for process_id in range(num_processes)]
     return _processes('multiprocess_run.py', runs, devices_each=devices_each, timeout=600)
 

@@ -213,12 +213,13 @@ def test_colab_runtime_rehearsal_drive_reset_and_resume(tmp_path, monkeypatch):
     assert any(all(run in table for run in RUNS) and 'f1_macro' in table for table in tables)
     assert any('McNemar' in table for table in tables)
 
-    # The same run, uninterrupted, on local disk: the resumed run's test metrics are its own.
+    # The same run, uninterrupted, on local disk: the resumed run's test metrics are its own. Its
+    # programs are read from the second runtime's compile cache (compiling them again gives the same).
     reference = tmp_path / 'uninterrupted'
     run = subprocess.run([sys.executable, 'main.py', '--config=configs/vgg19_mhsa.py:demo', f'--workdir={reference}',
                           *_smoke_flags(), f'--config.data.cache_dir={tmp_path}/reference_cache'],
                          cwd=ROOT, capture_output=True, text=True, timeout=CELL_TIMEOUT_S,
-                         env=dict(os.environ, ALLFLAX_COMPILATION_CACHE=str(tmp_path / 'reference_xla')))
+                         env=dict(os.environ, ALLFLAX_COMPILATION_CACHE=str(local_disk / 'xla')))
     assert run.returncode == 0, run.stderr[-3000:]
     uninterrupted = json.loads((reference / 'eval' / 'test' / 'metrics.json').read_text())
     resumed = test_metrics['vgg19_mhsa']
