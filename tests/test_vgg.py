@@ -16,8 +16,8 @@ def test_keras_parameter_counts():
 
 
 def test_vgg19_mhsa_shapes_and_count():
-    model = models.create('vgg19_mhsa', 4, image_size=64)
-    logits = model(jnp.ones((2, 64, 64, 3)))
+    model = nnx.eval_shape(lambda: models.create('vgg19_mhsa', 4, image_size=64))
+    logits = nnx.eval_shape(lambda model, images: model(images), model, jax.ShapeDtypeStruct((2, 64, 64, 3), jnp.float32))
     assert logits.shape == (2, 4) and logits.dtype == jnp.float32
     tokens, width, heads_hidden = 2 * 2, 512, 256
     attention = tokens * width + 2 * width + 4 * (width * width + width)  # position, LayerNorm, q/k/v/out
@@ -28,16 +28,18 @@ def test_vgg19_mhsa_shapes_and_count():
 def test_eval_mode_is_deterministic_and_train_mode_uses_dropout():
     model = models.create('vgg19_mhsa', 4, image_size=32)
     images = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
-    train_outputs = model(images), model(images)
+    forward = nnx.jit(lambda model, images: model(images))  # One program, not one per op.
+    train_outputs = forward(model, images), forward(model, images)
     assert not np.allclose(*train_outputs)
     model.eval()
-    np.testing.assert_array_equal(model(images), model(images))
+    np.testing.assert_array_equal(forward(model, images), forward(model, images))
 
 
 def test_bfloat16_compute_keeps_float32_params():
-    model = models.create('vgg19_mhsa', 4, image_size=32, dtype='bfloat16')
-    assert model.block1_conv1.kernel[...].dtype == jnp.float32
-    assert model(jnp.ones((1, 32, 32, 3))).dtype == jnp.float32
+    model = nnx.eval_shape(lambda: models.create('vgg19_mhsa', 4, image_size=32, dtype='bfloat16'))
+    assert model.block1_conv1.kernel.value.dtype == jnp.float32
+    logits = nnx.eval_shape(lambda model, images: model(images), model, jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32))
+    assert logits.dtype == jnp.float32
 
 
 def test_bad_options_are_explained():
