@@ -123,3 +123,32 @@ def test_a_cpu_host_starts_quietly_with_colab_variables(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert json.loads(result.stdout.strip().splitlines()[-1]) == {'platform': 'cpu', 'processes': 1}
     assert 'TPU' not in result.stderr and 'libtpu' not in result.stderr, result.stderr
+
+
+# A start that initialises a small layer; prints the compile cache's hits and misses.
+_INITIALISE = '''
+import collections, json
+from allflax import runtime
+runtime.initialize()
+from flax import nnx
+from jax import monitoring
+events = collections.Counter()
+monitoring.register_event_listener(lambda name, **_: events.update([name.rsplit('/', 1)[-1]]))
+nnx.Conv(3, 16, (3, 3), rngs=nnx.Rngs(0))
+print(json.dumps({'hits': events['cache_hits'], 'misses': events['cache_misses']}))
+'''
+
+
+def test_a_second_start_reads_even_the_initialisers_programs_from_the_cache(tmp_path):
+    """Initialisers compile one small program per weight shape, well under JAX's 1 s threshold for
+    its persistent cache: allflax caches every program, so the next process reads them back."""
+    environment = dict(os.environ, ALLFLAX_COMPILATION_CACHE=str(tmp_path))
+    starts = []
+    for _ in range(2):
+        result = subprocess.run([sys.executable, '-c', _INITIALISE], cwd=ROOT, capture_output=True, text=True,
+                                env=environment, timeout=120)
+        assert result.returncode == 0, result.stderr[-2000:]
+        starts.append(json.loads(result.stdout.strip().splitlines()[-1]))
+    first, second = starts
+    assert first['hits'] == 0 and first['misses'] > 0
+    assert second == {'hits': first['misses'], 'misses': 0}
