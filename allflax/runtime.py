@@ -24,14 +24,19 @@ def initialize():
     memory.keep_freed_memory()
     if is_multi_host(os.environ):
         jax.distributed.initialize(**_cluster_from_environment())
+    use_compilation_cache()
+    quiet_library_logs()
+
+
+def use_compilation_cache():
+    """JAX's persistent compile cache in ALLFLAX_COMPILATION_CACHE (default ~/.cache/allflax/xla),
+    for every program: not only those over JAX's default 1 s, since a model's initialisers compile
+    one small program per weight shape (~110 for EfficientNetV2-B3), which read back start it 5×
+    sooner (benchmarks/RESULTS.md, "Compile cache")."""
     cache_dir = os.environ.get('ALLFLAX_COMPILATION_CACHE',
                                os.path.join(os.path.expanduser('~'), '.cache', 'allflax', 'xla'))
     jax.config.update('jax_compilation_cache_dir', cache_dir)
-    # Every program, not only those over JAX's default 1 s: a model's initialisers compile one small
-    # program per weight shape (~110 for EfficientNetV2-B3), which read back start it 5× sooner
-    # (benchmarks/RESULTS.md, "Compile cache").
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
-    quiet_library_logs()
 
 
 def select_platforms() -> str | None:

@@ -7,10 +7,10 @@ import sys
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
 
-import jax  # noqa: E402
 import pytest  # noqa: E402
 
 import platform_deps  # noqa: E402
+from allflax import runtime  # noqa: E402
 from allflax.cpu import kernels as cpu_kernels  # noqa: E402
 from allflax.data import pipeline  # noqa: E402
 from configs import vgg19_mhsa  # noqa: E402
@@ -24,10 +24,8 @@ def compilation_cache(tmp_path_factory):
     root = tmp_path_factory.getbasetemp()
     if os.environ.get('PYTEST_XDIST_WORKER'):
         root = root.parent  # pytest-xdist gives each worker a folder under the session's.
-    cache_dir = str(root / 'xla_cache')
-    os.environ['ALLFLAX_COMPILATION_CACHE'] = cache_dir
-    jax.config.update('jax_compilation_cache_dir', cache_dir)
-    jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
+    os.environ['ALLFLAX_COMPILATION_CACHE'] = str(root / 'xla_cache')
+    runtime.use_compilation_cache()
 
 
 @pytest.fixture(params=[True, False], ids=['kernels', 'no_kernels'])

@@ -5,21 +5,18 @@ Used by test_sharding.py in subprocesses with XLA_FLAGS=--xla_force_host_platfor
 """
 import importlib
 import json
-import os
 import sys
 
 import jax
 import numpy as np
 
-from allflax import sharding
+from allflax import runtime, sharding
 from allflax.data.sources import synthetic
 from allflax.training import loop
 
 
 def main(cache_dir: str, config_name: str):
-    # The test session's compile cache (tests/conftest.py), as main.py would use it.
-    jax.config.update('jax_compilation_cache_dir', os.environ['ALLFLAX_COMPILATION_CACHE'])
-    jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
+    runtime.use_compilation_cache()  # The test session's (tests/conftest.py), as main.py uses it.
     config = importlib.import_module(f'configs.{config_name}').get_config('demo')
     with config.unlocked():
         config.data.image_size = 32

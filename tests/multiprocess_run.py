@@ -12,6 +12,7 @@ import sys
 import jax
 import numpy as np
 
+from allflax import runtime
 from allflax.data import pipeline
 from allflax.training import loop, restore
 from configs import vgg19_mhsa
@@ -19,8 +20,7 @@ from configs import vgg19_mhsa
 
 def main(run: dict):
     # The test session's compile cache: the resumed two-process run reuses the first one's programs.
-    jax.config.update('jax_compilation_cache_dir', os.environ['ALLFLAX_COMPILATION_CACHE'])
-    jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
+    runtime.use_compilation_cache()
     if run['num_processes'] > 1:
         jax.config.update('jax_cpu_collectives_implementation', 'gloo')
         jax.distributed.initialize(coordinator_address=f'localhost:{run["port"]}',

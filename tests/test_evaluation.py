@@ -10,7 +10,6 @@ import os
 import shutil
 
 import cv2
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -29,9 +28,8 @@ from configs import common
 PLOTS = ('confusion_matrix.png', 'roc.png', 'pr.png', 'calibration.png', 'training_curves.png')
 
 
-def run_main(monkeypatch, *args):
+def run_main(*args):
     """main.py with these flags (and defaults for the rest), in this process."""
-    monkeypatch.setenv('ALLFLAX_COMPILATION_CACHE', jax.config.jax_compilation_cache_dir)
     flags.FLAGS.unparse_flags()
     flags.FLAGS(['main.py', *args])
     main.main(['main.py'])
@@ -97,12 +95,12 @@ def test_training_ends_with_intervals_patients_predictions_and_tensorboard(tiny_
     assert b'train/loss' in data and b'val/accuracy' in data and b'learning_rate' in data
 
 
-def test_eval_mode_writes_the_report(tiny_run, monkeypatch):
+def test_eval_mode_writes_the_report(tiny_run):
     config, workdir = tiny_run
     directory = os.path.join(workdir, 'eval', 'test')
     with open(os.path.join(directory, 'metrics.json')) as f:
         after_training = json.load(f)
-    run_main(monkeypatch, '--mode=eval', f'--workdir={workdir}')
+    run_main('--mode=eval', f'--workdir={workdir}')
     with open(os.path.join(directory, 'metrics.json')) as f:
         assert json.load(f) == after_training  # The same numbers, whichever wrote them.
     for name in PLOTS:
@@ -194,14 +192,14 @@ def _write_images(folder, tiles):
         f.write('not an image: not listed')
 
 
-def test_predict_folder_with_a_corrupt_file(tiny_run, tmp_path, monkeypatch, capsys):
+def test_predict_folder_with_a_corrupt_file(tiny_run, tmp_path, capsys):
     config, workdir = tiny_run
     test_split = pipeline.load(config).splits['test']
     folder = str(tmp_path / 'cells')
     _write_images(folder, [test_split.images[i] for i in range(3)])
     output = str(tmp_path / 'out' / 'preds.csv')
     os.makedirs(os.path.dirname(output))
-    run_main(monkeypatch, '--mode=predict', f'--workdir={workdir}', f'--input={folder}',
+    run_main('--mode=predict', f'--workdir={workdir}', f'--input={folder}',
              f'--output={output}', '--gradcam')
     rows = read_csv(output)
     class_names = list(rows[0])[2:-1]
@@ -224,7 +222,7 @@ def test_predict_folder_with_a_corrupt_file(tiny_run, tmp_path, monkeypatch, cap
     assert len(os.listdir(str(tmp_path / 'out' / 'preds_gradcam'))) == 4
 
 
-def test_compare_two_runs_and_refuse_different_images(tiny_run, make_tiny_config, tmp_path, monkeypatch):
+def test_compare_two_runs_and_refuse_different_images(tiny_run, make_tiny_config, tmp_path):
     _, workdir_a = tiny_run
     config = make_tiny_config()
     with config.unlocked():
@@ -234,7 +232,7 @@ def test_compare_two_runs_and_refuse_different_images(tiny_run, make_tiny_config
     workdir_b = str(tmp_path / 'vgg19')
     loop.train_and_evaluate(config, workdir_b)
     output_dir = str(tmp_path / 'comparison')
-    run_main(monkeypatch, '--mode=compare', f'--workdirs={workdir_a},{workdir_b}', f'--output_dir={output_dir}')
+    run_main('--mode=compare', f'--workdirs={workdir_a},{workdir_b}', f'--output_dir={output_dir}')
     with open(os.path.join(output_dir, 'compare.json')) as f:
         result = json.load(f)
     a, b = (compare.read_predictions(w, 'test') for w in (workdir_a, workdir_b))

@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 
-import jax
 import numpy as np
 import pytest
 from absl import flags
@@ -288,9 +287,8 @@ def _a_run_whose_data_lost_a_file(probe, tmp_path, split):
     return config, work, root, gone, _snapshot(work)
 
 
-def test_eval_refuses_in_one_line_and_writes_nothing(probe, tmp_path, monkeypatch, capsys):
+def test_eval_refuses_in_one_line_and_writes_nothing(probe, tmp_path, capsys):
     _, work, root, gone, before = _a_run_whose_data_lost_a_file(probe, tmp_path, 'test')
-    monkeypatch.setenv('ALLFLAX_COMPILATION_CACHE', jax.config.jax_compilation_cache_dir)
     flags.FLAGS.unparse_flags()
     flags.FLAGS(['main.py', '--mode=eval', f'--workdir={work}'])
     with pytest.raises(SystemExit) as exit_code:

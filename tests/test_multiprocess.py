@@ -1,7 +1,8 @@
 """Two processes, one run: `jax.distributed` on localhost, 2 CPU devices each (several local
 devices per process, as a TPU host has), each reading its shard of the data; preempted by SIGTERM
 (on one process), resumed, and ending where one process with 4 devices ends. (2 × 2 devices
-rather than 2 × 4: the same paths in a fifth less time; benchmarks/RESULTS.md, "Test suite".)"""
+rather than 2 × 4: the same paths in a fifth less time; benchmarks/RESULTS.md, "Compile cache
+and the test suite's time".)"""
 import json
 import os
 import socket
@@ -39,8 +40,9 @@ def _processes(script: str, runs: list[dict], *, devices_each: int, timeout: int
 
 def _run_processes(workdir, cache_dir, *, num_processes, devices_each, preempt_at=None) -> list[dict]:
     port = _free_port()
-    runs = [{'num_processes': num_processes, 'process_id': process_id, 'port': port, 'workdir': workdir, 'cache_dir': cache_dir,
-             'preempt_at': preempt_at if process_id == 0 else None} for process_id in range(num_processes)]
+    runs = [{'num_processes': num_processes, 'process_id': process_id, 'port': port, 'workdir': workdir,
+             'cache_dir': cache_dir, 'preempt_at': preempt_at if process_id == 0 else None}
+            for process_id in range(num_processes)]
     return _processes('multiprocess_run.py', runs, devices_each=devices_each, timeout=600)
 
 

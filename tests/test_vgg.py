@@ -17,7 +17,8 @@ def test_keras_parameter_counts():
 
 def test_vgg19_mhsa_shapes_and_count():
     model = nnx.eval_shape(lambda: models.create('vgg19_mhsa', 4, image_size=64))
-    logits = nnx.eval_shape(lambda model, images: model(images), model, jax.ShapeDtypeStruct((2, 64, 64, 3), jnp.float32))
+    images = jax.ShapeDtypeStruct((2, 64, 64, 3), jnp.float32)
+    logits = nnx.eval_shape(lambda model, images: model(images), model, images)
     assert logits.shape == (2, 4) and logits.dtype == jnp.float32
     tokens, width, heads_hidden = 2 * 2, 512, 256
     attention = tokens * width + 2 * width + 4 * (width * width + width)  # position, LayerNorm, q/k/v/out
@@ -38,7 +39,8 @@ def test_eval_mode_is_deterministic_and_train_mode_uses_dropout():
 def test_bfloat16_compute_keeps_float32_params():
     model = nnx.eval_shape(lambda: models.create('vgg19_mhsa', 4, image_size=32, dtype='bfloat16'))
     assert model.block1_conv1.kernel.value.dtype == jnp.float32
-    logits = nnx.eval_shape(lambda model, images: model(images), model, jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32))
+    images = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
+    logits = nnx.eval_shape(lambda model, images: model(images), model, images)
     assert logits.dtype == jnp.float32
 
 
