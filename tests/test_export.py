@@ -30,7 +30,8 @@ FORBIDDEN = ('jax', 'jaxlib', 'flax', 'orbax', 'grain', 'tensorflow')
 
 
 def tiny_b3_config(cache_dir):
-    """EfficientNetV2-B3+SE at 32 px for 2 steps: its batch statistics move off their initial values."""
+    """EfficientNetV2-B3+SE at 32 px for 3 steps (test_sharding's B3 schedule, which then reads this
+    run's compiled step): its batch statistics move off their initial values."""
     config = efficientnetv2_b3_se.get_config('demo')
     with config.unlocked():
         config.data.image_size = 32
@@ -38,10 +39,10 @@ def tiny_b3_config(cache_dir):
         config.data.num_patients = 12
         config.data.cache_dir = cache_dir
         config.batch_size = 8
-        config.total_steps = 2
-        config.log_every_steps = 2
-        config.eval_every_steps = 2
-        config.checkpoint_every_steps = 2
+        config.total_steps = 3
+        config.log_every_steps = 3
+        config.eval_every_steps = 3
+        config.checkpoint_every_steps = 3
         config.eval.bootstrap_samples = 20
     return config
 
