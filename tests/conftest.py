@@ -13,7 +13,7 @@ import platform_deps  # noqa: E402
 from allflax import runtime  # noqa: E402
 from allflax.cpu import kernels as cpu_kernels  # noqa: E402
 from allflax.data import pipeline  # noqa: E402
-from configs import vgg19_mhsa  # noqa: E402
+from configs import efficientnetv2_b3_se, vgg19_mhsa  # noqa: E402
 
 
 @pytest.fixture(scope='session', autouse=True)
@@ -77,6 +77,27 @@ def make_tiny_config(synthetic_cache):
             config.log_every_steps = 2
             config.eval_every_steps = 3
             config.checkpoint_every_steps = 2
+        return config
+    return make
+
+
+@pytest.fixture(scope='session')
+def make_tiny_b3_config(synthetic_cache):
+    """Builds a fresh EfficientNetV2-B3+SE config at 32 px for 3 steps each call: its batch
+    statistics move off their initial values."""
+    def make():
+        config = efficientnetv2_b3_se.get_config('demo')
+        with config.unlocked():
+            config.data.image_size = 32
+            config.data.num_images = 96
+            config.data.num_patients = 12
+            config.data.cache_dir = synthetic_cache
+            config.batch_size = 8
+            config.total_steps = 3
+            config.log_every_steps = 3
+            config.eval_every_steps = 3
+            config.checkpoint_every_steps = 3
+            config.eval.bootstrap_samples = 20
         return config
     return make
 

@@ -23,28 +23,9 @@ from allflax.deploy import bundle, model_card, predictor, quantize
 from allflax.evaluation import metrics
 from allflax.modes import export, predict
 from allflax.training import loop, restore
-from configs import efficientnetv2_b3_se
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FORBIDDEN = ('jax', 'jaxlib', 'flax', 'orbax', 'grain', 'tensorflow')
-
-
-def tiny_b3_config(cache_dir):
-    """EfficientNetV2-B3+SE at 32 px for 3 steps (test_sharding's B3 schedule, which then reads this
-    run's compiled step): its batch statistics move off their initial values."""
-    config = efficientnetv2_b3_se.get_config('demo')
-    with config.unlocked():
-        config.data.image_size = 32
-        config.data.num_images = 96
-        config.data.num_patients = 12
-        config.data.cache_dir = cache_dir
-        config.batch_size = 8
-        config.total_steps = 3
-        config.log_every_steps = 3
-        config.eval_every_steps = 3
-        config.checkpoint_every_steps = 3
-        config.eval.bootstrap_samples = 20
-    return config
 
 
 def train_and_export(config, folder, **options):
@@ -70,9 +51,9 @@ def vgg_bundle(make_tiny_config, tmp_path_factory):
 
 
 @pytest.fixture(scope='module')
-def b3_bundle(synthetic_cache, tmp_path_factory):
+def b3_bundle(make_tiny_b3_config, tmp_path_factory):
     """A tiny trained EfficientNetV2-B3+SE run and its bundle."""
-    return train_and_export(tiny_b3_config(synthetic_cache), tmp_path_factory.mktemp('efficientnetv2_b3_se'))
+    return train_and_export(make_tiny_b3_config(), tmp_path_factory.mktemp('efficientnetv2_b3_se'))
 
 
 def evaluated_probabilities(workdir, class_names):

@@ -27,12 +27,14 @@ def _result(process: subprocess.Popen) -> dict:
 
 
 # VGG19+MHSA, and B3+SE, whose batch norms (statistics over the whole batch) and SE run as CPU
-# kernels (custom calls, which XLA's partitioner does not split) where they are built. The schedules
-# are those of conftest's tiny VGG run and test_export's tiny B3 run: the 1-device step is then the
-# program they compiled, read from the session's compile cache.
-@pytest.mark.parametrize('config_name, total_steps', [('vgg19_mhsa', 6), ('efficientnetv2_b3_se', 3)],
+# kernels (custom calls, which XLA's partitioner does not split) where they are built. The schedule
+# is that of conftest's tiny run of the recipe (other tests train it, test_export the B3 one): the
+# 1-device step is then the program they compiled, read from the session's compile cache.
+@pytest.mark.parametrize('config_name, tiny_config_fixture', [('vgg19_mhsa', 'make_tiny_config'),
+                                                              ('efficientnetv2_b3_se', 'make_tiny_b3_config')],
                          ids=['vgg19_mhsa', 'efficientnetv2_b3_se'])
-def test_one_and_eight_devices_take_the_same_steps(synthetic_cache, config_name, total_steps):
+def test_one_and_eight_devices_take_the_same_steps(synthetic_cache, config_name, tiny_config_fixture, request):
+    total_steps = request.getfixturevalue(tiny_config_fixture)().total_steps
     # Both at once: their compiles overlap (B3+SE on 2 AVX2 cores: 154 s one after the other, 130 s together).
     # (The synthetic data cache is written atomically, so either process may build it.)
     one, eight = [_result(process) for process in [_start_steps(count, synthetic_cache, config_name, total_steps)
