@@ -66,12 +66,13 @@ def test_two_processes_preempted_and_resumed_end_as_one_process(synthetic_cache,
     assert second[0]['test'] == second[1]['test']
     # The all-reduce runs in another order over two processes: float noise, which may flip a
     # prediction of this barely trained model that sits on a class boundary.
-    # Adam divides by the gradients' scale, so a rare element moves by up to ~5e-5 over 8 steps.
+    # Adam divides by the gradients' scale, so a rare element moves by up to ~5e-5 over 8 steps
+    # with AVX-512's kernels and 1.4e-4 with AVX2's (AMD Zen 3); a wrong all-reduce moves most.
     two, one_ = _final_params(shared), _final_params(single)
     for a, b in zip(two, _final_params(shared, 1)):
         np.testing.assert_array_equal(a, b)
     differences = np.concatenate([np.abs(a - c).ravel() for a, c in zip(two, one_)])
-    assert differences.max() < 1e-4 and (differences > 1e-5).mean() < 1e-3
+    assert differences.max() < 5e-4 and (differences > 1e-5).mean() < 1e-3
     two_process, one_process = second[0]['test'], one['test']
     assert two_process['num_examples'] == one_process['num_examples']
     np.testing.assert_allclose(two_process['nll'], one_process['nll'], rtol=1e-3)
