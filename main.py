@@ -7,6 +7,7 @@
   python main.py --mode=compare --workdirs=runs/a,runs/b [--split=test] [--output_dir=.]
   python main.py --mode=montecarlo --config=configs/efficientnetv2_b3_se.py --workdir=runs/mc
 """
+import importlib
 import json
 import os
 import sys
@@ -18,7 +19,6 @@ from allflax import files, runtime
 from allflax.data import membership
 from allflax.deploy import bundle, quantize
 from allflax.models import imagenet
-from allflax.modes import compare, evaluate, export, montecarlo, predict, train
 from allflax.training import checkpoints, config_check, loop, resume_check, workdir_lock
 from configs import common
 
@@ -60,6 +60,12 @@ def _config_of_run(workdir: str) -> ConfigDict:
     return config
 
 
+def _mode(name: str):
+    """The module of a mode, imported when it runs: a usage error or another mode does not wait
+    for every mode's imports (benchmarks/RESULTS.md, "The suite on an AVX2-only host")."""
+    return importlib.import_module(f'allflax.modes.{name}')
+
+
 class MissingFlag(ValueError):
     """A flag this mode needs: said in one line, not after the whole flag help."""
     exit_code = 2  # As absl's usage errors.
@@ -91,32 +97,32 @@ def _run(argv):
     runtime.initialize()
     if FLAGS.mode == 'compare':
         _require('workdirs')
-        result = compare.compare(FLAGS.workdirs, FLAGS.split, FLAGS.output_dir)
+        result = _mode('compare').compare(FLAGS.workdirs, FLAGS.split, FLAGS.output_dir)
         print(json.dumps({'mcnemar': result['mcnemar'], 'difference_a_minus_b': result['difference_a_minus_b']}))
         return
     _require('workdir')
     if FLAGS.mode in ('train', 'montecarlo'):
         _require('config')
         if FLAGS.mode == 'train':
-            train.run(FLAGS.config, FLAGS.workdir)
+            _mode('train').run(FLAGS.config, FLAGS.workdir)
         else:
-            summary = montecarlo.run(FLAGS.config, FLAGS.workdir)
+            summary = _mode('montecarlo').run(FLAGS.config, FLAGS.workdir)
             print(json.dumps({name: summary['metrics'][name] for name in ('accuracy', 'f1_macro')}))
     elif FLAGS.mode == 'eval':
-        values = evaluate.evaluate(_config_of_run(FLAGS.workdir), FLAGS.workdir, split_name=FLAGS.split,
-                                   checkpoint_step=FLAGS.checkpoint_step)
+        values = _mode('evaluate').evaluate(_config_of_run(FLAGS.workdir), FLAGS.workdir, split_name=FLAGS.split,
+                                            checkpoint_step=FLAGS.checkpoint_step)
         logging.info('accuracy %.4f at step %d', values['accuracy'], values['checkpoint_step'])
         print(json.dumps({k: values[k] for k in ('accuracy', 'f1_macro', 'roc_auc', 'checkpoint_step')}))
     elif FLAGS.mode == 'export':
         _require('output')
-        summary = export.export(_config_of_run(FLAGS.workdir), FLAGS.workdir, FLAGS.output,
-                                checkpoint_step=FLAGS.checkpoint_step, int8=FLAGS.int8)
+        summary = _mode('export').export(_config_of_run(FLAGS.workdir), FLAGS.workdir, FLAGS.output,
+                                         checkpoint_step=FLAGS.checkpoint_step, int8=FLAGS.int8)
         print(json.dumps(summary))
     else:
         _require('input')
-        summary = predict.predict(_config_of_run(FLAGS.workdir), FLAGS.workdir, FLAGS.input,
-                                  FLAGS.output or 'predictions.csv', gradcam=FLAGS.gradcam,
-                                  checkpoint_step=FLAGS.checkpoint_step)
+        summary = _mode('predict').predict(_config_of_run(FLAGS.workdir), FLAGS.workdir, FLAGS.input,
+                                           FLAGS.output or 'predictions.csv', gradcam=FLAGS.gradcam,
+                                           checkpoint_step=FLAGS.checkpoint_step)
         print(json.dumps(summary))
 
 
