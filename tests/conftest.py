@@ -10,10 +10,10 @@ os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
 import pytest  # noqa: E402
 
 import platform_deps  # noqa: E402
+import tiny_configs  # noqa: E402
 from allflax import runtime  # noqa: E402
 from allflax.cpu import kernels as cpu_kernels  # noqa: E402
 from allflax.data import pipeline  # noqa: E402
-from configs import efficientnetv2_b3_se, vgg19_mhsa  # noqa: E402
 
 
 @pytest.fixture(scope='session', autouse=True)
@@ -65,41 +65,13 @@ def synthetic_cache(tmp_path_factory):
 @pytest.fixture(scope='session')
 def make_tiny_config(synthetic_cache):
     """Builds a fresh tiny config each call, for fixtures shared by several tests."""
-    def make():
-        config = vgg19_mhsa.get_config('demo')
-        with config.unlocked():
-            config.data.image_size = 32
-            config.data.num_images = 192
-            config.data.num_patients = 16
-            config.data.cache_dir = synthetic_cache
-            config.batch_size = 8
-            config.total_steps = 6
-            config.log_every_steps = 2
-            config.eval_every_steps = 3
-            config.checkpoint_every_steps = 2
-        return config
-    return make
+    return lambda: tiny_configs.vgg19_mhsa_config(synthetic_cache)
 
 
 @pytest.fixture(scope='session')
 def make_tiny_b3_config(synthetic_cache):
-    """Builds a fresh EfficientNetV2-B3+SE config at 32 px for 3 steps each call: its batch
-    statistics move off their initial values."""
-    def make():
-        config = efficientnetv2_b3_se.get_config('demo')
-        with config.unlocked():
-            config.data.image_size = 32
-            config.data.num_images = 96
-            config.data.num_patients = 12
-            config.data.cache_dir = synthetic_cache
-            config.batch_size = 8
-            config.total_steps = 3
-            config.log_every_steps = 3
-            config.eval_every_steps = 3
-            config.checkpoint_every_steps = 3
-            config.eval.bootstrap_samples = 20
-        return config
-    return make
+    """Builds a fresh EfficientNetV2-B3+SE config at 32 px for 3 steps each call."""
+    return lambda: tiny_configs.efficientnetv2_b3_se_config(synthetic_cache)
 
 
 @pytest.fixture

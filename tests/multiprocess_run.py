@@ -12,10 +12,10 @@ import sys
 import jax
 import numpy as np
 
+import tiny_configs
 from allflax import runtime
 from allflax.data import pipeline
 from allflax.training import loop, restore
-from configs import vgg19_mhsa
 
 
 def main(run: dict):
@@ -25,18 +25,8 @@ def main(run: dict):
         jax.config.update('jax_cpu_collectives_implementation', 'gloo')
         jax.distributed.initialize(coordinator_address=f'localhost:{run["port"]}',
                                    num_processes=run['num_processes'], process_id=run['process_id'])
-    config = vgg19_mhsa.get_config('demo')
-    with config.unlocked():
-        config.data.image_size = 32
-        config.data.num_images = 192
-        config.data.num_patients = 16
-        config.data.cache_dir = run['cache_dir']
-        config.batch_size = 8
-        config.total_steps = 8
-        config.log_every_steps = 2
-        config.eval_every_steps = 4
-        config.checkpoint_every_steps = 4
-        config.eval.bootstrap_samples = 20
+    config = tiny_configs.vgg19_mhsa_config(run['cache_dir'], total_steps=8, eval_every_steps=4,
+                                            checkpoint_every_steps=4, bootstrap_samples=20)
     if run.get('preempt_at'):
         original, calls = pipeline.DevicePrefetcher.__next__, {'n': 0}
 
